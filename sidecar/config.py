@@ -1,0 +1,339 @@
+"""The configuration: one TOML file, one schema, a default and a comment per key.
+
+Unknown keys and wrong types are errors naming the key and the file (ConfigError). `autoport config` prints
+the effective configuration with secrets redacted (render()).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+TlsMode = Literal["none", "starttls", "implicit"]
+VerifyProtocol = Literal["imap", "pop3", "smtp"]
+
+DEFAULT_PATH = "/etc/autoport/autoport.toml"
+REDACTED = "********"
+
+
+class ConfigError(Exception):
+    """A configuration mistake; the message names the file and the key."""
+
+
+def _f(default: Any, doc: str, *, secret: bool = False, choices: tuple[str, ...] = ()) -> Any:
+    if isinstance(default, list):
+        return field(
+            default_factory=lambda d=default: list(d),
+            metadata={"doc": doc, "secret": secret, "choices": choices},
+        )
+    return field(default=default, metadata={"doc": doc, "secret": secret, "choices": choices})
+
+
+@dataclass
+class LegacyConfig:
+    """The legacy server, at its new address."""
+
+    host: str = _f("127.0.0.1", "address or name of the legacy server (its NEW address after the switch)")
+    imap_port: int = _f(143, "IMAP port on the legacy server (0: no IMAP)")
+    imap_tls: str = _f("starttls", "TLS toward legacy IMAP", choices=("none", "starttls", "implicit"))
+    pop3_port: int = _f(110, "POP3 port on the legacy server (0: no POP3)")
+    pop3_tls: str = _f("starttls", "TLS toward legacy POP3", choices=("none", "starttls", "implicit"))
+    smtp_port: int = _f(25, "SMTP port the legacy server receives mail on (relay target)")
+    smtp_tls: str = _f("starttls", "TLS toward legacy SMTP", choices=("none", "starttls", "implicit"))
+    submission_port: int = _f(587, "SMTP AUTH port on the legacy server, used to verify passwords (0: none)")
+    submission_tls: str = _f(
+        "starttls", "TLS toward legacy SMTP AUTH", choices=("none", "starttls", "implicit")
+    )
+    sieve_port: int = _f(4190, "ManageSieve port on the legacy server (0: none)")
+    sieve_tls: str = _f("starttls", "TLS toward legacy ManageSieve", choices=("none", "starttls", "implicit"))
+    tls_verify: bool = _f(True, "verify the legacy server's certificate whenever TLS is used")
+    tls_server_name: str = _f("", "name expected in the legacy certificate (empty: host)")
+    ca_file: str = _f("", "CA bundle for the legacy certificate (empty: system store)")
+    verify_with: list[str] = _f(
+        ["imap", "pop3", "smtp"], "protocols that verify passwords, tried in this order (imap, pop3, smtp)"
+    )
+    timeout: float = _f(10.0, "seconds for any single exchange with the legacy server")
+    admin_user: str = _f("", "legacy admin/master login for bulk migration (empty: none)")
+    admin_password: str = _f("", "password of admin_user", secret=True)
+    admin_mode: str = _f(
+        "authzid",
+        "how the admin logs in as a user: authzid (SASL PLAIN authorization id) or master (user*admin)",
+        choices=("authzid", "master"),
+    )
+    master_separator: str = _f("*", "separator for admin_mode = master (Dovecot's auth_master_user_separator)")
+    send_client_ip: bool = _f(True, "pass the client address on (IMAP ID x-originating-ip, SMTP XCLIENT)")
+
+
+@dataclass
+class MailConfig:
+    """Mail domains and how login names map to accounts."""
+
+    domains: list[str] = _f([], "mail domains served (and migrated) by this host")
+    default_domain: str = _f("", "domain added to bare login names (empty: the first of domains)")
+    strip_realm: bool = _f(True, "DOMAIN\\user and user@REALM logins are reduced to user")
+    lowercase: bool = _f(True, "fold login names and addresses to lower case")
+
+
+@dataclass
+class StoreConfig:
+    """The state store."""
+
+    url: str = _f(
+        "sqlite:////var/lib/autoport/state.db",
+        "sqlite:///ABSOLUTE/PATH or postgresql://user@host/db (password via PGPASSFILE, not here)",
+    )
+    dovecot_group: str = _f("dovecot", "group that may read the store (Dovecot's sql passdb/userdb)")
+
+
+@dataclass
+class SocketsConfig:
+    """Where the sidecar listens (UNIX sockets unless noted)."""
+
+    auth: str = _f("/run/autoport/auth.sock", "socket autoport-checkpassword talks to")
+    socketmap: str = _f("/run/autoport/socketmap.sock", "Postfix socketmap (transport, verify maps)")
+    milter: str = _f("inet:127.0.0.1:8891", "milter listener, in Postfix's notation")
+    group: str = _f("autoport", "group owning the sockets (dovecot and postfix are its members)")
+
+
+@dataclass
+class TargetConfig:
+    """The new host: Postfix + Dovecot."""
+
+    mail_root: str = _f("/var/vmail", "Maildir root: mailboxes live in MAIL_ROOT/DOMAIN/LOCALPART/Maildir")
+    mail_uid: int = _f(0, "uid owning mail files (0: look up mail_user)")
+    mail_gid: int = _f(0, "gid owning mail files (0: look up mail_user)")
+    mail_user: str = _f("vmail", "user owning mail files when mail_uid is 0")
+    local_transport: str = _f("lmtp:unix:private/dovecot-lmtp", "Postfix transport for migrated accounts")
+    legacy_transport: str = _f("legacy", "master.cf transport name that relays to the legacy server")
+    doveadm: str = _f("doveadm", "doveadm executable (kick proxied sessions, warm indexes)")
+    dovecot_config: str = _f("", "dovecot.conf of the target (empty: Dovecot's default)")
+    postfix_config: str = _f("", "Postfix config directory of the target (empty: /etc/postfix)")
+
+
+@dataclass
+class HashConfig:
+    """How verified passwords are stored (Dovecot-compatible)."""
+
+    scheme: str = _f("ARGON2ID", "password scheme", choices=("ARGON2ID", "SHA512-CRYPT", "BLF-CRYPT"))
+    argon2_memory_kib: int = _f(19456, "argon2 memory cost in KiB (19 MiB: 50 ms per Dovecot login here)")
+    argon2_time_cost: int = _f(2, "argon2 iterations")
+    argon2_parallelism: int = _f(1, "argon2 lanes")
+    sha512_rounds: int = _f(5000, "rounds for SHA512-CRYPT")
+
+
+@dataclass
+class LimitsConfig:
+    """Concurrency and rate limits."""
+
+    copy_concurrency: int = _f(4, "copy jobs running at once on this node")
+    legacy_connections: int = _f(8, "connections this node opens to the legacy server at once")
+    auth_concurrency: int = _f(16, "password checks in flight toward the legacy server at once")
+    auth_failures_per_account: int = _f(5, "wrong passwords per account per window before refusing locally")
+    auth_failures_per_client: int = _f(20, "wrong passwords per client address per window")
+    auth_failure_window: float = _f(600.0, "seconds over which failures are counted")
+    negative_cache_ttl: float = _f(60.0, "seconds a failed (user, password) is answered locally")
+    copy_attempts: int = _f(5, "attempts before an account is marked failed")
+    lease_seconds: float = _f(60.0, "copy job lease; a crashed node's job is taken over after it")
+
+
+@dataclass
+class LogConfig:
+    """Logging."""
+
+    destination: str = _f("stderr", "stderr, syslog, or file:/ABSOLUTE/PATH")
+    level: str = _f("info", "log level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass
+class DashboardConfig:
+    """Web dashboard and Prometheus metrics."""
+
+    listen: str = _f("127.0.0.1:8025", "host:port of the dashboard and /metrics (empty: off)")
+    token: str = _f("", "bearer token or password required for the dashboard (empty: refuse all)", secret=True)
+
+
+@dataclass
+class Config:
+    legacy: LegacyConfig = field(default_factory=LegacyConfig)
+    mail: MailConfig = field(default_factory=MailConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    sockets: SocketsConfig = field(default_factory=SocketsConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    # where this configuration was read from ("" for defaults)
+    path: str = field(default="", metadata={"internal": True})
+
+    def default_domain(self) -> str:
+        return self.mail.default_domain or (self.mail.domains[0] if self.mail.domains else "")
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if not f.metadata.get("internal")
+}
+
+
+def _check_value(path: str, key: str, hint: Any, value: Any, choices: tuple[str, ...]) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{path}: key '{key}' must be {expected}, not {type(value).__name__} {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        if value < 0:
+            raise ConfigError(f"{path}: key '{key}' must not be negative, not {value}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        if value < 0:
+            raise ConfigError(f"{path}: key '{key}' must not be negative, not {value}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        if "\x00" in value or "\n" in value:
+            raise ConfigError(f"{path}: key '{key}' must not contain NUL or newline")
+        if choices and value not in choices:
+            raise ConfigError(f"{path}: key '{key}' must be one of {', '.join(choices)}, not {value!r}")
+    elif typing.get_origin(hint) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+    else:  # pragma: no cover - schema bug
+        raise TypeError(f"unsupported type {hint} for {key}")
+    return value
+
+
+def from_dict(data: dict[str, Any], path: str = "<config>") -> Config:
+    """Build a Config from parsed TOML, rejecting unknown keys and wrong types."""
+    sections: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section or key '{name}' (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: '{name}' must be a table ([{name}])")
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, v in value.items():
+            dotted = f"{name}.{key}"
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key '{dotted}'")
+            kwargs[key] = _check_value(path, dotted, hints[key], v, known[key].metadata.get("choices", ()))
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections, path=path)
+    _check_semantics(cfg, path)
+    return cfg
+
+
+def _check_semantics(cfg: Config, path: str) -> None:
+    for proto in cfg.legacy.verify_with:
+        if proto not in ("imap", "pop3", "smtp"):
+            raise ConfigError(f"{path}: key 'legacy.verify_with' has unknown protocol {proto!r}")
+    url = cfg.store.url
+    if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
+        raise ConfigError(f"{path}: key 'store.url' must start with sqlite:/// or postgresql://, not {url!r}")
+    if url.startswith(("postgresql://", "postgres://")) and _url_has_password(url):
+        raise ConfigError(
+            f"{path}: key 'store.url' must not carry a password; use PGPASSFILE or a UNIX socket peer login"
+        )
+    dest = cfg.log.destination
+    if dest not in ("stderr", "syslog") and not (dest.startswith("file:/")):
+        raise ConfigError(f"{path}: key 'log.destination' must be stderr, syslog or file:/PATH, not {dest!r}")
+    for d in cfg.mail.domains:
+        if not d or "@" in d or " " in d:
+            raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")
+
+
+def _url_has_password(url: str) -> bool:
+    rest = url.split("://", 1)[1]
+    userinfo = rest.split("@", 1)[0] if "@" in rest.split("/", 1)[0] else ""
+    return ":" in userinfo
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a configuration file."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: TOML syntax error: {e}") from None
+    return from_dict(data, str(p))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def render(cfg: Config, *, redact: bool = True) -> str:
+    """The effective configuration as commented TOML; secrets redacted unless redact=False."""
+    out = [f"# effective autoport configuration (from {cfg.path or 'defaults'})"]
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        out.append("")
+        out.append(f"[{name}]  # {(cls.__doc__ or '').strip()}")
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if redact and f.metadata.get("secret") and value:
+                value = REDACTED
+            out.append(f"# {f.metadata['doc']}")
+            out.append(f"{f.name} = {_toml_value(value)}")
+    return "\n".join(out) + "\n"
+
+
+def as_dict(cfg: Config, *, redact: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        d: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            value = getattr(section, f.name)
+            if redact and f.metadata.get("secret") and value:
+                value = REDACTED
+            d[f.name] = value
+        out[name] = d
+    return out
+
+
+def secrets(cfg: Config) -> list[str]:
+    """All secret values in the configuration (for the log redactor)."""
+    found = []
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("secret"):
+                value = getattr(getattr(cfg, name), f.name)
+                if value:
+                    found.append(value)
+    return found
+
+
+def sqlite_path(url: str) -> str:
+    """The file path of a sqlite:///PATH store URL."""
+    assert url.startswith("sqlite:///")
+    return url[len("sqlite://") :]
+

@@ -1,0 +1,157 @@
+"""Process bookkeeping for the lab: free ports, daemons started and recorded by pid, stopped by pid.
+
+The lab records every process it starts in DIR/lab-state.json ("pids": name -> pid), so `autoport lab down`
+stops exactly those, even from another process, and leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "lab-state.json"
+
+
+class LabError(Exception):
+    """Something in the lab failed to start or stop; the message says what and where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host right now (bound and released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float = 15.0, *, what: str = "", log: Path | None = None) -> None:
+    """Wait until host:port accepts TCP connections."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    hint = f"; see {log}" if log else ""
+    raise LabError(f"{what or 'service'} did not listen on {host}:{port} within {timeout:.0f}s{hint}")
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 15.0, *, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise LabError(f"timed out waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def read_pidfile(path: Path, timeout: float = 15.0) -> int:
+    """The pid in a daemon's pid file (Postfix: master.pid, Dovecot: master.pid), waiting for it to appear."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(path.read_text().strip())
+            if pid_alive(pid):
+                return pid
+        time.sleep(0.05)
+    raise LabError(f"no live pid in {path} after {timeout:.0f}s")
+
+
+def spawn(argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    """Start a long-running foreground process in its own session, output to log; return its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        p = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return p.pid
+
+
+def run(argv: Sequence[str], *, what: str = "", env: dict[str, str] | None = None, timeout: float = 60) -> str:
+    """Run a command to completion; LabError with its output on failure."""
+    p = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    if p.returncode != 0:
+        raise LabError(f"{what or argv[0]} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
+    return p.stdout
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> None:
+    """SIGTERM a process (and its process group when it leads one), SIGKILL after timeout."""
+    if not pid_alive(pid):
+        return
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    targets = [pid]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pgid == pid:
+            os.killpg(pgid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in targets):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if pgid == pid:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
+
+
+def load_state(lab_dir: Path) -> dict[str, Any]:
+    p = lab_dir / STATE_FILE
+    if not p.exists():
+        return {}
+    data: dict[str, Any] = json.loads(p.read_text())
+    return data
+
+
+def save_state(lab_dir: Path, state: dict[str, Any]) -> None:
+    """Write DIR/lab-state.json atomically (write, fsync, rename). Mode 0600: it holds lab passwords."""
+    p = lab_dir / STATE_FILE
+    tmp = p.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def record_pid(lab_dir: Path, name: str, pid: int | None) -> None:
+    state = load_state(lab_dir)
+    state.setdefault("pids", {})[name] = pid
+    save_state(lab_dir, state)

@@ -1,0 +1,173 @@
+"""The state store: one small interface, SQLite and PostgreSQL behind it.
+
+Every account state change goes through Store.transition(), which checks the state machine
+(sidecar.states) and applies the change atomically (compare-and-set on the old state), so two nodes
+or two threads can never both move an account.
+
+Errors: StoreUnavailable for anything that is the store's trouble (locked, down, disk full): callers
+turn it into a temporary failure on their wire (checkpassword exit 111, socketmap TEMP, SMTP 4xx).
+IllegalTransition (sidecar.states) for a state change the machine does not allow.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+from sidecar.states import State
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot answer now (down, locked, out of space): a temporary failure."""
+
+
+class Conflict(StoreError):
+    """The row changed under us (another node moved the account first)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    address: str
+    state: State
+    created_at: float
+    updated_at: float
+    has_password: bool  # a hash is stored (never the hash itself here)
+    logins: tuple[str, ...] = ()
+    last_login_at: float | None = None
+    migrated_at: float | None = None
+    messages_total: int = 0
+    messages_copied: int = 0
+    bytes_copied: int = 0
+    attempts: int = 0
+    last_error: str = ""
+
+    def public(self) -> dict[str, Any]:
+        """What `autoport status` shows: everything but secrets (there are none here)."""
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.value
+        d["logins"] = list(self.logins)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: int
+    address: str
+    kind: str  # "copy" (initial + cutover), "sweep" (trailing), ...
+    status: str  # queued | leased | done | failed
+    attempts: int
+    not_before: float
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    last_error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    id: int
+    at: float
+    address: str
+    kind: str  # transition, retry, failure, sweep-hit, ...
+    detail: str
+
+
+class Store(abc.ABC):
+    """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
+
+    # --- schema -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def init(self) -> int:
+        """Create the schema (or bring it to the newest version); return the schema version."""
+
+    @abc.abstractmethod
+    def upgrade(self) -> list[int]:
+        """Apply pending migrations in order; return the versions applied."""
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The applied schema version (0: empty store)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # --- accounts -----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def get(self, address: str) -> Account | None:
+        """The account with this address, or None."""
+
+    @abc.abstractmethod
+    def find_by_login(self, login: str) -> Account | None:
+        """The account a login name (as typed, already normalised by the caller) belongs to."""
+
+    @abc.abstractmethod
+    def state_of(self, address: str) -> State | None:
+        """The account's state, cheap (hot path of routing)."""
+
+    @abc.abstractmethod
+    def transition(self, address: str, new: State, *, expect: State | None | object = ..., reason: str = "") -> Account:
+        """Move an account to `new` through the state machine, atomically.
+
+        Creates the account when it does not exist and (None -> new) is allowed. `expect`, when given, is the
+        state the caller believes the account is in; a different actual state raises Conflict. Illegal edges
+        raise IllegalTransition. Records an Event.
+        """
+
+    @abc.abstractmethod
+    def set_password_hash(self, address: str, password_hash: str) -> None:
+        """Store the Dovecot-compatible hash ("{ARGON2ID}$argon2id$...") for an existing account."""
+
+    @abc.abstractmethod
+    def add_login(self, address: str, login: str) -> None:
+        """Record a login name that belongs to the account (idempotent)."""
+
+    @abc.abstractmethod
+    def touch_login(self, address: str) -> None:
+        """Record that the account logged in now."""
+
+    @abc.abstractmethod
+    def set_progress(
+        self, address: str, *, total: int | None = None, copied: int | None = None, bytes_copied: int | None = None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def set_error(self, address: str, error: str) -> None: ...
+
+    @abc.abstractmethod
+    def accounts(self, state: State | None = None) -> Iterator[Account]: ...
+
+    @abc.abstractmethod
+    def summary(self) -> dict[str, int]:
+        """Number of accounts per state (every state present, zero included)."""
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def enqueue(self, address: str, kind: str = "copy", *, not_before: float = 0.0) -> Job:
+        """Queue a job; idempotent: an open (queued or leased) job of the same kind for the account is returned."""
+
+    @abc.abstractmethod
+    def lease(self, owner: str, *, kinds: tuple[str, ...] = ("copy",), seconds: float = 60.0) -> Job | None:
+        """Take one runnable job (queued and due, or leased with an expired lease) for `owner`."""
+
+    @abc.abstractmethod
+    def renew(self, job_id: int, owner: str, *, seconds: float = 60.0) -> bool:
+        """Extend a lease we hold; False when we lost it."""
+
+    @abc.abstractmethod
+    def finish(self, job_id: int, owner: str, *, error: str = "", retry_at: float | None = None) -> None:
+        """Done (no error), back to queued for retry_at (error and retry_at), or failed (error, no retry_at)."""
+
+    @abc.abstractmethod
+    def jobs(self, address: str | None = None) -> list[Job]: ...
+
+    # --- events -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def record_event(self, address: str, kind: str, detail: str = "") -> None: ...
+
+    @abc.abstractmethod
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]: ...
