@@ -87,7 +87,8 @@ class StoreConfig:
         "sqlite:////var/lib/autoport/state.db",
         "sqlite:///ABSOLUTE/PATH or postgresql://user@host/db (password via PGPASSFILE, not here)",
     )
-    dovecot_group: str = _f("dovecot", "group that may read the store (Dovecot's sql passdb/userdb)")
+    dovecot_group: str = _f("dovecot", "group that may read a SQLite store (Dovecot's sql passdb/userdb)")
+    dovecot_role: str = _f("", "PostgreSQL role granted SELECT on the dovecot_* views (empty: none)")
 
 
 @dataclass

@@ -77,6 +77,35 @@ class Event:
     detail: str
 
 
+@dataclasses.dataclass(frozen=True)
+class MessageRecord:
+    """One accepted message for one recipient, as the milter saw it."""
+
+    queue_id: str
+    recipient: str
+    sender: str
+    message_id: str
+    route: str  # e.g. "lmtp", "smtp:[legacy]:25", "error", "retry" ({rcpt_mailer}:{rcpt_host})
+    size: int
+    auto_submitted: str = ""
+    precedence: str = ""
+    list_id: str = ""
+    client_addr: str = ""
+    auth_user: str = ""
+    from_legacy: bool = False  # arrived from the legacy server's address
+    at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderMark:
+    """Copy watermark of one legacy folder: written and durable up to last_uid under uidvalidity."""
+
+    folder: str  # legacy folder name as the legacy server lists it
+    uidvalidity: int
+    last_uid: int
+    messages: int = 0
+
+
 class Store(abc.ABC):
     """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
 
@@ -171,3 +200,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def events(self, address: str | None = None, limit: int = 100) -> list[Event]: ...
+
+    # --- message log (milter) -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def log_messages(self, records: list[MessageRecord]) -> None:
+        """Append message-log rows (one transaction)."""
+
+    @abc.abstractmethod
+    def message_log(self, recipient: str | None = None, limit: int = 1000) -> list[MessageRecord]: ...
+
+    # --- copier watermarks --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def folder_marks(self, address: str) -> dict[str, FolderMark]: ...
+
+    @abc.abstractmethod
+    def set_folder_mark(self, address: str, mark: FolderMark) -> None:
+        """Record a folder watermark (only after the data it covers is durable)."""
+
+    @abc.abstractmethod
+    def clear_folder_marks(self, address: str, folder: str | None = None) -> None: ...
