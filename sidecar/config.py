@@ -98,7 +98,9 @@ class SocketsConfig:
     auth: str = _f("/run/autoport/auth.sock", "socket autoport-checkpassword talks to")
     socketmap: str = _f("/run/autoport/socketmap.sock", "Postfix socketmap (transport, verify maps)")
     milter: str = _f("inet:127.0.0.1:8891", "milter listener, in Postfix's notation")
-    group: str = _f("autoport", "group owning the sockets (dovecot and postfix are its members)")
+    auth_group: str = _f("dovecot", "group given the auth socket (autoport-checkpassword runs as Dovecot's user)")
+    postfix_group: str = _f("postfix", "group given the socketmap (and a unix: milter) socket (Postfix's daemons)")
+    mode: int = _f(0o660, "permission bits of the sockets (0660: owner and the group above)")
 
 
 @dataclass

@@ -1,0 +1,147 @@
+"""`autoport serve`: the sidecar daemon.
+
+It owns the sockets Postfix and Dovecot call (the checkpassword auth socket, the socketmap, the milter) and
+the job runner, all sharing one store and one account-state module. It tells systemd when it is ready
+(sd_notify READY=1, for `Type=notify` units) and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Config
+from sidecar.store.base import Store
+
+log = logging.getLogger("autoport.daemon")
+
+
+def sd_notify(message: str) -> None:
+    """Send a status line to systemd's notify socket when there is one (no-op otherwise)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+
+
+def secure_socket(path: str, group: str, mode: int) -> None:
+    """Give a UNIX socket its group and mode; a missing group is a warning (the socket keeps its owner's)."""
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("socket %s: group %r does not exist; leaving the socket's group as is", path, group)
+    else:
+        with contextlib.suppress(PermissionError):
+            os.chown(path, -1, gid)
+    os.chmod(path, mode)
+
+
+def _prepare_unix_path(path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_socket():
+        p.unlink()
+
+
+class Daemon:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.stopping = asyncio.Event()
+        self.milter_thread: threading.Thread | None = None
+        self.milter_stop = threading.Event()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.runner: Any = None
+
+    async def start(self) -> None:
+        from sidecar.auth_policy import AuthPolicy, CredentialCache
+        from sidecar.auth_server import start_auth_server
+        from sidecar.legacy_auth import LegacyVerifier
+        from sidecar.routing import RoutingPolicy
+        from sidecar.socketmap import start_socketmap_server
+
+        cfg = self.cfg
+        self.credentials = CredentialCache()
+        auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg), credentials=self.credentials)
+        _prepare_unix_path(cfg.sockets.auth)
+        self.servers.append(await start_auth_server(cfg.sockets.auth, auth_policy, mode=cfg.sockets.mode))
+        secure_socket(cfg.sockets.auth, cfg.sockets.auth_group, cfg.sockets.mode)
+        log.info("auth socket listening on %s", cfg.sockets.auth)
+
+        routing = RoutingPolicy(cfg, self.store)
+        sm = cfg.sockets.socketmap
+        sm_path = sm[len("unix:") :] if sm.startswith("unix:") else (sm if sm.startswith("/") else "")
+        if sm_path:
+            _prepare_unix_path(sm_path)
+            self.servers.append(await start_socketmap_server(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
+            secure_socket(sm_path, cfg.sockets.postfix_group, cfg.sockets.mode)
+        else:
+            self.servers.append(await start_socketmap_server(sm, routing))
+        log.info("socketmap listening on %s", sm)
+
+        if cfg.sockets.milter:
+            self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)
+            self.milter_thread.start()
+
+    def _run_milter(self) -> None:
+        from sidecar.milter import run_milter
+
+        try:
+            run_milter(self.cfg, self.store, self.milter_stop)
+        except Exception:
+            log.exception("milter stopped with an error; Postfix accepts mail without it (milter_default_action)")
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        self.milter_stop.set()
+        with contextlib.suppress(ImportError):
+            from sidecar.milter import stop_milter
+
+            stop_milter()
+        if self.milter_thread:
+            await asyncio.to_thread(self.milter_thread.join, 5)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        await self.start()
+        sd_notify("READY=1\nSTATUS=serving")
+        log.info("autoport sidecar ready (pid %d)", os.getpid())
+        await self.stopping.wait()
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        await self.stop()
+
+
+def serve(cfg: Config) -> int:
+    from sidecar.logsetup import setup_logging
+    from sidecar.store import open_store
+
+    setup_logging(cfg)
+    store = open_store(cfg.store.url, dovecot_group=cfg.store.dovecot_group, dovecot_role=cfg.store.dovecot_role)
+    version = store.schema_version()
+    if version == 0:
+        log.error("the store at %s has no schema: run `autoport store init` first", cfg.store.url.split("@")[-1])
+        return 2
+    try:
+        asyncio.run(Daemon(cfg, store).run())
+    finally:
+        store.close()
+    return 0
