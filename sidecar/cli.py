@@ -72,9 +72,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = _open_store(cfg)
     try:
         if args.address:
-            from sidecar.logins import login_to_address
+            from sidecar.logins import account_address
 
-            address = login_to_address(args.address, cfg)
+            address = account_address(args.address, cfg)
             account = store.get(address) or store.find_by_login(args.address.lower())
             if account is None:
                 if args.json:
@@ -186,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoport", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--config", "-c", help=f"configuration file (default: $AUTOPORT_CONFIG or {config_mod.DEFAULT_PATH})")
+    p.add_argument("--config", "-c", help=f"config file (default: $AUTOPORT_CONFIG or {config_mod.DEFAULT_PATH})")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("config", help="print the effective configuration, secrets redacted")
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")
-    s.add_argument("--dir", default="/tmp/autoport-demo")
+    s.add_argument("--dir", default="/tmp/autoport-demo")  # noqa: S108 - a lab dir must be short and world-traversable
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
     return p

@@ -338,5 +338,5 @@ def secrets(cfg: Config) -> list[str]:
 def sqlite_path(url: str) -> str:
     """The file path of a sqlite:///PATH store URL."""
     assert url.startswith("sqlite:///")
-    return url[len("sqlite://") :]
+    return "/" + url[len("sqlite:///") :].lstrip("/")
 

@@ -31,6 +31,10 @@ class Conflict(StoreError):
     """The row changed under us (another node moved the account first)."""
 
 
+class UnknownAccount(StoreError):
+    """The operation needs an existing account and there is none with this address."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Account:
     address: str
@@ -139,21 +143,32 @@ class Store(abc.ABC):
         """The account's state, cheap (hot path of routing)."""
 
     @abc.abstractmethod
-    def transition(self, address: str, new: State, *, expect: State | None | object = ..., reason: str = "") -> Account:
+    def transition(
+        self, address: str, new: State, *, expect: State | object | None = ..., reason: str = ""
+    ) -> Account:
         """Move an account to `new` through the state machine, atomically.
 
         Creates the account when it does not exist and (None -> new) is allowed. `expect`, when given, is the
         state the caller believes the account is in; a different actual state raises Conflict. Illegal edges
-        raise IllegalTransition. Records an Event.
+        raise IllegalTransition. Records an Event ("transition", "old -> new: reason"). Creating an account
+        records its own address (lower case) as a login name. Only state, updated_at and (moving to migrated)
+        migrated_at change; nothing changes when an exception is raised.
         """
 
     @abc.abstractmethod
     def set_password_hash(self, address: str, password_hash: str) -> None:
-        """Store the Dovecot-compatible hash ("{ARGON2ID}$argon2id$...") for an existing account."""
+        """Store the Dovecot-compatible hash ("{ARGON2ID}$argon2id$...") for an existing account.
+
+        ValueError when the {SCHEME} prefix is missing (Dovecot would take it for a plaintext password);
+        UnknownAccount when there is no such account.
+        """
 
     @abc.abstractmethod
     def add_login(self, address: str, login: str) -> None:
-        """Record a login name that belongs to the account (idempotent)."""
+        """Record a login name that belongs to the account (idempotent; stored lower case).
+
+        Conflict when the login name already belongs to another account; UnknownAccount when there is none.
+        """
 
     @abc.abstractmethod
     def touch_login(self, address: str) -> None:
@@ -161,14 +176,21 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def set_progress(
-        self, address: str, *, total: int | None = None, copied: int | None = None, bytes_copied: int | None = None
+        self,
+        address: str,
+        *,
+        total: int | None = None,
+        copied: int | None = None,
+        bytes_copied: int | None = None,
     ) -> None: ...
 
     @abc.abstractmethod
-    def set_error(self, address: str, error: str) -> None: ...
+    def set_error(self, address: str, error: str) -> None:
+        """Record the last copy error and count an attempt; an empty error clears last_error only."""
 
     @abc.abstractmethod
-    def accounts(self, state: State | None = None) -> Iterator[Account]: ...
+    def accounts(self, state: State | None = None) -> Iterator[Account]:
+        """All accounts (or those in `state`), ordered by address."""
 
     @abc.abstractmethod
     def summary(self) -> dict[str, int]:
@@ -177,11 +199,17 @@ class Store(abc.ABC):
     # --- jobs ---------------------------------------------------------------------------------------------
     @abc.abstractmethod
     def enqueue(self, address: str, kind: str = "copy", *, not_before: float = 0.0) -> Job:
-        """Queue a job; idempotent: an open (queued or leased) job of the same kind for the account is returned."""
+        """Queue a job; idempotent: the open (queued or leased) job of this kind for the account is returned.
+
+        UnknownAccount when there is no such account.
+        """
 
     @abc.abstractmethod
     def lease(self, owner: str, *, kinds: tuple[str, ...] = ("copy",), seconds: float = 60.0) -> Job | None:
-        """Take one runnable job (queued and due, or leased with an expired lease) for `owner`."""
+        """Take one runnable job (queued and due, or leased with an expired lease) for `owner`.
+
+        Oldest not_before first; counts an attempt. None when nothing is runnable.
+        """
 
     @abc.abstractmethod
     def renew(self, job_id: int, owner: str, *, seconds: float = 60.0) -> bool:
@@ -189,7 +217,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def finish(self, job_id: int, owner: str, *, error: str = "", retry_at: float | None = None) -> None:
-        """Done (no error), back to queued for retry_at (error and retry_at), or failed (error, no retry_at)."""
+        """Done (no error), back to queued for retry_at (error and retry_at), or failed (error, no retry_at).
+
+        Conflict when `owner` no longer holds the lease (it expired and another owner took the job).
+        """
 
     @abc.abstractmethod
     def jobs(self, address: str | None = None) -> list[Job]: ...
@@ -199,7 +230,8 @@ class Store(abc.ABC):
     def record_event(self, address: str, kind: str, detail: str = "") -> None: ...
 
     @abc.abstractmethod
-    def events(self, address: str | None = None, limit: int = 100) -> list[Event]: ...
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        """The newest `limit` events (of one account), newest first."""
 
     # --- message log (milter) -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -207,7 +239,8 @@ class Store(abc.ABC):
         """Append message-log rows (one transaction)."""
 
     @abc.abstractmethod
-    def message_log(self, recipient: str | None = None, limit: int = 1000) -> list[MessageRecord]: ...
+    def message_log(self, recipient: str | None = None, limit: int = 1000) -> list[MessageRecord]:
+        """The newest `limit` rows (for one recipient), newest first; `at` 0 is stored as the time logged."""
 
     # --- copier watermarks --------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -1,0 +1,189 @@
+"""Versioned schema migrations for both store backends.
+
+MIGRATIONS is an ordered list of versions 1..N; each carries its SQL for every dialect ("sqlite",
+"postgresql"). A store records the versions it applied in the schema_version table. Store.upgrade() applies
+the pending ones in order, each in its own transaction together with its schema_version row, so a failed
+migration leaves the store at the previous version; Store.init() is the same starting from an empty store.
+Migrations update the database in place (ALTER / CREATE), never by replacing the file: Dovecot keeps a
+SQLite store open.
+
+The dovecot_* views are the contract with Dovecot's sql passdb/userdb (dovecot/ fragments):
+  dovecot_passdb(login, "user", password)  migrated accounts with a hash, one row per login name
+  dovecot_deny(login, "user")              migrated accounts, one row per login name (the deny = yes passdb)
+  dovecot_userdb(login, "user")            every account, one row per login name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from sidecar.states import State
+
+Dialect = Literal["sqlite", "postgresql"]
+DIALECTS: tuple[Dialect, ...] = ("sqlite", "postgresql")
+
+# Column types per dialect; the v1 templates below use these names.
+_TYPES: dict[Dialect, dict[str, str]] = {
+    "sqlite": {
+        "ID": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "TIME": "REAL",
+        "INT": "INTEGER",
+        "TEXT": "TEXT",
+        "BOOL": "INTEGER",
+        "FALSE": "0",
+    },
+    "postgresql": {
+        "ID": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "TIME": "DOUBLE PRECISION",
+        "INT": "BIGINT",
+        "TEXT": "TEXT",
+        "BOOL": "BOOLEAN",
+        "FALSE": "FALSE",
+    },
+}
+
+VIEWS = ("dovecot_passdb", "dovecot_deny", "dovecot_userdb")
+
+# Created (IF NOT EXISTS) inside the transaction of every migration, before the version check.
+VERSION_TABLE: dict[Dialect, str] = {
+    d: (
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        f"version {_TYPES[d]['INT']} PRIMARY KEY, applied_at {_TYPES[d]['TIME']} NOT NULL, "
+        "description TEXT NOT NULL)"
+    )
+    for d in DIALECTS
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    sql: dict[Dialect, tuple[str, ...]]
+
+    def statements(self, dialect: Dialect) -> tuple[str, ...]:
+        return self.sql[dialect]
+
+
+def _both(*templates: str) -> dict[Dialect, tuple[str, ...]]:
+    """The same DDL for both dialects, differing only in the {TYPE} names of _TYPES."""
+    return {d: tuple(t.format(**_TYPES[d]) for t in templates) for d in DIALECTS}
+
+
+_STATES = ", ".join(f"'{s.value}'" for s in State)
+
+_V1 = _both(
+    f"""CREATE TABLE accounts (
+        address TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ({_STATES})),
+        password_hash TEXT,
+        created_at {{TIME}} NOT NULL,
+        updated_at {{TIME}} NOT NULL,
+        last_login_at {{TIME}},
+        migrated_at {{TIME}},
+        messages_total {{INT}} NOT NULL DEFAULT 0,
+        messages_copied {{INT}} NOT NULL DEFAULT 0,
+        bytes_copied {{INT}} NOT NULL DEFAULT 0,
+        attempts {{INT}} NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX accounts_state ON accounts (state)",
+    """CREATE TABLE logins (
+        login TEXT PRIMARY KEY,
+        address TEXT NOT NULL REFERENCES accounts (address) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX logins_address ON logins (address)",
+    """CREATE TABLE jobs (
+        id {ID},
+        address TEXT NOT NULL REFERENCES accounts (address) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'leased', 'done', 'failed')),
+        attempts {INT} NOT NULL DEFAULT 0,
+        not_before {TIME} NOT NULL DEFAULT 0,
+        lease_owner TEXT NOT NULL DEFAULT '',
+        lease_until {TIME} NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        created_at {TIME} NOT NULL,
+        updated_at {TIME} NOT NULL
+    )""",
+    # at most one open job per account and kind: enqueue() is idempotent through this index
+    "CREATE UNIQUE INDEX jobs_one_open ON jobs (address, kind) WHERE status IN ('queued', 'leased')",
+    "CREATE INDEX jobs_runnable ON jobs (status, not_before)",
+    "CREATE INDEX jobs_address ON jobs (address)",
+    """CREATE TABLE events (
+        id {ID},
+        at {TIME} NOT NULL,
+        address TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE INDEX events_address ON events (address, id)",
+    """CREATE TABLE message_log (
+        id {ID},
+        at {TIME} NOT NULL,
+        queue_id TEXT NOT NULL,
+        recipient TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        route TEXT NOT NULL,
+        size {INT} NOT NULL,
+        auto_submitted TEXT NOT NULL DEFAULT '',
+        precedence TEXT NOT NULL DEFAULT '',
+        list_id TEXT NOT NULL DEFAULT '',
+        client_addr TEXT NOT NULL DEFAULT '',
+        auth_user TEXT NOT NULL DEFAULT '',
+        from_legacy {BOOL} NOT NULL DEFAULT {FALSE}
+    )""",
+    "CREATE INDEX message_log_recipient ON message_log (recipient, id)",
+    "CREATE INDEX message_log_at ON message_log (at)",
+    """CREATE TABLE folder_marks (
+        address TEXT NOT NULL REFERENCES accounts (address) ON DELETE CASCADE,
+        folder TEXT NOT NULL,
+        uidvalidity {INT} NOT NULL,
+        last_uid {INT} NOT NULL,
+        messages {INT} NOT NULL DEFAULT 0,
+        updated_at {TIME} NOT NULL,
+        PRIMARY KEY (address, folder)
+    )""",
+    """CREATE VIEW dovecot_passdb AS
+        SELECT l.login AS login, a.address AS "user", a.password_hash AS password
+        FROM logins l JOIN accounts a ON a.address = l.address
+        WHERE a.state = 'migrated' AND a.password_hash IS NOT NULL AND a.password_hash <> ''""",
+    """CREATE VIEW dovecot_deny AS
+        SELECT l.login AS login, a.address AS "user"
+        FROM logins l JOIN accounts a ON a.address = l.address
+        WHERE a.state = 'migrated'""",
+    """CREATE VIEW dovecot_userdb AS
+        SELECT l.login AS login, l.address AS "user" FROM logins l""",
+)
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
+]
+
+
+def latest(migrations: list[Migration] | None = None) -> int:
+    """The newest schema version this code knows."""
+    ms = MIGRATIONS if migrations is None else migrations
+    return ms[-1].version if ms else 0
+
+
+def check_order(migrations: list[Migration]) -> None:
+    """Versions must be 1..N without gaps, each with SQL for every dialect."""
+    for i, m in enumerate(migrations, start=1):
+        if m.version != i:
+            raise ValueError(f"schema migration #{i} has version {m.version}, expected {i}")
+        missing = [d for d in DIALECTS if d not in m.sql]
+        if missing:
+            raise ValueError(f"schema migration {m.version} has no SQL for {', '.join(missing)}")
+
+
+def pending(current: int, migrations: list[Migration] | None = None) -> list[Migration]:
+    """Migrations newer than `current`, in order."""
+    ms = MIGRATIONS if migrations is None else migrations
+    check_order(ms)
+    return [m for m in ms if m.version > current]
+
+
+check_order(MIGRATIONS)

@@ -1,0 +1,559 @@
+"""The SQL shared by both store backends.
+
+SqlStore implements every Store method once, in SQL both SQLite (3.35+: RETURNING, ON CONFLICT) and
+PostgreSQL understand, with `?` placeholders. A backend supplies the connections and transactions
+(_write/_read), error translation, row locking clauses and the schema lock:
+
+- SQLite: a write transaction is BEGIN IMMEDIATE, which holds the database's single write lock, so the
+  locking clauses are empty.
+- PostgreSQL: READ COMMITTED transactions; rows are locked with SELECT ... FOR UPDATE, queue rows taken with
+  FOR UPDATE SKIP LOCKED, and migrations serialised by an advisory lock.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
+from sidecar.states import State, check_transition
+from sidecar.store import schema
+from sidecar.store.base import (
+    Account,
+    Conflict,
+    Event,
+    FolderMark,
+    Job,
+    MessageRecord,
+    Store,
+    StoreError,
+    UnknownAccount,
+)
+
+log = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Clock = Callable[[], float]
+
+_ACCOUNT_COLS = (
+    "address, state, created_at, updated_at, password_hash, last_login_at, migrated_at, "
+    "messages_total, messages_copied, bytes_copied, attempts, last_error"
+)
+_JOB_COLS = "id, address, kind, status, attempts, not_before, lease_owner, lease_until, last_error"
+_EVENT_COLS = "id, at, address, kind, detail"
+_MSG_FIELDS = (
+    "queue_id",
+    "recipient",
+    "sender",
+    "message_id",
+    "route",
+    "size",
+    "auto_submitted",
+    "precedence",
+    "list_id",
+    "client_addr",
+    "auth_user",
+    "from_legacy",
+    "at",
+)
+_OPEN = "('queued', 'leased')"
+
+
+class Cursor:
+    """A driver cursor speaking `?` placeholders on both dialects."""
+
+    def __init__(self, cur: Any, *, pyformat: bool) -> None:
+        self._cur = cur
+        self._pyformat = pyformat
+
+    def _sql(self, sql: str) -> str:
+        # Our SQL never contains a literal '?' or '%': the rewrite is exact.
+        return sql.replace("?", "%s") if self._pyformat else sql
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        if params:
+            self._cur.execute(self._sql(sql), tuple(params))
+        else:  # no placeholders to rewrite: the text goes as it is (a migration may contain '%' or '?')
+            self._cur.execute(sql)
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self._cur.executemany(self._sql(sql), [tuple(r) for r in rows])
+
+    def fetchone(self) -> Row | None:
+        row = self._cur.fetchone()
+        return None if row is None else tuple(row)
+
+    def fetchall(self) -> list[Row]:
+        return [tuple(r) for r in self._cur.fetchall()]
+
+    @property
+    def rowcount(self) -> int:
+        return int(self._cur.rowcount)
+
+
+class _Raced(Exception):
+    """Another transaction inserted the row we meant to create: roll back and look again."""
+
+
+def _account(row: Row, logins: Sequence[str]) -> Account:
+    return Account(
+        address=row[0],
+        state=State(row[1]),
+        created_at=row[2],
+        updated_at=row[3],
+        has_password=bool(row[4]),
+        logins=tuple(logins),
+        last_login_at=row[5],
+        migrated_at=row[6],
+        messages_total=row[7],
+        messages_copied=row[8],
+        bytes_copied=row[9],
+        attempts=row[10],
+        last_error=row[11],
+    )
+
+
+def _job(row: Row) -> Job:
+    return Job(
+        id=int(row[0]),
+        address=row[1],
+        kind=row[2],
+        status=row[3],
+        attempts=row[4],
+        not_before=row[5],
+        lease_owner=row[6],
+        lease_until=row[7],
+        last_error=row[8],
+    )
+
+
+def _transition_detail(old: State | None, new: State, reason: str) -> str:
+    text = f"{old.value if old else '(none)'} -> {new.value}"
+    return f"{text}: {reason}" if reason else text
+
+
+class SqlStore(Store):
+    dialect: ClassVar[schema.Dialect]
+    for_update: ClassVar[str] = ""  # appended to SELECTs that lock the rows they read
+    skip_locked: ClassVar[str] = ""  # appended to the SELECT that takes a queue row
+
+    def __init__(self, *, clock: Clock = time.time) -> None:
+        self._clock = clock
+
+    # --- backend hooks -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _write(self) -> AbstractContextManager[Cursor]:
+        """A write transaction (committed on success, rolled back on any exception)."""
+
+    @abc.abstractmethod
+    def _read(self) -> AbstractContextManager[Cursor]:
+        """A consistent read (one transaction)."""
+
+    @abc.abstractmethod
+    def _schema_lock(self, cur: Cursor) -> None:
+        """Serialise migrations between processes (inside the migration's transaction)."""
+
+    @abc.abstractmethod
+    def _table_exists(self, cur: Cursor, name: str) -> bool: ...
+
+    def _after_init(self) -> None:
+        """Permissions, grants: whatever the backend does once the schema is current."""
+
+    # --- schema -------------------------------------------------------------------------------------------
+    def init(self) -> int:
+        self.upgrade()
+        version = self.schema_version()
+        if version > schema.latest():
+            log.warning(
+                "store schema version %d is newer than this autoport knows (%d)", version, schema.latest()
+            )
+        self._after_init()
+        return version
+
+    def upgrade(self) -> list[int]:
+        applied: list[int] = []
+        for m in schema.pending(0):
+            with self._write() as cur:
+                self._schema_lock(cur)
+                cur.execute(schema.VERSION_TABLE[self.dialect])
+                if m.version <= self._version(cur):
+                    continue
+                for statement in m.statements(self.dialect):
+                    cur.execute(statement)
+                cur.execute(
+                    "INSERT INTO schema_version (version, applied_at, description) VALUES (?, ?, ?)",
+                    (m.version, self._clock(), m.description),
+                )
+            log.info("store schema upgraded to version %d: %s", m.version, m.description)
+            applied.append(m.version)
+        return applied
+
+    def schema_version(self) -> int:
+        with self._read() as cur:
+            return self._version(cur)
+
+    def _version(self, cur: Cursor) -> int:
+        if not self._table_exists(cur, "schema_version"):
+            return 0
+        row = cur.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    # --- accounts -----------------------------------------------------------------------------------------
+    def _load_account(self, cur: Cursor, address: str) -> Account | None:
+        row = cur.execute(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE address = ?", (address,)).fetchone()
+        if row is None:
+            return None
+        logins = [
+            r[0]
+            for r in cur.execute(
+                "SELECT login FROM logins WHERE address = ? ORDER BY login", (address,)
+            ).fetchall()
+        ]
+        return _account(row, logins)
+
+    def _require(self, cur: Cursor, address: str, *, lock: bool = False) -> None:
+        sql = "SELECT 1 FROM accounts WHERE address = ?" + (self.for_update if lock else "")
+        if cur.execute(sql, (address,)).fetchone() is None:
+            raise UnknownAccount(f"no account {address}")
+
+    def get(self, address: str) -> Account | None:
+        with self._read() as cur:
+            return self._load_account(cur, address)
+
+    def find_by_login(self, login: str) -> Account | None:
+        with self._read() as cur:
+            row = cur.execute("SELECT address FROM logins WHERE login = ?", (login.lower(),)).fetchone()
+            return None if row is None else self._load_account(cur, row[0])
+
+    def state_of(self, address: str) -> State | None:
+        with self._read() as cur:
+            row = cur.execute("SELECT state FROM accounts WHERE address = ?", (address,)).fetchone()
+        return None if row is None else State(row[0])
+
+    def transition(
+        self, address: str, new: State, *, expect: State | object | None = ..., reason: str = ""
+    ) -> Account:
+        new = State(new)
+        for _ in range(10):
+            try:
+                return self._transition_once(address, new, expect, reason)
+            except _Raced:
+                continue
+        raise Conflict(f"{address}: kept losing the race to create the account")
+
+    def _transition_once(self, address: str, new: State, expect: object, reason: str) -> Account:
+        with self._write() as cur:
+            row = cur.execute(
+                "SELECT state FROM accounts WHERE address = ?" + self.for_update, (address,)
+            ).fetchone()
+            old = None if row is None else State(row[0])
+            if expect is not ... and expect != old:
+                shown = expect.value if isinstance(expect, State) else "(none)"
+                raise Conflict(f"{address}: expected {shown}, found {old.value if old else '(none)'}")
+            check_transition(address, old, new)
+            now = self._clock()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO accounts (address, state, created_at, updated_at, migrated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (address) DO NOTHING",
+                    (address, new.value, now, now, now if new is State.MIGRATED else None),
+                )
+                if cur.rowcount != 1:
+                    raise _Raced
+                # The own address is always a login name; it wins over an alias recorded for another account.
+                cur.execute(
+                    "INSERT INTO logins (login, address) VALUES (?, ?) "
+                    "ON CONFLICT (login) DO UPDATE SET address = excluded.address",
+                    (address.lower(), address),
+                )
+            else:
+                migrated = ", migrated_at = ?" if new is State.MIGRATED else ""
+                cur.execute(
+                    f"UPDATE accounts SET state = ?, updated_at = ?{migrated} WHERE address = ?",
+                    (new.value, now, *((now,) if migrated else ()), address),
+                )
+            self._event(cur, address, "transition", _transition_detail(old, new, reason), now)
+            account = self._load_account(cur, address)
+        assert account is not None
+        return account
+
+    def set_password_hash(self, address: str, password_hash: str) -> None:
+        if not password_hash.startswith("{"):
+            # a hash without its {SCHEME} prefix would be read by Dovecot as plaintext
+            raise ValueError("password hash must start with its Dovecot {SCHEME} prefix")
+        self._update(address, "password_hash = ?", (password_hash,))
+
+    def add_login(self, address: str, login: str) -> None:
+        login = login.lower()
+        with self._write() as cur:
+            self._require(cur, address)
+            cur.execute(
+                "INSERT INTO logins (login, address) VALUES (?, ?) ON CONFLICT (login) DO NOTHING",
+                (login, address),
+            )
+            row = cur.execute("SELECT address FROM logins WHERE login = ?", (login,)).fetchone()
+            if row is None or row[0] != address:
+                raise Conflict(f"login {login} belongs to another account")
+
+    def touch_login(self, address: str) -> None:
+        self._update(address, "last_login_at = ?", (self._clock(),))
+
+    def set_progress(
+        self,
+        address: str,
+        *,
+        total: int | None = None,
+        copied: int | None = None,
+        bytes_copied: int | None = None,
+    ) -> None:
+        sets: list[str] = []
+        params: list[Any] = []
+        columns = (("messages_total", total), ("messages_copied", copied), ("bytes_copied", bytes_copied))
+        for column, value in columns:
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(value)
+        if sets:
+            self._update(address, ", ".join(sets), params)
+
+    def set_error(self, address: str, error: str) -> None:
+        if error:
+            self._update(address, "last_error = ?, attempts = attempts + 1", (error,))
+        else:
+            self._update(address, "last_error = ?", ("",))
+
+    def _update(self, address: str, sets: str, params: Sequence[Any]) -> None:
+        with self._write() as cur:
+            cur.execute(
+                f"UPDATE accounts SET {sets}, updated_at = ? WHERE address = ?",
+                (*params, self._clock(), address),
+            )
+            if cur.rowcount != 1:
+                raise UnknownAccount(f"no account {address}")
+
+    def accounts(self, state: State | None = None) -> Iterator[Account]:
+        where, params = ("WHERE a.state = ?", (State(state).value,)) if state is not None else ("", ())
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {_ACCOUNT_COLS} FROM accounts a {where} ORDER BY address", params
+            ).fetchall()
+            logins: dict[str, list[str]] = {}
+            for login, address in cur.execute(
+                f"SELECT l.login, l.address FROM logins l JOIN accounts a ON a.address = l.address {where} "
+                "ORDER BY l.login",
+                params,
+            ).fetchall():
+                logins.setdefault(address, []).append(login)
+        for row in rows:
+            yield _account(row, logins.get(row[0], ()))
+
+    def summary(self) -> dict[str, int]:
+        counts = {s.value: 0 for s in State}
+        with self._read() as cur:
+            for state, n in cur.execute("SELECT state, COUNT(*) FROM accounts GROUP BY state").fetchall():
+                counts[state] = int(n)
+        return counts
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    def enqueue(self, address: str, kind: str = "copy", *, not_before: float = 0.0) -> Job:
+        # Most calls find the job already queued (every login asks): answer those without the write lock.
+        with self._read() as cur:
+            row = cur.execute(
+                f"SELECT {_JOB_COLS} FROM jobs WHERE address = ? AND kind = ? AND status IN {_OPEN}",
+                (address, kind),
+            ).fetchone()
+        if row is not None:
+            return _job(row)
+        for _ in range(10):
+            with self._write() as cur:
+                self._require(cur, address)
+                now = self._clock()
+                cur.execute(
+                    "INSERT INTO jobs (address, kind, status, not_before, created_at, updated_at) "
+                    f"VALUES (?, ?, 'queued', ?, ?, ?) ON CONFLICT (address, kind) WHERE status IN {_OPEN} "
+                    "DO NOTHING",
+                    (address, kind, not_before, now, now),
+                )
+                row = cur.execute(
+                    f"SELECT {_JOB_COLS} FROM jobs WHERE address = ? AND kind = ? AND status IN {_OPEN}",
+                    (address, kind),
+                ).fetchone()
+            if row is not None:
+                return _job(row)
+            # the open job we collided with was finished in between: try again
+        raise Conflict(f"{address}: could not enqueue a {kind} job")
+
+    def lease(self, owner: str, *, kinds: tuple[str, ...] = ("copy",), seconds: float = 60.0) -> Job | None:
+        if not owner:
+            raise ValueError("lease owner must not be empty")
+        if not kinds:
+            return None
+        marks = ", ".join("?" for _ in kinds)
+        with self._write() as cur:
+            now = self._clock()
+            row = cur.execute(
+                "UPDATE jobs SET status = 'leased', lease_owner = ?, lease_until = ?, "
+                "attempts = attempts + 1, updated_at = ? "
+                f"WHERE id = (SELECT id FROM jobs WHERE kind IN ({marks}) AND "
+                "((status = 'queued' AND not_before <= ?) OR (status = 'leased' AND lease_until < ?)) "
+                f"ORDER BY not_before, id LIMIT 1{self.skip_locked}) RETURNING {_JOB_COLS}",
+                (owner, now + seconds, now, *kinds, now, now),
+            ).fetchone()
+        return None if row is None else _job(row)
+
+    def renew(self, job_id: int, owner: str, *, seconds: float = 60.0) -> bool:
+        with self._write() as cur:
+            now = self._clock()
+            cur.execute(
+                "UPDATE jobs SET lease_until = ?, updated_at = ? "
+                "WHERE id = ? AND lease_owner = ? AND status = 'leased'",
+                (now + seconds, now, job_id, owner),
+            )
+            return cur.rowcount == 1
+
+    def finish(self, job_id: int, owner: str, *, error: str = "", retry_at: float | None = None) -> None:
+        params: tuple[Any, ...] = ()
+        if retry_at is not None:
+            status, sets, params = "queued", ", not_before = ?", (retry_at,)
+        else:
+            status, sets = ("failed" if error else "done"), ""
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE jobs SET status = ?, last_error = ?, lease_owner = '', lease_until = 0, "
+                f"updated_at = ?{sets} WHERE id = ? AND lease_owner = ? AND status = 'leased'",
+                (status, error, self._clock(), *params, job_id, owner),
+            )
+            if cur.rowcount != 1:
+                raise Conflict(f"job {job_id} is not leased by {owner}")
+
+    def jobs(self, address: str | None = None) -> list[Job]:
+        where, params = ("WHERE address = ?", (address,)) if address is not None else ("", ())
+        with self._read() as cur:
+            rows = cur.execute(f"SELECT {_JOB_COLS} FROM jobs {where} ORDER BY id", params).fetchall()
+        return [_job(r) for r in rows]
+
+    # --- events -------------------------------------------------------------------------------------------
+    def _event(self, cur: Cursor, address: str, kind: str, detail: str, at: float) -> None:
+        cur.execute(
+            "INSERT INTO events (at, address, kind, detail) VALUES (?, ?, ?, ?)", (at, address, kind, detail)
+        )
+
+    def record_event(self, address: str, kind: str, detail: str = "") -> None:
+        with self._write() as cur:
+            self._event(cur, address, kind, detail, self._clock())
+
+    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+        where, params = ("WHERE address = ?", [address]) if address is not None else ("", [])
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {_EVENT_COLS} FROM events {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [Event(id=int(r[0]), at=r[1], address=r[2], kind=r[3], detail=r[4]) for r in rows]
+
+    # --- message log --------------------------------------------------------------------------------------
+    def log_messages(self, records: list[MessageRecord]) -> None:
+        if not records:
+            return
+        now = self._clock()
+        rows = [(*(getattr(r, f) for f in _MSG_FIELDS[:-1]), r.at or now) for r in records]
+        with self._write() as cur:
+            cur.executemany(
+                f"INSERT INTO message_log ({', '.join(_MSG_FIELDS)}) "
+                f"VALUES ({', '.join('?' for _ in _MSG_FIELDS)})",
+                rows,
+            )
+
+    def message_log(self, recipient: str | None = None, limit: int = 1000) -> list[MessageRecord]:
+        where, params = ("WHERE recipient = ?", [recipient]) if recipient is not None else ("", [])
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(_MSG_FIELDS)} FROM message_log {where} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        out = []
+        for r in rows:
+            values = dict(zip(_MSG_FIELDS, r, strict=True))
+            values["from_legacy"] = bool(values["from_legacy"])
+            out.append(MessageRecord(**values))
+        return out
+
+    # --- copier watermarks --------------------------------------------------------------------------------
+    def folder_marks(self, address: str) -> dict[str, FolderMark]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT folder, uidvalidity, last_uid, messages FROM folder_marks WHERE address = ? "
+                "ORDER BY folder",
+                (address,),
+            ).fetchall()
+        return {r[0]: FolderMark(folder=r[0], uidvalidity=r[1], last_uid=r[2], messages=r[3]) for r in rows}
+
+    def set_folder_mark(self, address: str, mark: FolderMark) -> None:
+        with self._write() as cur:
+            self._require(cur, address)
+            cur.execute(
+                "INSERT INTO folder_marks (address, folder, uidvalidity, last_uid, messages, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (address, folder) DO UPDATE SET "
+                "uidvalidity = excluded.uidvalidity, last_uid = excluded.last_uid, "
+                "messages = excluded.messages, updated_at = excluded.updated_at",
+                (address, mark.folder, mark.uidvalidity, mark.last_uid, mark.messages, self._clock()),
+            )
+
+    def clear_folder_marks(self, address: str, folder: str | None = None) -> None:
+        with self._write() as cur:
+            if folder is None:
+                cur.execute("DELETE FROM folder_marks WHERE address = ?", (address,))
+            else:
+                cur.execute("DELETE FROM folder_marks WHERE address = ? AND folder = ?", (address, folder))
+
+
+class PerThread:
+    """One driver connection per thread, all of them closable at once.
+
+    Connections of threads that have ended are closed when the next connection is made, so a daemon whose
+    worker threads come and go does not accumulate them.
+    """
+
+    def __init__(self, close: Callable[[Any], None]) -> None:
+        self._close = close
+        self._lock = threading.Lock()
+        self._conns: dict[int, Any] = {}
+        self.closed = False
+
+    def get(self) -> Any:
+        return self._conns.get(threading.get_ident())
+
+    def put(self, conn: Any) -> None:
+        ident = threading.get_ident()
+        with self._lock:
+            if self.closed:
+                self._close(conn)
+                raise StoreError("the store is closed")
+            alive = {t.ident for t in threading.enumerate()}
+            stale = [i for i in self._conns if i not in alive]
+            for i in stale:
+                self._safe_close(self._conns.pop(i))
+            self._conns[ident] = conn
+
+    def drop(self) -> None:
+        """Forget (and close) the calling thread's connection, e.g. after the server went away."""
+        with self._lock:
+            conn = self._conns.pop(threading.get_ident(), None)
+        if conn is not None:
+            self._safe_close(conn)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self.closed = True
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            self._safe_close(conn)
+
+    def _safe_close(self, conn: Any) -> None:
+        with contextlib.suppress(Exception):
+            self._close(conn)

@@ -1,0 +1,660 @@
+"""The state store, every test on both backends (SQLite file, throwaway PostgreSQL cluster).
+
+Views are read with the exact queries Dovecot's sql passdb/userdb run, through a separate connection, the
+way Dovecot would see them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar.lab.pgcluster import PgCluster
+from sidecar.lab.proc import free_port
+from sidecar.states import IllegalTransition, State
+from sidecar.store import open_store, schema
+from sidecar.store.base import (
+    Conflict,
+    FolderMark,
+    MessageRecord,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    UnknownAccount,
+)
+from sidecar.store.postgres import PgStore
+from sidecar.store.sql import SqlStore
+from sidecar.store.sqlite import SqliteStore
+
+HASH = "{ARGON2ID}$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
+
+PASSDB = 'SELECT "user", password FROM dovecot_passdb WHERE login = ?'
+DENY = "SELECT 'Y' AS nopassword FROM dovecot_deny WHERE login = ?"
+USERDB = 'SELECT "user" FROM dovecot_userdb WHERE login = ?'
+ITERATE = 'SELECT "user" AS username FROM dovecot_userdb WHERE login = "user" ORDER BY 1'
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Backend:
+    """One empty store location (a SQLite file or a fresh PostgreSQL database) and the stores opened on it."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.url = url
+        self.stores: list[Store] = []
+
+    def open(self, *, clock: Callable[[], float] | None = None, **kw: Any) -> SqlStore:
+        extra: dict[str, Any] = {"clock": clock} if clock else {}
+        store: SqlStore
+        if self.kind == "sqlite":
+            store = SqliteStore(
+                self.url[len("sqlite://") :], dovecot_group=kw.get("dovecot_group", "dovecot"), **extra
+            )
+        else:
+            store = PgStore(self.url, dovecot_role=kw.get("dovecot_role", ""), **extra)
+        self.stores.append(store)
+        return store
+
+    def dovecot(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Run a query on a connection of its own, as Dovecot's sql driver does."""
+        if self.kind == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.url[len("sqlite://") :])) as conn:
+                return conn.execute(query, params).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            return [tuple(r) for r in conn.execute(query.replace("?", "%s"), params).fetchall()]
+
+    def has_table(self, name: str) -> bool:
+        if self.kind == "sqlite":
+            return bool(self.dovecot("SELECT 1 FROM sqlite_master WHERE name = ?", name))
+        return bool(self.dovecot("SELECT to_regclass(?) IS NOT NULL", name)[0][0])
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    with PgCluster() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        b = Backend("sqlite", f"sqlite://{tmp_path}/store/state.db")
+        yield b
+        b.close()
+        return
+    pg: PgCluster = request.getfixturevalue("pg_cluster")
+    name = "t_" + request.node.name.rsplit("[", 1)[0][5:40].lower() + "_" + os.urandom(3).hex()
+    b = Backend("postgres", pg.create_schema(name))
+    yield b
+    b.close()
+    pg.drop_schema(name)
+
+
+@pytest.fixture
+def store(backend: Backend) -> SqlStore:
+    s = backend.open()
+    assert s.init() == schema.latest()
+    return s
+
+
+def run_threads(n: int, target: Callable[[int], Any]) -> list[Any]:
+    """Run target(i) in n threads released at once; results (or the exception raised) by index."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def work(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = target(i)
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+# --- schema -------------------------------------------------------------------------------------------------
+def test_init_creates_schema_from_empty_and_is_idempotent(backend: Backend) -> None:
+    s = backend.open()
+    assert s.schema_version() == 0
+    assert s.init() == 1
+    assert s.schema_version() == 1
+    assert s.upgrade() == []
+    assert s.init() == 1
+    other = backend.open()  # a second node starting up against the same store
+    assert other.init() == 1
+    assert other.summary() == {st.value: 0 for st in State}
+
+
+def test_upgrade_applies_pending_versions_each_in_one_transaction(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = backend.open()
+    s.init()
+    s.transition("a@example.org", State.COPYING)
+    broken = schema.Migration(
+        2,
+        "broken",
+        {d: ("CREATE TABLE half_done (x INTEGER)", "SELECT * FROM no_such_table") for d in schema.DIALECTS},
+    )
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS, broken])
+    with pytest.raises(StoreError):
+        s.upgrade()
+    assert s.schema_version() == 1
+    assert not backend.has_table("half_done")
+    good = schema.Migration(
+        2, "extra column", {d: ("ALTER TABLE accounts ADD COLUMN note TEXT",) for d in schema.DIALECTS}
+    )
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS[:1], good])
+    assert s.upgrade() == [2]
+    assert s.schema_version() == 2
+    assert s.upgrade() == []
+    assert s.state_of("a@example.org") is State.COPYING  # data kept, updated in place
+
+
+def test_migrations_are_numbered_without_gaps() -> None:
+    with pytest.raises(ValueError, match="expected 2"):
+        schema.pending(0, [*schema.MIGRATIONS, schema.Migration(3, "x", {d: () for d in schema.DIALECTS})])
+
+
+# --- transitions and views ----------------------------------------------------------------------------------
+def views(
+    backend: Backend, login: str
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    return backend.dovecot(PASSDB, login), backend.dovecot(DENY, login), backend.dovecot(USERDB, login)
+
+
+def test_happy_path_and_what_dovecot_sees_at_each_step(backend: Backend, store: SqlStore) -> None:
+    a = "alice@example.org"
+    assert views(backend, a) == ([], [], [])
+
+    acc = store.transition(a, State.COPYING, expect=None, reason="login verified on legacy")
+    assert acc.state is State.COPYING and acc.logins == (a,) and not acc.has_password
+    store.set_password_hash(a, HASH)
+    store.add_login(a, "ALICE")
+    assert views(backend, a) == ([], [], [(a,)])
+    assert views(backend, "alice") == ([], [], [(a,)])
+
+    store.transition(a, State.CUTOVER, expect=State.COPYING)
+    assert views(backend, a) == ([], [], [(a,)])
+    assert store.get(a).migrated_at is None  # type: ignore[union-attr]
+
+    acc = store.transition(a, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
+    assert acc.migrated_at is not None and acc.has_password
+    for login in (a, "alice"):
+        assert views(backend, login) == ([(a, HASH)], [("Y",)], [(a,)])
+    assert views(backend, "bob") == ([], [], [])
+
+    # migrated without a hash (bulk migration, password never seen): denied, never a passdb row
+    b = "bob@example.org"
+    for st in (State.DISCOVERED, State.COPYING, State.CUTOVER, State.MIGRATED):
+        store.transition(b, st)
+    assert views(backend, b) == ([], [("Y",)], [(b,)])
+    assert backend.dovecot(ITERATE) == [(a,), (b,)]
+
+    details = [e.detail for e in reversed(store.events(a)) if e.kind == "transition"]
+    assert details == [
+        "(none) -> copying: login verified on legacy",
+        "copying -> cutover",
+        "cutover -> migrated: final delta done",
+    ]
+    assert store.find_by_login("Alice") == store.get(a)
+    assert store.summary() == {"discovered": 0, "copying": 0, "cutover": 0, "migrated": 2, "failed": 0}
+
+
+ILLEGAL: list[tuple[list[State], State]] = [
+    ([], State.CUTOVER),
+    ([], State.MIGRATED),
+    ([], State.FAILED),
+    ([State.DISCOVERED], State.CUTOVER),
+    ([State.DISCOVERED], State.DISCOVERED),
+    ([State.COPYING], State.MIGRATED),
+    ([State.COPYING], State.COPYING),
+    ([State.COPYING], State.DISCOVERED),
+    ([State.COPYING, State.CUTOVER], State.COPYING),
+    ([State.COPYING, State.CUTOVER, State.MIGRATED], State.COPYING),
+    ([State.COPYING, State.CUTOVER, State.MIGRATED], State.FAILED),
+    ([State.COPYING, State.FAILED], State.MIGRATED),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "new"), ILLEGAL, ids=lambda v: "-".join(s.value for s in v) if isinstance(v, list) else v.value
+)
+def test_illegal_transition_raises_and_changes_nothing(
+    store: SqlStore, path: list[State], new: State
+) -> None:
+    a = "carol@example.org"
+    for st in path:
+        store.transition(a, st)
+    before, events = store.get(a), store.events(a)
+    with pytest.raises(IllegalTransition) as info:
+        store.transition(a, new)
+    assert info.value.new is new
+    assert store.get(a) == before
+    assert store.events(a) == events
+
+
+def test_expect_mismatch_is_a_conflict(store: SqlStore) -> None:
+    a = "dave@example.org"
+    store.transition(a, State.DISCOVERED)
+    with pytest.raises(Conflict):
+        store.transition(a, State.COPYING, expect=None)
+    with pytest.raises(Conflict):
+        store.transition(a, State.COPYING, expect=State.FAILED)
+    assert store.state_of(a) is State.DISCOVERED
+    assert store.transition(a, State.COPYING, expect=State.DISCOVERED).state is State.COPYING
+
+
+def test_thirty_threads_creating_the_same_account_one_wins(backend: Backend, store: SqlStore) -> None:
+    nodes = [store, backend.open()]  # two "nodes", fifteen threads each
+    a = "race@example.org"
+    results = run_threads(30, lambda i: nodes[i % 2].transition(a, State.COPYING, reason=f"thread {i}"))
+    winners = [r for r in results if not isinstance(r, Exception)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, IllegalTransition | Conflict) for r in results if r not in winners), results
+    assert [e.kind for e in store.events(a)] == ["transition"]
+    assert store.state_of(a) is State.COPYING
+
+
+def test_thirty_threads_moving_the_same_account_one_wins(backend: Backend, store: SqlStore) -> None:
+    nodes = [store, backend.open()]
+    a = "move@example.org"
+    store.transition(a, State.COPYING)
+    results = run_threads(30, lambda i: nodes[i % 2].transition(a, State.CUTOVER, expect=State.COPYING))
+    winners = [r for r in results if not isinstance(r, Exception)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if r not in winners), results
+    assert len(store.events(a)) == 2
+
+
+def test_summary_counts_every_state(store: SqlStore) -> None:
+    assert store.summary() == {s.value: 0 for s in State}
+    paths = {
+        "d@x.org": [State.DISCOVERED],
+        "c@x.org": [State.COPYING],
+        "c2@x.org": [State.DISCOVERED, State.COPYING],
+        "u@x.org": [State.COPYING, State.CUTOVER],
+        "m@x.org": [State.COPYING, State.CUTOVER, State.MIGRATED],
+        "f@x.org": [State.COPYING, State.FAILED],
+    }
+    for address, path in paths.items():
+        for st in path:
+            store.transition(address, st)
+    assert store.summary() == {"discovered": 1, "copying": 2, "cutover": 1, "migrated": 1, "failed": 1}
+    assert [a.address for a in store.accounts(State.COPYING)] == ["c2@x.org", "c@x.org"]
+    assert len(list(store.accounts())) == 6
+
+
+# --- account details ----------------------------------------------------------------------------------------
+def test_logins_progress_errors(backend: Backend, store: SqlStore) -> None:
+    a, b = "erin@example.org", "frank@example.org"
+    store.transition(a, State.COPYING)
+    store.transition(b, State.DISCOVERED)
+    store.add_login(a, "Erin")
+    store.add_login(a, "erin")  # idempotent
+    with pytest.raises(Conflict):
+        store.add_login(b, "ERIN")
+    assert store.get(a).logins == ("erin", a)  # type: ignore[union-attr]
+    assert store.find_by_login("erin").address == a  # type: ignore[union-attr]
+    assert store.find_by_login("nobody") is None
+    assert backend.dovecot(USERDB, "erin") == [(a,)]
+
+    store.set_progress(a, total=10, copied=4, bytes_copied=4096)
+    store.set_progress(a, copied=7)
+    store.set_error(a, "legacy closed the connection")
+    store.touch_login(a)
+    acc = store.get(a)
+    assert acc is not None
+    assert (acc.messages_total, acc.messages_copied, acc.bytes_copied) == (10, 7, 4096)
+    assert (acc.attempts, acc.last_error) == (1, "legacy closed the connection")
+    assert acc.last_login_at is not None
+    store.set_error(a, "")
+    assert store.get(a).last_error == ""  # type: ignore[union-attr]
+
+    for call in (
+        lambda: store.set_password_hash("ghost@example.org", HASH),
+        lambda: store.add_login("ghost@example.org", "ghost"),
+        lambda: store.set_progress("ghost@example.org", total=1),
+        lambda: store.enqueue("ghost@example.org"),
+    ):
+        with pytest.raises(UnknownAccount):
+            call()
+    with pytest.raises(ValueError, match="SCHEME"):
+        store.set_password_hash(a, "$argon2id$v=19$no-prefix")
+    assert store.get("ghost@example.org") is None and store.state_of("ghost@example.org") is None
+
+
+def test_events_message_log_and_folder_marks(store: SqlStore) -> None:
+    a = "gina@example.org"
+    store.transition(a, State.COPYING)
+    store.record_event(a, "retry", "attempt 2")
+    store.record_event("other@example.org", "sweep-hit", "1 message")
+    assert [e.kind for e in store.events(a)] == ["retry", "transition"]
+    assert len(store.events()) == 3 and len(store.events(limit=1)) == 1
+
+    recs = [
+        MessageRecord("Q1", a, "s@x.org", "<1@x>", "smtp:[legacy]:25", 100, auto_submitted="auto-replied"),
+        MessageRecord("Q2", a, "s@x.org", "<2@x>", "lmtp", 200, from_legacy=True, at=5.0),
+        MessageRecord("Q2", "h@example.org", "s@x.org", "<2@x>", "retry", 200),
+    ]
+    store.log_messages(recs)
+    store.log_messages([])
+    got = store.message_log(a)
+    assert [r.queue_id for r in got] == ["Q2", "Q1"]
+    assert got[0] == recs[1]
+    assert got[1].auto_submitted == "auto-replied" and got[1].at > 0 and got[1].from_legacy is False
+    assert len(store.message_log()) == 3
+
+    assert store.folder_marks(a) == {}
+    store.set_folder_mark(a, FolderMark("INBOX", 1234, 10, 10))
+    store.set_folder_mark(a, FolderMark("INBOX", 1234, 20, 19))
+    store.set_folder_mark(a, FolderMark("Sent Items", 99, 3, 3))
+    assert store.folder_marks(a) == {
+        "INBOX": FolderMark("INBOX", 1234, 20, 19),
+        "Sent Items": FolderMark("Sent Items", 99, 3, 3),
+    }
+    store.clear_folder_marks(a, "INBOX")
+    assert list(store.folder_marks(a)) == ["Sent Items"]
+    store.clear_folder_marks(a)
+    assert store.folder_marks(a) == {}
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+def test_thirty_threads_enqueueing_the_same_job_make_one(backend: Backend, store: SqlStore) -> None:
+    nodes = [store, backend.open()]
+    a = "henry@example.org"
+    store.transition(a, State.COPYING)
+    results = run_threads(30, lambda i: nodes[i % 2].enqueue(a, "copy"))
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert len({r.id for r in results}) == 1
+    assert len(store.jobs(a)) == 1
+    store.enqueue(a, "sweep")
+    assert sorted(j.kind for j in store.jobs(a)) == ["copy", "sweep"]
+
+
+def test_two_owners_never_lease_the_same_job(backend: Backend, store: SqlStore) -> None:
+    nodes = [store, backend.open()]
+    addresses = [f"user{i}@example.org" for i in range(20)]
+    for a in addresses:
+        store.transition(a, State.COPYING)
+        store.enqueue(a)
+    taken: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        owner = f"node{i % 2}-t{i}"
+        while (job := nodes[i % 2].lease(owner)) is not None:
+            with lock:
+                taken.append((owner, job.id))
+            time.sleep(0.005)  # "work", so that every thread gets its turn
+
+    run_threads(8, worker)
+    ids = [j for _, j in taken]
+    assert sorted(ids) == sorted(j.id for j in store.jobs())
+    assert len(ids) == len(set(ids)) == 20
+    assert {j.status for j in store.jobs()} == {"leased"}
+    assert len({o for o, _ in taken}) > 1
+
+
+def test_expired_lease_is_taken_over_and_the_old_owner_loses_it(backend: Backend) -> None:
+    clock = Clock()
+    s = backend.open(clock=clock)
+    s.init()
+    a = "ivy@example.org"
+    s.transition(a, State.COPYING)
+    job = s.enqueue(a)
+    assert s.enqueue(a) == job
+
+    mine = s.lease("node-a", seconds=60)
+    assert mine is not None and mine.id == job.id and mine.lease_owner == "node-a" and mine.attempts == 1
+    assert s.lease("node-b", seconds=60) is None
+    clock.now += 30
+    assert s.renew(job.id, "node-a", seconds=60)
+    assert not s.renew(job.id, "node-b")
+    clock.now += 59
+    assert s.lease("node-b") is None  # renewed: not expired yet
+    clock.now += 2
+    theirs = s.lease("node-b", seconds=60)
+    assert (
+        theirs is not None and theirs.id == job.id and theirs.lease_owner == "node-b" and theirs.attempts == 2
+    )
+    assert not s.renew(job.id, "node-a")
+    with pytest.raises(Conflict):
+        s.finish(job.id, "node-a")
+    s.finish(job.id, "node-b")
+    assert [j.status for j in s.jobs(a)] == ["done"]
+    assert s.enqueue(a).id != job.id  # a finished job does not block a new one
+
+
+def test_finish_retry_and_failure(backend: Backend) -> None:
+    clock = Clock()
+    s = backend.open(clock=clock)
+    s.init()
+    a = "jack@example.org"
+    s.transition(a, State.COPYING)
+    job = s.enqueue(a, not_before=clock.now + 10)
+    assert s.lease("n") is None  # not due yet
+    clock.now += 10
+    assert s.lease("n") is not None
+    s.finish(job.id, "n", error="legacy timed out", retry_at=clock.now + 300)
+    (j,) = s.jobs(a)
+    assert (j.status, j.last_error, j.not_before, j.lease_owner) == (
+        "queued",
+        "legacy timed out",
+        clock.now + 300,
+        "",
+    )
+    assert s.enqueue(a).id == job.id  # still the open job
+    assert s.lease("n") is None
+    clock.now += 301
+    again = s.lease("n", kinds=("sweep", "copy"))
+    assert again is not None and again.attempts == 2
+    assert s.lease("n", kinds=("sweep",)) is None
+    s.finish(job.id, "n", error="mailbox too large")
+    assert [j.status for j in s.jobs(a)] == ["failed"]
+
+
+# --- SQLite specifics ---------------------------------------------------------------------------------------
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the dovecot user can reach (pytest's tmp_path is 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="autoport-store-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_dovecot_sqlite3(db: Path, query: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["runuser", "-u", "dovecot", "--", "sqlite3", "-batch", str(db), query],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+    )
+
+
+def test_sqlite_files_are_readable_by_dovecot_while_open_in_wal_mode(shared_dir: Path) -> None:
+    db = shared_dir / "store" / "state.db"
+    s = open_store(f"sqlite:///{db}", dovecot_group="dovecot")
+    try:
+        s.init()
+        a = "kim@example.org"
+        for st in (State.COPYING, State.CUTOVER, State.MIGRATED):
+            s.transition(a, st)
+        s.set_password_hash(a, HASH)
+
+        gid = grp.getgrnam("dovecot").gr_gid
+        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o2770 and db.parent.stat().st_gid == gid
+        for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+            st = f.stat()
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), f
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+        p = as_dovecot_sqlite3(db, f"SELECT \"user\", password FROM dovecot_passdb WHERE login = '{a}'")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == f"{a}|{HASH}"
+        # a write after the reader came and went is visible too (from the WAL, not checkpointed)
+        s.add_login(a, "kim")
+        p = as_dovecot_sqlite3(db, "SELECT \"user\" FROM dovecot_userdb WHERE login = 'kim'")
+        assert p.stdout.strip() == a, p.stderr
+    finally:
+        s.close()
+    # with the store closed (no -wal/-shm left) Dovecot still reads: it may create them in the 2770 directory
+    assert not Path(f"{db}-shm").exists()
+    p = as_dovecot_sqlite3(db, "SELECT login FROM dovecot_deny ORDER BY login")
+    assert (p.returncode, p.stdout.split()) == (0, ["kim", a]), p.stderr
+
+
+def test_sqlite_init_repairs_the_empty_root_only_file_dovecot_leaves(shared_dir: Path) -> None:
+    # DESIGN.md: Dovecot's sqlite driver creates an empty 0600 database when the file is missing
+    db = shared_dir / "state.db"
+    db.touch(0o600)
+    inode = db.stat().st_ino
+    s = open_store(f"sqlite:///{db}")
+    try:
+        s.init()
+        st = db.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_ino) == (
+            0o660,
+            grp.getgrnam("dovecot").gr_gid,
+            inode,
+        )
+        assert s.summary()["migrated"] == 0
+    finally:
+        s.close()
+
+
+def test_sqlite_store_is_not_created_by_a_plain_open(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    s = open_store(f"sqlite:///{db}")
+    try:
+        assert s.schema_version() == 0
+        with pytest.raises(StoreUnavailable, match="unable to open"):
+            s.get("x@example.org")
+        assert not db.exists()
+    finally:
+        s.close()
+
+
+def test_sqlite_locked_or_gone_is_unavailable(tmp_path: Path) -> None:
+    db = tmp_path / "d" / "state.db"
+    s = SqliteStore(str(db), busy_timeout=0.2)
+    s.init()
+    s.transition("lee@example.org", State.COPYING)
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable, match="locked"):
+            s.transition("lee@example.org", State.CUTOVER)
+        other.execute("ROLLBACK")
+        assert s.state_of("lee@example.org") is State.COPYING
+    finally:
+        other.close()
+
+    shutil.rmtree(db.parent)
+    # a thread that has no connection yet (the daemon's next worker) cannot open the file
+    (result,) = run_threads(1, lambda i: s.state_of("lee@example.org"))
+    assert isinstance(result, StoreUnavailable), result
+    s.close()
+
+
+# --- PostgreSQL specifics -----------------------------------------------------------------------------------
+@pytest.mark.postgres
+def test_postgres_grants_the_views_to_the_dovecot_role(pg_cluster: PgCluster) -> None:
+    import psycopg
+
+    pg_cluster.create_role("dovecot_ro")
+    url = pg_cluster.create_database()
+    s = open_store(url, dovecot_role="dovecot_ro")
+    try:
+        s.init()
+        a = "mia@example.org"
+        for st in (State.COPYING, State.CUTOVER, State.MIGRATED):
+            s.transition(a, st)
+        s.set_password_hash(a, HASH)
+        ro_url = url.replace("postgres@", "dovecot_ro@")
+        with psycopg.connect(ro_url, autocommit=True) as conn:
+            q = PASSDB.replace("?", "%s")
+            assert conn.execute(q, (a,)).fetchall() == [(a, HASH)]
+            assert conn.execute(DENY.replace("?", "%s"), (a,)).fetchall() == [("Y",)]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT password_hash FROM accounts")
+        # a role that does not exist is skipped, not an error
+        s2 = open_store(url, dovecot_role="no_such_role")
+        assert s2.init() == 1
+        s2.close()
+    finally:
+        s.close()
+        pg_cluster.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.mark.postgres
+def test_postgres_down_is_unavailable_and_recovers() -> None:
+    with PgCluster() as pg:
+        s = open_store(pg.url())
+        try:
+            s.init()
+            s.transition("ned@example.org", State.COPYING)
+            pg.stop()
+            with pytest.raises(StoreUnavailable) as info:
+                s.state_of("ned@example.org")
+            assert info.value.__cause__ is None and info.value.__suppress_context__
+            with pytest.raises(StoreUnavailable):
+                s.state_of("ned@example.org")  # reconnecting fails too
+            pg.start()
+            assert s.state_of("ned@example.org") is State.COPYING
+        finally:
+            s.close()
+
+
+@pytest.mark.postgres
+def test_postgres_unavailable_message_never_shows_the_password() -> None:
+    secret = "Sup3rSecretPw"
+    s = open_store(f"postgresql://autoport:{secret}@127.0.0.1:{free_port()}/autoport")
+    with pytest.raises(StoreUnavailable) as info:
+        s.schema_version()
+    s.close()
+    assert secret not in str(info.value) and secret not in repr(info.value)
+    assert "127.0.0.1" in str(info.value)
+    assert secret not in repr(s)
+
+
+def test_open_store_rejects_unknown_schemes_without_echoing_the_url() -> None:
+    with pytest.raises(ValueError) as info:
+        open_store("mysql://root:hunter2@db/x")
+    assert "hunter2" not in str(info.value)
