@@ -1,0 +1,360 @@
+"""The message-log milter: one MessageRecord per accepted recipient, written to the store (pymilter).
+
+It only records. Whatever goes wrong here (a bad header, a slow or broken store, a full queue, a bug) the
+message goes through: every callback answers CONTINUE (ACCEPT at end of message), pymilter's exception policy
+is CONTINUE instead of its default TEMPFAIL, and what could not be recorded is counted in
+``MilterStats.dropped``. Records go to a bounded queue drained by one writer thread in batches
+(store.log_messages), so a slow store never stalls Postfix's milter conversation.
+
+Postfix settings this milter needs (main.cf; Postfix's default macro lists already carry what we read):
+
+    smtpd_milters = inet:127.0.0.1:8891            # cfg.sockets.milter, same notation
+    non_smtpd_milters = $smtpd_milters             # optional: also log locally submitted mail
+    milter_default_action = accept                 # milter down or timing out: mail still flows
+    milter_protocol = 6
+    milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr}
+    milter_mail_macros = i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}
+    milter_rcpt_macros = i {rcpt_addr} {rcpt_host} {rcpt_mailer}
+    milter_end_of_data_macros = i
+
+The last four equal Postfix 3.7's defaults (apart from {client_addr}, added as a fallback for the connect
+address); write them out anyway so a site-wide override cannot silently take the routing macros away.
+{rcpt_mailer}/{rcpt_host} are the transport and nexthop Postfix resolved for the recipient (through our
+socketmap), i.e. the route: ``legacy:[192.0.2.25]:25``, ``lmtp:private/dovecot-lmtp``, ``retry``, ``error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import time
+from typing import Any
+
+import Milter
+
+from sidecar.config import Config
+from sidecar.store.base import MessageRecord, Store
+
+log = logging.getLogger("autoport.milter")
+
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+
+MILTER_NAME = "autoport"
+MILTER_TIMEOUT = 30  # seconds libmilter waits on Postfix
+QUEUE_MAX = 10_000  # records waiting for the store; beyond that they are dropped (and counted)
+BATCH_MAX = 500  # records per store.log_messages call
+MAX_HEADER_VALUE = 998  # RFC 5322 line limit; longer values are cut
+MAX_RECIPIENTS = 1000  # per message (Postfix's smtpd_recipient_limit default)
+BARE_ROUTES = ("retry", "error", "discard")  # their "host" is a reason text, not a nexthop
+HEADERS = {"message-id": "message_id", "auto-submitted": "auto_submitted", "precedence": "precedence",
+           "list-id": "list_id"}  # fmt: skip
+
+
+class MilterStats:
+    """Counters for health and metrics (read from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.messages = 0  # messages seen at end of message
+        self.records = 0  # records written to the store
+        self.dropped = 0  # records lost: queue full, store error, or a fault in the milter itself
+        self.errors = 0  # callbacks that raised (the message still went through)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"messages": self.messages, "records": self.records, "dropped": self.dropped,
+                    "errors": self.errors}  # fmt: skip
+
+
+class RecordWriter:
+    """A bounded queue of MessageRecords and the thread that writes them to the store in batches."""
+
+    def __init__(self, store: Store, stats: MilterStats, *, maxsize: int = QUEUE_MAX) -> None:
+        self.store = store
+        self.stats = stats
+        self.queue: queue.Queue[MessageRecord | None] = queue.Queue(maxsize)
+        self.thread = threading.Thread(target=self._run, name="milter-writer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def put(self, records: list[MessageRecord]) -> None:
+        """Queue records without ever blocking; what does not fit is dropped and counted."""
+        for i, record in enumerate(records):
+            try:
+                self.queue.put_nowait(record)
+            except queue.Full:
+                lost = len(records) - i
+                self.stats.add(dropped=lost)
+                log.warning("milter: record queue full, %d record(s) dropped", lost)
+                return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for up to timeout seconds), then end the thread."""
+        if not self.thread.is_alive():
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.queue.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    return
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            done = False
+            while len(batch) < BATCH_MAX:
+                try:
+                    record = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if record is None:
+                    done = True
+                    break
+                batch.append(record)
+            try:
+                self.store.log_messages(batch)
+            except Exception as e:
+                self.stats.add(dropped=len(batch))
+                log.warning("milter: %d record(s) dropped, the store refused them: %s", len(batch), e)
+            else:
+                self.stats.add(records=len(batch))
+            if done:
+                return
+
+
+def _unbracket(address: str) -> str:
+    a = address.strip()
+    if a.startswith("<") and a.endswith(">"):
+        a = a[1:-1]
+    return a
+
+
+class _Shared:
+    """What every connection's milter object uses: config-derived values, the writer, the counters."""
+
+    def __init__(self, cfg: Config, writer: RecordWriter, stats: MilterStats) -> None:
+        self.lowercase = cfg.mail.lowercase
+        self.legacy_addrs = legacy_addresses(cfg.legacy.host)
+        self.writer = writer
+        self.stats = stats
+
+
+def legacy_addresses(host: str) -> frozenset[str]:
+    """The legacy server's address(es): the configured value and, for a name, what it resolves to now."""
+    addrs = {host.strip("[]")}
+    with contextlib.suppress(OSError, UnicodeError):
+        for info in socket.getaddrinfo(host.strip("[]"), None, proto=socket.IPPROTO_TCP):
+            addrs.add(str(info[4][0]))
+    return frozenset(addrs)
+
+
+class MessageLogMilter(Milter.Base):  # type: ignore[misc]
+    """One instance per SMTP connection (libmilter thread)."""
+
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.client_addr = ""
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.auth_user = ""
+        self.rcpts: list[tuple[str, str]] = []  # (recipient, route)
+        self.fields: dict[str, str] = {}
+        self.size = 0
+        self.in_message = False
+
+    def _fault(self, where: str) -> None:
+        self.shared.stats.add(errors=1)
+        log.exception("milter: error in %s; the message goes through unrecorded or partly recorded", where)
+
+    def _macro(self, name: str) -> str:
+        value = self.getsymval(name)
+        if value is None:
+            return ""
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return str(value)[:MAX_HEADER_VALUE]
+
+    # --- callbacks: each returns CONTINUE (ACCEPT at end of message), whatever happens -------------------
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+                # libmilter gives (ip, port[, flow, scope]); some harnesses give the bare ip
+                self.client_addr = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
+            else:  # AF_UNIX (local submission), or unknown
+                self.client_addr = self._macro("{client_addr}")
+        except Exception:
+            self._fault("connect")
+        return CONTINUE
+
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        try:
+            self._reset()
+            self.in_message = True
+            self.sender = _unbracket(mailfrom)[:MAX_HEADER_VALUE]
+            self.auth_user = self._macro("{auth_authen}")
+            if not self.client_addr:
+                self.client_addr = self._macro("{client_addr}")
+        except Exception:
+            self._fault("envfrom")
+        return CONTINUE
+
+    def envrcpt(self, to: str, *params: str) -> int:
+        try:
+            if len(self.rcpts) < MAX_RECIPIENTS:
+                rcpt = _unbracket(to)
+                if self.shared.lowercase:
+                    rcpt = rcpt.lower()
+                self.rcpts.append((rcpt[:MAX_HEADER_VALUE], self._route()))
+        except Exception:
+            self._fault("envrcpt")
+        return CONTINUE
+
+    def _route(self) -> str:
+        mailer = self._macro("{rcpt_mailer}")
+        host = self._macro("{rcpt_host}")
+        if not host or mailer in BARE_ROUTES:
+            return mailer
+        return f"{mailer}:{host}"
+
+    def header(self, field: str, value: str) -> int:
+        try:
+            self.size += len(field) + len(value) + 4  # "Field: value\r\n"
+            attr = HEADERS.get(field.lower())
+            if attr is not None and attr not in self.fields:
+                self.fields[attr] = " ".join(str(value).split())[:MAX_HEADER_VALUE]
+        except Exception:
+            self._fault("header")
+        return CONTINUE
+
+    def eoh(self) -> int:
+        self.size += 2  # the empty line
+        return CONTINUE
+
+    def body(self, chunk: bytes) -> int:
+        self.size += len(chunk)
+        return CONTINUE
+
+    def eom(self) -> int:
+        try:
+            self.shared.stats.add(messages=1)
+            records = self._records()
+            self.shared.writer.put(records)
+        except Exception:
+            self._fault("eom")
+            self.shared.stats.add(dropped=len(self.rcpts))
+        finally:
+            self._reset()
+        return ACCEPT
+
+    def abort(self) -> int:
+        self._reset()
+        return CONTINUE
+
+    def close(self) -> int:
+        return CONTINUE
+
+    def _records(self) -> list[MessageRecord]:
+        queue_id = self._macro("i")
+        now = time.time()
+        from_legacy = self.client_addr in self.shared.legacy_addrs
+        return [
+            MessageRecord(
+                queue_id=queue_id,
+                recipient=rcpt,
+                sender=self.sender,
+                message_id=self.fields.get("message_id", ""),
+                route=route,
+                size=self.size,
+                auto_submitted=self.fields.get("auto_submitted", ""),
+                precedence=self.fields.get("precedence", ""),
+                list_id=self.fields.get("list_id", ""),
+                client_addr=self.client_addr,
+                auth_user=self.auth_user,
+                from_legacy=from_legacy,
+                at=now,
+            )
+            for rcpt, route in self.rcpts
+        ]
+
+
+def libmilter_address(address: str) -> str:
+    """Postfix's notation (inet:HOST:PORT, inet:[v6]:PORT, unix:PATH, /PATH) -> libmilter's."""
+    if address.startswith("/"):
+        return f"unix:{address}"
+    kind, _, rest = address.partition(":")
+    if kind in ("unix", "local") and rest.startswith("/"):
+        return f"unix:{rest}"
+    if kind == "inet":
+        host, _, port = rest.rpartition(":")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            if host.startswith("[") and host.endswith("]"):
+                return f"inet6:{port}@{host[1:-1]}"
+            if ":" in host:
+                return f"inet6:{port}@{host}"
+            return f"inet:{port}@{host}"
+    raise ValueError(f"milter address must be inet:HOST:PORT or unix:/PATH, not {address!r}")
+
+
+# libmilter is process-global and runs once per process: after smfi_stop() a second smfi_main() returns at
+# once (measured with pymilter 1.0.5 / libmilter 8.17), so `autoport serve` runs one milter for its lifetime.
+_running = threading.Lock()
+stats = MilterStats()  # the counters of the milter running in this process
+
+
+def run_milter(
+    cfg: Config, store: Store, stop_event: threading.Event, *, milter_stats: MilterStats | None = None
+) -> MilterStats:
+    """Serve the milter on cfg.sockets.milter in the calling thread until stop_event is set (or stop_milter()).
+
+    Returns the counters. Raises ValueError for a bad address, milter.error when libmilter cannot listen.
+    """
+    address = libmilter_address(cfg.sockets.milter)
+    if not _running.acquire(blocking=False):
+        raise RuntimeError("a milter is already running in this process")
+    counters = milter_stats or stats
+    writer = RecordWriter(store, counters)
+    shared = _Shared(cfg, writer, counters)
+    writer.start()
+
+    def watch() -> None:
+        stop_event.wait()
+        Milter.stop()
+
+    watcher = threading.Thread(target=watch, name="milter-stop", daemon=True)
+    try:
+        Milter.factory = lambda: MessageLogMilter(shared)
+        Milter.set_exception_policy(CONTINUE)
+        watcher.start()
+        log.info("milter listening on %s (%s)", cfg.sockets.milter, address)
+        Milter.runmilter(MILTER_NAME, address, MILTER_TIMEOUT)
+    finally:
+        stop_event.set()
+        writer.stop()
+        _running.release()
+        log.info("milter stopped: %s", counters.snapshot())
+    return counters
+
+
+def stop_milter() -> None:
+    """Ask a running milter to stop (libmilter smfi_stop); run_milter() then returns."""
+    with contextlib.suppress(Exception):
+        Milter.stop()
