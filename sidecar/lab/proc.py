@@ -19,6 +19,16 @@ from typing import Any
 
 STATE_FILE = "lab-state.json"
 
+# Popen objects of the daemons spawn() started, kept until stop_pid(): dropping one while its process runs
+# makes Python warn (ResourceWarning "subprocess N is still running"), an error under filterwarnings=error.
+_SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _forget(pid: int) -> None:
+    p = _SPAWNED.pop(pid, None)
+    if p is not None:
+        p.poll()  # records the exit status (an already reaped child counts as exited): no warning
+
 
 class LabError(Exception):
     """Something in the lab failed to start or stop; the message says what and where its log is."""
@@ -91,6 +101,7 @@ def spawn(argv: Sequence[str], log: Path, *, env: dict[str, str] | None = None, 
             cwd=cwd,
             start_new_session=True,
         )
+    _SPAWNED[p.pid] = p
     return p.pid
 
 
@@ -105,6 +116,7 @@ def run(argv: Sequence[str], *, what: str = "", env: dict[str, str] | None = Non
 def stop_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM a process (and its process group when it leads one), SIGKILL after timeout."""
     if not pid_alive(pid):
+        _forget(pid)
         return
     try:
         pgid = os.getpgid(pid)
@@ -129,6 +141,37 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
                 os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, 0)
+    _forget(pid)
+    if pgid == pid:
+        # children of a group leader (Dovecot's and Postfix's workers) may outlive it for a moment
+        deadline = time.monotonic() + timeout
+        while _group_alive(pgid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # only zombies left (reaped by init soon) count as gone
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(") ", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def load_state(lab_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,518 @@
+"""The lab's legacy mail server: a Dovecot + Postfix pair on loopback standing in for Exchange, Courier, Cyrus...
+
+    srv = start_legacy(lab_dir, host="127.0.0.2", profile="dovecot", users=5, seed=1)
+    srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.smtp, srv.submission, srv.sieve, srv.lmtp   # ports on srv.host
+    srv.users[0].login, srv.users[0].password     # alice@example.test (or alice with bare_logins=True)
+    srv.admin_user, srv.admin_password            # master login: "alice@example.test*admin", or SASL PLAIN
+                                                  #   authzid=user authcid=admin
+    srv.ca_file, srv.tls_name                     # verify TLS against the lab CA for "legacy.lab.test"
+    srv.plan(srv.users[0])                        # the user's MailboxPlan: what the mailbox holds (mailgen.py)
+    restart_legacy_component(lab_dir, "legacy-dovecot")    # or "legacy-postfix"; returns the new pid
+    stop_legacy(lab_dir)                          # stops the recorded pids; nothing is left running
+    load_legacy(lab_dir)                          # the LegacyServer saved in lab-state.json (key "legacy")
+
+Profiles (the namespace a client sees):
+- "dovecot": Maildir, INBOX namespace prefix "" separator "/" (folders "Archive/2023"); POP3 UIDL is Dovecot's
+  default %08Xu%08Xv;
+- "courier-style": prefix "INBOX." separator "." (folders "INBOX.Archive.2023"); POP3 UIDL is the Maildir base
+  file name (%f), as Courier does.
+
+Services: IMAP (STARTTLS) + IMAPS, POP3 (STARTTLS) + POP3S, ManageSieve, LMTP (for its Postfix), all on free
+ports of `host`; SMTP (mail for the users; unknown users get 550 5.1.1 at RCPT; delivered by LMTP; XCLIENT
+allowed from 127.0.0.0/8) and submission (SMTP AUTH through Dovecot SASL, STARTTLS offered, AUTH allowed without
+TLS like IMAP). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by `vmail`. Even-numbered users
+(alice, carol, erin, ...) have Sieve scripts, "filters" active and "vacation" inactive.
+
+Files: everything under lab_dir/legacy/ (dovecot.conf, users, postfix/ config, postfix-queue/, mail/<login>/,
+mailboxes.json: per login and folder the UIDVALIDITY, UIDNEXT, subscription and [uid, Message-ID, flags,
+INTERNALDATE, size] of every message written, for tests that compare a migrated mailbox),
+logs in lab_dir/logs/legacy-dovecot.log and legacy-postfix.log, the lab CA in lab_dir/tls/. Postfix does not need
+/etc/postfix/main.cf for `postfix -c DIR` (checked on Postfix 3.7), so none is created. Postfix sleeps while
+main.cf or a table is younger than 2 s (300 ms steps, against half-written files): our files are written atomically
+and dated back, which took the start from 2.8 s to 0.8 s.
+
+TLS: the certificate names legacy.lab.test only, no IP address, like a real server that moved to a new address:
+clients connect to `host` and verify `tls_name` against `ca_file`.
+
+Dovecot's default auth failure delay (2 s) and penalty stay on, as on a real legacy server: after a failed login,
+later logins from the same client address are slowed too. Tests send failing attempts from another 127.0.0.x.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from sidecar.lab import mailgen, proc, tlsgen
+from sidecar.lab.proc import LabError
+
+PROFILES = ("dovecot", "courier-style")
+TLS_NAME = "legacy.lab.test"
+ADMIN_USER = "admin"
+DOVECOT = "legacy-dovecot"
+POSTFIX = "legacy-postfix"
+COMPONENTS = (DOVECOT, POSTFIX)
+STATE_KEY = "legacy"
+_NAMES = (
+    "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
+    "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "wendy",
+)  # fmt: skip
+_SOCKET_ROOM = 40  # longest socket name Dovecot makes under base_dir, with margin; sun_path holds 107 bytes
+_PW_ALPHABET = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+@dataclass
+class LegacyUser:
+    address: str  # alice@example.test
+    login: str  # what the user types on the legacy server: address, or bare local part with bare_logins
+    password: str  # generated from the seed; lab records only
+    sieve: bool  # has Sieve scripts ("filters" active, "vacation" inactive)
+
+
+@dataclass
+class LegacyServer:
+    dir: Path  # lab_dir/legacy
+    host: str
+    imap: int
+    imaps: int
+    pop3: int
+    pop3s: int
+    smtp: int
+    submission: int
+    sieve: int
+    lmtp: int
+    admin_user: str
+    admin_password: str
+    users: list[LegacyUser]
+    profile: str
+    ca_file: Path
+    tls_name: str
+    pids: dict[str, int]  # "legacy-dovecot", "legacy-postfix"
+    domain: str = "example.test"
+    seed: int = 1
+    messages_per_user: int | None = None
+    bare_logins: bool = False
+    ns_prefix: str = ""
+    ns_sep: str = "/"
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dir"] = str(self.dir)
+        d["ca_file"] = str(self.ca_file)
+        d["logs"] = {k: str(v) for k, v in self.logs.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LegacyServer:
+        d = dict(d)
+        d["dir"] = Path(d["dir"])
+        d["ca_file"] = Path(d["ca_file"])
+        d["logs"] = {k: Path(v) for k, v in d.get("logs", {}).items()}
+        d["users"] = [LegacyUser(**u) for u in d["users"]]
+        return cls(**d)
+
+    def user(self, name: str) -> LegacyUser:
+        """A user by address, login or local part."""
+        for u in self.users:
+            if name in (u.address, u.login, u.address.split("@", 1)[0]):
+                return u
+        raise KeyError(name)
+
+    def plan(self, user: LegacyUser) -> mailgen.MailboxPlan:
+        """What the user's mailbox was filled with (regenerated from the seed)."""
+        return mailgen.MailboxPlan.make(user.address, self.seed, self.messages_per_user)
+
+    def folder_name(self, parts: tuple[str, ...]) -> str:
+        """A folder's IMAP name (Unicode) on this server: ("Archive", "2023") -> "Archive/2023" or
+        "INBOX.Archive.2023"."""
+        return "INBOX" if not parts else self.ns_prefix + self.ns_sep.join(parts)
+
+
+def _ns(profile: str) -> tuple[str, str, str]:
+    """(namespace prefix, separator, pop3_uidl_format) of a profile."""
+    if profile == "dovecot":
+        return "", "/", "%08Xu%08Xv"
+    if profile == "courier-style":
+        return "INBOX.", ".", "%f"
+    raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(PROFILES)})")
+
+
+def make_traversable(path: Path) -> None:
+    """Let the dovecot, dovenull and postfix users reach sockets and files under path.
+
+    path itself gets mode 0755; its ancestors below /tmp get o+x (pytest makes them 0700). An ancestor
+    elsewhere that others cannot traverse is an error naming it.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o755)  # noqa: S103 - daemons running as other users must traverse it
+    tmp = Path("/tmp")  # noqa: S108 - only to recognise pytest's private temporary directories
+    for parent in path.resolve().parents:
+        mode = parent.stat().st_mode
+        if mode & stat.S_IXOTH:
+            continue
+        if tmp in parent.parents:
+            os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXGRP | stat.S_IXOTH)  # noqa: S103 - traverse only
+        else:
+            raise LabError(f"{parent} is not traversable by the mail daemons' users (needs o+x)")
+
+
+def _password(seed: int, who: str) -> str:
+    rng = random.Random(f"password:{seed}:{who}")  # noqa: S311 - lab passwords, reproducible on purpose
+    return "".join(rng.choice(_PW_ALPHABET) for _ in range(16))
+
+
+def _sha512_crypt(passwords: list[str]) -> list[str]:
+    """SHA512-CRYPT hashes, passwords fed on stdin (never argv): `openssl passwd -6 -stdin`, one process."""
+    if not passwords:
+        return []
+    p = subprocess.run(
+        ["openssl", "passwd", "-6", "-stdin"],
+        input="".join(pw + "\n" for pw in passwords),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    hashes = p.stdout.split()
+    if p.returncode != 0 or len(hashes) != len(passwords) or not all(h.startswith("$6$") for h in hashes):
+        raise LabError(f"openssl passwd -6 failed: {p.stderr.strip()[-500:]}")
+    return ["{SHA512-CRYPT}" + h for h in hashes]
+
+
+def _render(name: str, **values: Any) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("sidecar.lab", "templates/legacy"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=(), default_for_string=False, default=False),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template(name).render(**values)
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file atomically (write, fsync, rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _log_tail(path: Path, n: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+def load_legacy(lab_dir: Path) -> LegacyServer | None:
+    """The legacy server recorded in lab_dir/lab-state.json, or None."""
+    d = proc.load_state(lab_dir).get(STATE_KEY)
+    return LegacyServer.from_json(d) if d else None
+
+
+def _running(lab_dir: Path) -> list[str]:
+    pids = proc.load_state(lab_dir).get("pids", {})
+    return [n for n in COMPONENTS if pids.get(n) and proc.pid_alive(int(pids[n]))]
+
+
+def start_legacy(
+    lab_dir: Path,
+    *,
+    host: str = "127.0.0.2",
+    profile: str = "dovecot",
+    users: int = 5,
+    domain: str = "example.test",
+    seed: int = 1,
+    bare_logins: bool = False,
+    messages_per_user: int | None = None,
+) -> LegacyServer:
+    """Create, fill and start the legacy server under lab_dir/legacy (replacing an earlier, stopped one)."""
+    prefix, sep, uidl_format = _ns(profile)
+    lab_dir = lab_dir.resolve()
+    if running := _running(lab_dir):
+        raise LabError(f"legacy server already running in {lab_dir} ({', '.join(running)}); stop it first")
+    make_traversable(lab_dir)
+    ldir = lab_dir / "legacy"
+    logs = lab_dir / "logs"
+    base_dir = ldir / "run"
+    if len(str(base_dir)) + _SOCKET_ROOM > 107:
+        raise LabError(f"lab directory {lab_dir} is too long for UNIX socket paths; use a shorter one")
+    if ldir.exists():
+        shutil.rmtree(ldir)
+    for d in (ldir, logs, ldir / "postfix", ldir / "mail"):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)  # noqa: S103 - read by the dovecot and postfix users
+
+    ca = tlsgen.ensure_ca(lab_dir / "tls")
+    cert = tlsgen.issue_cert(ca, TLS_NAME)  # name only: the legacy server moved, clients verify its name
+    vmail = pwd.getpwnam("vmail")
+    owner = (vmail.pw_uid, vmail.pw_gid)
+
+    # users, passwords, mailboxes
+    names = [_NAMES[i] if i < len(_NAMES) else f"user{i:03d}" for i in range(users)]
+    lusers = [
+        LegacyUser(
+            address=f"{n}@{domain}",
+            login=n if bare_logins else f"{n}@{domain}",
+            password=_password(seed, f"{n}@{domain}"),
+            sieve=i % 2 == 0,
+        )
+        for i, n in enumerate(names)
+    ]
+    admin_password = _password(seed, ADMIN_USER)
+    hashes = _sha512_crypt([u.password for u in lusers] + [admin_password])
+    user_lines = []
+    expected: dict[str, Any] = {}
+    for u, h in zip(lusers, hashes[:-1], strict=True):
+        home = ldir / "mail" / u.login
+        home.mkdir(mode=0o700)
+        plan = mailgen.MailboxPlan.make(u.address, seed, messages_per_user)
+        result = mailgen.write_maildir(plan, home / "Maildir")
+        expected[u.login] = {
+            _folder_name(prefix, sep, parts): {
+                "uidvalidity": wf.uidvalidity,
+                "uidnext": wf.uidnext,
+                "subscribed": wf.subscribed,
+                "messages": [
+                    [m.uid, m.message_id, [*m.flags, *m.keywords], m.internaldate, m.size] for m in wf.messages
+                ],
+            }
+            for parts, wf in result.folders.items()
+        }
+        if u.sieve:
+            _write_sieve(home, mailgen.sieve_scripts(plan, lambda p: _folder_name(prefix, sep, p)))
+        mailgen.chown_tree(home, owner)
+        user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
+    _write(ldir / "users", "".join(user_lines), 0o640)
+    _write(ldir / "master-users", f"{ADMIN_USER}:{hashes[-1]}\n", 0o640)
+    for f in ("users", "master-users"):
+        os.chown(ldir / f, 0, _gid("dovecot"))
+    _write(ldir / "mailboxes.json", json.dumps(expected, indent=1, ensure_ascii=False), 0o600)
+
+    ports = {k: proc.free_port(host) for k in ("imap", "imaps", "pop3", "pop3s", "smtp", "submission",
+                                                 "sieve", "lmtp")}  # fmt: skip
+    dh = Path("/usr/share/dovecot/dh.pem")
+    _write(
+        ldir / "dovecot.conf",
+        _render(
+            "dovecot.conf.j2",
+            profile=profile,
+            instance=f"legacy-{ports['imap']}",
+            base_dir=base_dir,
+            state_dir=ldir / "state",
+            log=logs / "legacy-dovecot.log",
+            host=host,
+            cert=cert.cert_file,
+            key=cert.key_file,
+            dh=dh if dh.exists() else "",
+            vmail_uid=owner[0],
+            pop3_uidl_format=uidl_format,
+            ns_prefix=prefix,
+            ns_sep=sep,
+            master_users=ldir / "master-users",
+            users=ldir / "users",
+            domain=domain,
+            bare_logins=bare_logins,
+            **ports,
+        ),
+    )
+    (ldir / "state").mkdir(mode=0o755)
+    pfx = ldir / "postfix"
+    _write(pfx / "vmailbox", "".join(f"{u.address} {u.login}/Maildir/\n" for u in lusers))
+    _write(
+        pfx / "main.cf",
+        _render(
+            "main.cf.j2",
+            queue_dir=ldir / "postfix-queue",
+            data_dir=ldir / "postfix-data",
+            tls_name=TLS_NAME,
+            host=host,
+            domain=domain,
+            vmailbox=pfx / "vmailbox",
+            lmtp=ports["lmtp"],
+            sasl_path=base_dir / "auth-postfix",
+            cert=cert.cert_file,
+            key=cert.key_file,
+            log=logs / "legacy-postfix.log",
+            log_dir=logs,
+        ),
+    )
+    _write(pfx / "master.cf", _render("master.cf.j2", host=host, smtp=ports["smtp"],
+                                      submission=ports["submission"]))  # fmt: skip
+    # Postfix re-reads a table or main.cf modified within the last 2 s, sleeping 300 ms each time (against
+    # half-written files): a fresh config cost 2 s at start-up. Ours are written atomically, so date them back.
+    past = time.time() - 10
+    for f in ("main.cf", "master.cf", "vmailbox"):
+        os.utime(pfx / f, (past, past))
+    (ldir / "postfix-queue").mkdir(mode=0o755)
+    (ldir / "postfix-data").mkdir(mode=0o700)
+    os.chown(ldir / "postfix-data", pwd.getpwnam("postfix").pw_uid, _gid("postfix"))
+
+    srv = LegacyServer(
+        dir=ldir,
+        host=host,
+        admin_user=ADMIN_USER,
+        admin_password=admin_password,
+        users=lusers,
+        profile=profile,
+        ca_file=ca.cert_file,
+        tls_name=TLS_NAME,
+        pids={},
+        domain=domain,
+        seed=seed,
+        messages_per_user=messages_per_user,
+        bare_logins=bare_logins,
+        ns_prefix=prefix,
+        ns_sep=sep,
+        logs={DOVECOT: logs / "legacy-dovecot.log", POSTFIX: logs / "legacy-postfix.log"},
+        **ports,
+    )
+    state = proc.load_state(lab_dir)
+    state[STATE_KEY] = srv.to_json()
+    proc.save_state(lab_dir, state)
+    try:
+        for name in COMPONENTS:
+            srv.pids[name] = _start_component(lab_dir, srv, name)
+    except BaseException:
+        stop_legacy(lab_dir)
+        raise
+    return srv
+
+
+def _folder_name(prefix: str, sep: str, parts: tuple[str, ...]) -> str:
+    return "INBOX" if not parts else prefix + sep.join(parts)
+
+
+def _gid(group: str) -> int:
+    return grp.getgrnam(group).gr_gid
+
+
+def _write_sieve(home: Path, sieve: mailgen.SieveSet) -> None:
+    sdir = home / "sieve"
+    sdir.mkdir(mode=0o700)
+    for name, text in sieve.scripts.items():
+        (sdir / f"{name}.sieve").write_text(text)
+    # Pigeonhole's file storage: the active script is a symlink into the script directory
+    (home / ".dovecot.sieve").symlink_to(f"sieve/{sieve.active}.sieve")
+
+
+def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
+    log = srv.logs[name]
+    if name == DOVECOT:
+        conf = srv.dir / "dovecot.conf"
+        pid = proc.spawn(["dovecot", "-F", "-c", str(conf)], log)
+        proc.record_pid(lab_dir, name, pid)
+        for port in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp):
+            _wait(srv.host, port, pid, what="legacy Dovecot", log=log)
+        proc.wait_for(lambda: (srv.dir / "run" / "auth-postfix").exists(), 10, what="Dovecot auth socket")
+    elif name == POSTFIX:
+        pidfile = srv.dir / "postfix-queue" / "pid" / "master.pid"
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+        # output to the log, not to pipes: daemons forked by `postfix start` may hold a pipe open for seconds
+        with open(log, "ab") as out:
+            rc = subprocess.run(
+                ["postfix", "-c", str(srv.dir / "postfix"), "start"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
+            ).returncode  # fmt: skip
+        if rc != 0:
+            raise LabError(f"postfix start failed ({rc}); see {log}:\n{_log_tail(log)}")
+        pid = proc.read_pidfile(pidfile)
+        proc.record_pid(lab_dir, name, pid)
+        for port in (srv.smtp, srv.submission):
+            _wait(srv.host, port, pid, what="legacy Postfix", log=log)
+    else:
+        raise ValueError(f"unknown legacy component {name!r} (choose from {', '.join(COMPONENTS)})")
+    srv.pids[name] = pid
+    state = proc.load_state(lab_dir)
+    if STATE_KEY in state:
+        state[STATE_KEY]["pids"] = dict(srv.pids)
+        proc.save_state(lab_dir, state)
+    return pid
+
+
+def _wait(host: str, port: int, pid: int, *, what: str, log: Path) -> None:
+    def up() -> bool:
+        if not proc.pid_alive(pid):
+            raise LabError(f"{what} exited during start-up; see {log}:\n{_log_tail(log)}")
+        try:
+            proc.wait_port(host, port, 0.2)
+        except LabError:
+            return False
+        return True
+
+    proc.wait_for(up, 15, what=f"{what} on {host}:{port} (see {log})")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group pgid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+def _stop_group(pid: int) -> None:
+    """Stop a daemon that leads its process group (both masters do) and wait for the whole group to go.
+
+    proc.stop_pid returns once the leader is gone; its children (imap, smtpd, ...) may take a moment longer.
+    """
+    proc.stop_pid(pid)
+    with contextlib.suppress(LabError):
+        proc.wait_for(lambda: not _group_members(pid), 5, what=f"process group {pid} to exit")
+        return
+    for p in _group_members(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def stop_legacy(lab_dir: Path) -> None:
+    """Stop the legacy Dovecot and Postfix by their recorded pids, with every process they started."""
+    lab_dir = lab_dir.resolve()
+    pids = proc.load_state(lab_dir).get("pids", {})
+    for name in COMPONENTS:
+        pid = pids.get(name)
+        if pid:
+            _stop_group(int(pid))
+        if name in pids:
+            proc.record_pid(lab_dir, name, None)
+
+
+def restart_legacy_component(lab_dir: Path, name: str) -> int:
+    """Stop and start one component ("legacy-dovecot" or "legacy-postfix") with its config; the new pid."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown legacy component {name!r} (choose from {', '.join(COMPONENTS)})")
+    lab_dir = lab_dir.resolve()
+    srv = load_legacy(lab_dir)
+    if srv is None:
+        raise LabError(f"no legacy server recorded in {lab_dir}")
+    pid = proc.load_state(lab_dir).get("pids", {}).get(name)
+    if pid:
+        _stop_group(int(pid))
+    return _start_component(lab_dir, srv, name)
