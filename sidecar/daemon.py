@@ -74,7 +74,7 @@ class Daemon:
 
         cfg = self.cfg
         self.credentials = CredentialCache()
-        auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg), credentials=self.credentials)
+        auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg.legacy), credentials=self.credentials)
         _prepare_unix_path(cfg.sockets.auth)
         self.servers.append(await start_auth_server(cfg.sockets.auth, auth_policy, mode=cfg.sockets.mode))
         secure_socket(cfg.sockets.auth, cfg.sockets.auth_group, cfg.sockets.mode)

@@ -35,7 +35,7 @@ QUOTE_PASSWORD = 'a "quoted" \\ pass'  # quotable
 @pytest.fixture(scope="module")
 def legacy() -> Iterator[LegacyServer]:
     d = Path(tempfile.mkdtemp(prefix="ap-la-", dir="/tmp"))
-    os.chmod(d, 0o755)  # noqa: S103  (Dovecot's unprivileged processes must reach it, as in conftest)
+    os.chmod(d, 0o755)
     srv = start_legacy(d, host=HOST, users=2, messages_per_user=0)
     try:
         users = srv.dir / "users"

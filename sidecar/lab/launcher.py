@@ -1,0 +1,288 @@
+"""`autoport lab`: a legacy server and a target stack on loopback, as one unit.
+
+The same code path serves the end-to-end tests, the quick-start demo and a trial against a real legacy
+server (`--legacy-external SPEC`). Everything it starts is recorded by pid in DIR/lab-state.json and stopped
+by `lab_down`, from any process.
+
+An external legacy SPEC is a TOML file:
+
+    host = "10.1.2.3"              # the legacy server (for a trial: a copy of the real one)
+    imap_port = 143                # 0: none; likewise pop3_port, smtp_port, submission_port, sieve_port
+    imap_tls = "starttls"          # none | starttls | implicit, per protocol (pop3_tls, smtp_tls, ...)
+    tls_verify = true
+    tls_server_name = "mail.example.org"
+    ca_file = ""
+    domains = ["example.org"]
+    users_file = "users.txt"       # one "address [password]" per line (relative to the SPEC file)
+    admin_user = ""                # optional legacy admin/master login
+    admin_password = ""
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sidecar.lab import proc
+from sidecar.lab.proc import LabError
+
+LEGACY_HOST = "127.0.0.2"
+TARGET_HOST = "127.0.0.3"
+SIDECAR = "sidecar"
+POSTGRES = "postgres"
+
+
+def _bin(name: str) -> str:
+    """A console script of this installation (next to the running interpreter)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _external_legacy(spec_path: str) -> dict[str, Any]:
+    p = Path(spec_path).resolve()
+    try:
+        spec = tomllib.loads(p.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise LabError(f"{p}: cannot read legacy SPEC: {e}") from None
+    known = {
+        "host", "imap_port", "imap_tls", "pop3_port", "pop3_tls", "smtp_port", "smtp_tls", "submission_port",
+        "submission_tls", "sieve_port", "sieve_tls", "tls_verify", "tls_server_name", "ca_file", "domains",
+        "users_file", "admin_user", "admin_password",
+    }  # fmt: skip
+    for key in spec:
+        if key not in known:
+            raise LabError(f"{p}: unknown key '{key}' in legacy SPEC")
+    if "host" not in spec or "domains" not in spec:
+        raise LabError(f"{p}: legacy SPEC needs 'host' and 'domains'")
+    users: list[dict[str, str | None]] = []
+    if spec.get("users_file"):
+        uf = (p.parent / spec["users_file"]).resolve()
+        for n, line in enumerate(uf.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(None, 1)
+            if "@" not in parts[0]:
+                raise LabError(f"{uf}:{n}: expected 'address [password]'")
+            users.append({"address": parts[0], "login": parts[0], "password": parts[1] if len(parts) > 1 else None})
+    return {"spec": spec, "users": users}
+
+
+def lab_up(
+    lab_dir: Path,
+    *,
+    users: int = 5,
+    profile: str = "dovecot",
+    external: str | None = None,
+    store: str = "sqlite",
+    bare_logins: bool = False,
+    seed: int = 1,
+    legacy_host: str = LEGACY_HOST,
+    target_host: str = TARGET_HOST,
+    sidecar: bool = True,
+    messages_per_user: int | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Start legacy (unless external), store, target stack and sidecar; return the lab description."""
+    from sidecar.lab import legacy as legacy_mod
+    from sidecar.lab import target as target_mod
+
+    lab_dir = lab_dir.resolve()
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    legacy_mod.make_traversable(lab_dir)
+    state = proc.load_state(lab_dir)
+    if any(proc.pid_alive(pid) for pid in (state.get("pids") or {}).values() if pid):
+        raise LabError(f"a lab is already running in {lab_dir}: `autoport lab down --dir {lab_dir}` first")
+    try:
+        # 1. the legacy server
+        if external:
+            ext = _external_legacy(external)
+            spec = ext["spec"]
+            legacy_cfg: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("domains", "users_file")}
+            domains = list(spec["domains"])
+            user_list = ext["users"]
+            legacy_info = {
+                "host": spec["host"],
+                "imap": spec.get("imap_port", 143) or None,
+                "pop3": spec.get("pop3_port", 110) or None,
+                "smtp": spec.get("smtp_port", 25) or None,
+                "submission": spec.get("submission_port", 587) or None,
+                "sieve": spec.get("sieve_port", 4190) or None,
+                "admin": {"user": spec.get("admin_user") or None, "password": spec.get("admin_password") or None},
+                "external": True,
+            }
+        else:
+            srv = legacy_mod.start_legacy(
+                lab_dir,
+                host=legacy_host,
+                profile=profile,
+                users=users,
+                seed=seed,
+                bare_logins=bare_logins,
+                messages_per_user=messages_per_user,
+            )
+            domains = [srv.domain]
+            user_list = [{"address": u.address, "login": u.login, "password": u.password} for u in srv.users]
+            legacy_cfg = {
+                "host": srv.host,
+                "imap_port": srv.imap,
+                "imap_tls": "starttls",
+                "pop3_port": srv.pop3,
+                "pop3_tls": "starttls",
+                "smtp_port": srv.smtp,
+                "smtp_tls": "none",
+                "submission_port": srv.submission,
+                "submission_tls": "starttls",
+                "sieve_port": srv.sieve,
+                "sieve_tls": "none",
+                "tls_verify": True,
+                "tls_server_name": srv.tls_name,
+                "ca_file": str(srv.ca_file),
+                "admin_user": srv.admin_user,
+                "admin_password": srv.admin_password,
+                "admin_mode": "master",
+            }
+            legacy_info = {
+                "host": srv.host,
+                "imap": srv.imap,
+                "imaps": srv.imaps,
+                "pop3": srv.pop3,
+                "pop3s": srv.pop3s,
+                "smtp": srv.smtp,
+                "submission": srv.submission,
+                "sieve": srv.sieve,
+                "admin": {"user": srv.admin_user, "password": srv.admin_password},
+                "profile": srv.profile,
+                "ca_file": str(srv.ca_file),
+                "tls_name": srv.tls_name,
+                "external": False,
+            }
+        # 2. the store
+        store_url = _start_store(lab_dir, store)
+        # 3. the target stack (Postfix + Dovecot from the repository's fragments) and its autoport config
+        tgt = target_mod.start_target(
+            lab_dir,
+            host=target_host,
+            legacy=legacy_cfg,
+            domains=domains,
+            store_url=store_url,
+            sidecar=sidecar,
+            settings=settings or {},
+        )
+        config_path = Path(tgt.config)
+        if not sidecar:
+            _run_autoport(config_path, "store", "init")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lab_down(lab_dir)
+        raise
+    state = proc.load_state(lab_dir)
+    info: dict[str, Any] = {
+        "dir": str(lab_dir),
+        "config": str(config_path),
+        "legacy": legacy_info,
+        "target": tgt.to_json(),
+        "users": [{"address": u["address"], "login": u["login"], "password": u["password"]} for u in user_list],
+        "domains": domains,
+        "store": store_url,
+        "pids": {k: v for k, v in (state.get("pids") or {}).items() if v},
+        "logs": str(lab_dir / "logs"),
+    }
+    state["info"] = info
+    proc.save_state(lab_dir, state)
+    return info
+
+
+def _start_store(lab_dir: Path, kind: str) -> str:
+    if kind == "sqlite":
+        data = lab_dir / "store"
+        data.mkdir(exist_ok=True)
+        return f"sqlite:///{data / 'autoport.db'}"
+    from sidecar.lab import pgcluster
+
+    cluster = pgcluster.PgCluster(lab_dir / "pg")
+    cluster.start()
+    proc.record_pid(lab_dir, POSTGRES, cluster.pid)
+    state = proc.load_state(lab_dir)
+    state["pg"] = {"dir": str(cluster.dir)}
+    proc.save_state(lab_dir, state)
+    return cluster.create_database("autoport")
+
+
+def _run_autoport(config: Path, *args: str) -> str:
+    return proc.run([_bin("autoport"), "--config", str(config), *args], what=f"autoport {' '.join(args)}")
+
+
+def lab_down(lab_dir: Path) -> list[str]:
+    """Stop every process the lab recorded (target first, legacy last); return their names."""
+    lab_dir = lab_dir.resolve()
+    state = proc.load_state(lab_dir)
+    pids: dict[str, int | None] = dict(state.get("pids") or {})
+    stopped = []
+    # Postfix and Dovecot have their own stop commands that also reap their children; use them first.
+    with contextlib.suppress(Exception):
+        from sidecar.lab import target as target_mod
+
+        target_mod.stop_target(lab_dir)
+    with contextlib.suppress(Exception):
+        from sidecar.lab import legacy as legacy_mod
+
+        legacy_mod.stop_legacy(lab_dir)
+    if state.get("pg"):
+        with contextlib.suppress(Exception):
+            from sidecar.lab import pgcluster
+
+            pgcluster.PgCluster(Path(state["pg"]["dir"])).stop()
+    for name, pid in pids.items():
+        if pid:
+            proc.stop_pid(pid)
+            stopped.append(name)
+    state = proc.load_state(lab_dir)
+    if state:
+        state["pids"] = {}
+        proc.save_state(lab_dir, state)
+    return stopped
+
+
+def lab_restart(lab_dir: Path, name: str) -> int:
+    """Restart one component the lab started: sidecar, target-postfix, target-dovecot, legacy-*."""
+    lab_dir = lab_dir.resolve()
+    state = proc.load_state(lab_dir)
+    if not state:
+        raise LabError(f"no lab in {lab_dir}")
+    if name.startswith("legacy-"):
+        from sidecar.lab import legacy as legacy_mod
+
+        return legacy_mod.restart_legacy_component(lab_dir, name)
+    if name.startswith("target-") or name == SIDECAR:
+        from sidecar.lab import target as target_mod
+
+        return target_mod.restart_target_component(lab_dir, name)
+    raise LabError(f"unknown lab component {name!r} (sidecar, target-postfix, target-dovecot, legacy-postfix, ...)")
+
+
+def lab_info(lab_dir: Path) -> dict[str, Any]:
+    state = proc.load_state(lab_dir.resolve())
+    if "info" not in state:
+        raise LabError(f"no lab in {lab_dir}")
+    info: dict[str, Any] = state["info"]
+    info["pids"] = {k: v for k, v in (state.get("pids") or {}).items() if v and proc.pid_alive(v)}
+    return info
+
+
+def print_summary(info: dict[str, Any]) -> None:
+    lg, tg = info["legacy"], info["target"]
+    print(f"lab in {info['dir']} (logs in {info['logs']}, config {info['config']})")
+    print(f"  legacy  {lg['host']}: IMAP {lg['imap']}  POP3 {lg['pop3']}  SMTP {lg['smtp']}  sieve {lg['sieve']}")
+    print(
+        f"  target  {tg['host']}: IMAP {tg['imap']}  POP3 {tg['pop3']}  SMTP {tg['smtp']}"
+        f"  submission {tg['submission']}  socketmap {tg['socketmap']}"
+    )
+    for u in info["users"][:5]:
+        print(f"  user    {u['login']}  password {u['password']}")
+    if len(info["users"]) > 5:
+        print(f"  ... and {len(info['users']) - 5} more users (lab up --json lists them)")
+    print(f"  stop:   autoport lab down --dir {info['dir']}")

@@ -1,0 +1,49 @@
+"""Shared fixtures: real labs (legacy server + target stack + sidecar) on loopback.
+
+Lab directories live under /tmp with mode 0755 (not pytest's 0700 tmp_path): Dovecot's and Postfix's
+unprivileged processes must reach the sockets inside them, and UNIX socket paths must stay short.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def make_lab_dir(prefix: str = "ap-") -> Path:
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[dict[str, Any]]:
+    """One lab for the session: legacy (dovecot profile, 8 users), target stack, sidecar, SQLite store."""
+    from sidecar.lab import launcher
+
+    d = make_lab_dir()
+    info = launcher.lab_up(d, users=8)
+    try:
+        yield info
+    finally:
+        launcher.lab_down(d)
+        if not os.environ.get("AUTOPORT_KEEP_LABS"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def lab_dir() -> Iterator[Path]:
+    """An empty lab directory for a test that starts its own lab."""
+    d = make_lab_dir()
+    yield d
+    from sidecar.lab import launcher
+
+    launcher.lab_down(d)
+    if not os.environ.get("AUTOPORT_KEEP_LABS"):
+        shutil.rmtree(d, ignore_errors=True)
