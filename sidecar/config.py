@@ -27,8 +27,9 @@ class ConfigError(Exception):
 
 def _f(default: Any, doc: str, *, secret: bool = False, choices: tuple[str, ...] = ()) -> Any:
     if isinstance(default, list):
+        items: list[Any] = list(default)
         return field(
-            default_factory=lambda d=default: list(d),
+            default_factory=items.copy,
             metadata={"doc": doc, "secret": secret, "choices": choices},
         )
     return field(default=default, metadata={"doc": doc, "secret": secret, "choices": choices})
