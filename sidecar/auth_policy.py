@@ -23,6 +23,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import ipaddress
 import logging
 import math
@@ -47,6 +48,7 @@ log = logging.getLogger("sidecar.auth")
 PROXY_SERVICES = ("imap", "pop3", "sieve")  # Dovecot proxies these to the legacy server until migration
 PLAIN_OK_SERVICES = ("smtp", "submission")  # authentication only; mail goes through Postfix routing
 CREDENTIAL_TTL = 3600.0
+POSITIVE_TTL = 300.0  # seconds a verified password is answered without asking the legacy server again
 
 
 class Verifier(Protocol):
@@ -193,6 +195,60 @@ class NegativeCache:
             self._items.pop(self._digest(login, password), None)
 
 
+class PositiveCache:
+    """The password the legacy server last accepted per login, as a keyed BLAKE2b digest, for ttl seconds.
+
+    A client opens several connections at once (Thunderbird: five); each runs checkpassword. With this
+    cache only the first is checked on the legacy server and hashed; the others are answered from here.
+    It never masks a state change: the policy reads the account's state from the store before asking it,
+    and only copying/cutover accounts are answered from it. One entry per login: a newly verified password
+    replaces the old one. Proxied sessions are checked by the legacy server again anyway (Dovecot sends it
+    the password); only SMTP AUTH relies on this alone, for at most ttl seconds.
+    """
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float], max_items: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+
+    def _digest(self, login: str, password: str) -> bytes:
+        h = hashlib.blake2b(key=self._key, digest_size=32, person=b"autoport-pos")
+        for part in (login, password):
+            raw = part.encode("utf-8", "surrogateescape")
+            h.update(len(raw).to_bytes(4, "big"))
+            h.update(raw)
+        return h.digest()
+
+    def add(self, login: str, password: str) -> None:
+        if self.ttl <= 0:
+            return
+        d = self._digest(login, password)
+        with self._lock:
+            self._items[login] = (d, self._clock() + self.ttl)
+            self._items.move_to_end(login)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        login, password = item
+        with self._lock:
+            entry = self._items.get(login)
+        if entry is None:
+            return False
+        digest, until = entry
+        if until <= self._clock():
+            self.discard(login)
+            return False
+        return hmac.compare_digest(digest, self._digest(login, password))
+
+    def discard(self, login: str) -> None:
+        with self._lock:
+            self._items.pop(login, None)
+
+
 class _SingleFlight:
     """One lock per key, created on demand and dropped when nobody holds or waits for it."""
 
@@ -264,17 +320,21 @@ class AuthPolicy:
         clock: Callable[[], float] = time.monotonic,
         busy_wait: float = 2.0,
         hasher: Callable[[str], str] | None = None,
+        positive_ttl: float = POSITIVE_TTL,
     ) -> None:
         self.cfg = cfg
         self.store = store
         self.verifier = verifier
         self.credentials = credentials if credentials is not None else CredentialCache()
+        # called after a copy job was queued (or found queued) with fresh credentials: the job runner's wake-up
+        self.on_queued: Callable[[str], None] | None = None
         self.busy_wait = busy_wait
         self._clock = clock
         limits = cfg.limits
         self.account_failures = FailureBudget(limits.auth_failures_per_account, limits.auth_failure_window, clock=clock)
         self.client_failures = FailureBudget(limits.auth_failures_per_client, limits.auth_failure_window, clock=clock)
         self.negative = NegativeCache(limits.negative_cache_ttl, clock=clock)
+        self.positive = PositiveCache(positive_ttl, clock=clock)
         self._checks = threading.BoundedSemaphore(max(1, limits.auth_concurrency))
         self._flights = _SingleFlight()
         self._hash = hasher or (lambda password: passwords.hash_password(password, cfg.hash))
@@ -287,8 +347,7 @@ class AuthPolicy:
         with SECRETS.registered(req.password):
             try:
                 address = account_address(req.user, self.cfg)
-                reply = self._decide(req, address)
-                outcome = "ok"
+                reply, outcome = self._decide(req, address)
             except InvalidLogin as e:
                 reply, outcome = Reply(FAIL), f"invalid-login ({e})"
             except _Decision as d:
@@ -310,28 +369,50 @@ class AuthPolicy:
             )
         return reply
 
-    def _decide(self, req: Request, address: str) -> Reply:
+    def _decide(self, req: Request, address: str) -> tuple[Reply, str]:
         service = req.service.lower()
         if service not in PROXY_SERVICES and service not in PLAIN_OK_SERVICES:
             raise _Decision(FAIL, f"service-not-allowed ({service or 'none'})")
         if service in PROXY_SERVICES and not self._legacy_port(service):
             raise _Decision(TEMP, f"no-legacy-port ({service})")
+        self._check_budgets(req, address)
+        state = self._state(address)
+        if state is State.MIGRATED:
+            raise _Decision(FAIL, "migrated")
+        if self._cached_yes(req, address, state):
+            return Reply(OK, self._fields(service, req)), "ok-cached"
+
+        with self._flights.hold(address):
+            # concurrent attempts for this account queue here: look again at what the one before us learnt
+            self._check_budgets(req, address)
+            state = self._state(address)
+            if state is State.MIGRATED:
+                raise _Decision(FAIL, "migrated")
+            if self._cached_yes(req, address, state):
+                return Reply(OK, self._fields(service, req)), "ok-cached"
+            self._verify(req, address)
+            self._activate(address, req.user, req.password)
+            self.positive.add(req.user, req.password)
+        self.account_failures.clear(address)
+        return Reply(OK, self._fields(service, req)), "ok"
+
+    def _check_budgets(self, req: Request, address: str) -> None:
         if self.client_failures.exhausted(req.remote_ip):
             raise _Decision(FAIL, "rate-limited-client")
         if self.account_failures.exhausted(address):
             raise _Decision(FAIL, "rate-limited-account")
         if (req.user, req.password) in self.negative:
             raise _Decision(FAIL, "cached-no")
-        if self._state(address) is State.MIGRATED:
-            raise _Decision(FAIL, "migrated")
 
-        with self._flights.hold(address):
-            if (req.user, req.password) in self.negative:  # a concurrent attempt just learnt it
-                raise _Decision(FAIL, "cached-no")
-            self._verify(req, address)
-            self._activate(address, req.user, req.password)
-        self.account_failures.clear(address)
-        return Reply(OK, self._fields(service, req))
+    def _cached_yes(self, req: Request, address: str, state: State | None) -> bool:
+        """A password verified moments ago for an account still on the legacy side: no new check, no rehash."""
+        if state not in (State.COPYING, State.CUTOVER) or (req.user, req.password) not in self.positive:
+            return False
+        self.store.touch_login(address)
+        self.credentials.put(address, req.user, req.password)
+        self._queued(address)
+        log.debug("auth %r answered from the positive cache", req.user)
+        return True
 
     def _state(self, address: str) -> State | None:
         return self.store.state_of(address)
@@ -371,9 +452,20 @@ class AuthPolicy:
         self.store.set_password_hash(address, password_hash)
         self.store.add_login(address, login)
         self.store.touch_login(address)
-        self.store.enqueue(address, "copy")
+        # credentials first: a runner that leases the job at once must find them
         self.credentials.put(address, login, password)
+        self.store.enqueue(address, "copy")
+        self._queued(address)
         return state
+
+    def _queued(self, address: str) -> None:
+        """Tell on_queued (the job runner's wake-up); its trouble is logged, never the login's answer."""
+        if self.on_queued is None:
+            return
+        try:
+            self.on_queued(address)
+        except Exception:
+            log.exception("auth: waking the job runner for %s failed", address)
 
     def _legacy_port(self, service: str) -> int:
         legacy = self.cfg.legacy

@@ -134,7 +134,7 @@ class HashConfig:
 class LimitsConfig:
     """Concurrency and rate limits."""
 
-    copy_concurrency: int = _f(4, "copy jobs running at once on this node")
+    copy_concurrency: int = _f(4, "copy jobs running at once on this node (0: this node runs no copies)")
     legacy_connections: int = _f(8, "connections this node opens to the legacy server at once")
     auth_concurrency: int = _f(16, "password checks in flight toward the legacy server at once")
     auth_failures_per_account: int = _f(5, "wrong passwords per account per window before refusing locally")
@@ -143,6 +143,7 @@ class LimitsConfig:
     negative_cache_ttl: float = _f(60.0, "seconds a failed (user, password) is answered locally")
     copy_attempts: int = _f(5, "attempts before an account is marked failed")
     lease_seconds: float = _f(60.0, "copy job lease; a crashed node's job is taken over after it")
+    cutover_grace: float = _f(3.0, "seconds between holding an account's mail and its final delta (in-flight relays)")
 
 
 @dataclass

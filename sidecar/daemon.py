@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import Config
-from sidecar.store.base import Store
+from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("autoport.daemon")
 
@@ -73,8 +73,18 @@ class Daemon:
         from sidecar.socketmap import start_socketmap_server
 
         cfg = self.cfg
+        from sidecar.jobs import JobRunner
+
         self.credentials = CredentialCache()
         auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg.legacy), credentials=self.credentials)
+        self.runner = JobRunner(cfg, self.store, self.credentials)
+
+        def queued(address: str) -> None:
+            with contextlib.suppress(StoreError):
+                self.store.wake(address, "copy")
+            self.runner.poke()
+
+        auth_policy.on_queued = queued
         _prepare_unix_path(cfg.sockets.auth)
         self.servers.append(await start_auth_server(cfg.sockets.auth, auth_policy, mode=cfg.sockets.mode))
         secure_socket(cfg.sockets.auth, cfg.sockets.auth_group, cfg.sockets.mode)
@@ -91,6 +101,12 @@ class Daemon:
             self.servers.append(await start_socketmap_server(sm, routing))
         log.info("socketmap listening on %s", sm)
 
+        if cfg.limits.copy_concurrency > 0:
+            self.runner.start()
+            log.info("job runner: %d concurrent copies, owner %s", cfg.limits.copy_concurrency, self.runner.owner)
+        else:
+            log.info("job runner off (limits.copy_concurrency = 0): copy jobs wait for another node")
+
         if cfg.sockets.milter:
             self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)
             self.milter_thread.start()
@@ -104,6 +120,8 @@ class Daemon:
             log.exception("milter stopped with an error; Postfix accepts mail without it (milter_default_action)")
 
     async def stop(self) -> None:
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
         for server in self.servers:
             server.close()
         for server in self.servers:

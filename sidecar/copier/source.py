@@ -43,6 +43,15 @@ class SourceUnavailable(SourceError):
     """The legacy server cannot be reached or dropped the connection (temporary)."""
 
 
+class SourceProtocolError(SourceUnavailable):
+    """The legacy server sent a response we cannot parse (malformed FETCH, bad literal).
+
+    Temporary: the pass stops, nothing partial is committed, the job runner retries (a broken proxy or a
+    truncated connection often explains it). Persisting, it points at the server: the message names the
+    folder and the UID range being fetched.
+    """
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceParams:
     """How to reach and log in to the legacy server for one account. Passwords never appear in repr()."""
@@ -68,10 +77,11 @@ class SourceParams:
         """From sidecar.config.LegacyConfig; use_admin selects the admin credentials (bulk migration)."""
         ctx = None
         if legacy.imap_tls != "none" or legacy.pop3_tls != "none":
-            ctx = ssl.create_default_context(cafile=legacy.ca_file or None)
-            if not legacy.tls_verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
+            from sidecar.legacy_auth import tls_context
+
+            # the same verification as the password check: CA file, and the legacy server's certificate name
+            # (tls_server_name) checked even though we connect to its new address
+            ctx = tls_context(legacy)
         return cls(
             host=legacy.host,
             user=user,
@@ -259,7 +269,10 @@ class LegacySource:
         except (TimeoutError, OSError) as e:
             raise SourceUnavailable(f"legacy IMAP FETCH: {type(e).__name__}: {e}") from None
         except FetchParseError as e:
-            raise SourceError(f"legacy IMAP sent a malformed FETCH response: {e}") from None
+            where = f" in {self._selected!r}" if self._selected else ""
+            raise SourceProtocolError(
+                f"legacy IMAP sent a malformed FETCH response{where} (UID {uid_set}): {e}"
+            ) from None
         finally:
             if not finished:
                 parser.abort()

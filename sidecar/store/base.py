@@ -205,6 +205,10 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def wake(self, address: str, kind: str = "copy") -> bool:
+        """Make the account's queued job of this kind runnable now (credentials arrived); False if none queued."""
+
+    @abc.abstractmethod
     def lease(self, owner: str, *, kinds: tuple[str, ...] = ("copy",), seconds: float = 60.0) -> Job | None:
         """Take one runnable job (queued and due, or leased with an expired lease) for `owner`.
 

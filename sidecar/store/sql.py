@@ -389,6 +389,15 @@ class SqlStore(Store):
             # the open job we collided with was finished in between: try again
         raise Conflict(f"{address}: could not enqueue a {kind} job")
 
+    def wake(self, address: str, kind: str = "copy") -> bool:
+        with self._write() as cur:
+            cur.execute(
+                "UPDATE jobs SET not_before = 0, updated_at = ? "
+                "WHERE address = ? AND kind = ? AND status = 'queued' AND not_before > 0",
+                (self._clock(), address, kind),
+            )
+            return bool(cur.rowcount == 1)
+
     def lease(self, owner: str, *, kinds: tuple[str, ...] = ("copy",), seconds: float = 60.0) -> Job | None:
         if not owner:
             raise ValueError("lease owner must not be empty")
