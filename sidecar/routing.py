@@ -12,6 +12,9 @@ Two maps, both asked with the full recipient address:
     recipient probe must ask the legacy server, not hit ``retry:``), the local transport for migrated ones.
 
 Other answers, and why:
+- ``discard:`` for the release probe domain (``*@autoport.invalid``, transport map only): sidecar.release
+  sends one tiny null-sender message there to push the held address out of qmgr's one-entry resolve cache
+  before it flushes held mail (postfix/README.md, "Releasing held mail"). .invalid never exists in DNS.
 - NOTFOUND for other domains, and for keys that are not a full address (``*``, ``domain``, ``@domain``):
   Postfix then uses its default transport. socketmap is a "pattern" table for Postfix (dict_sockmap sets
   DICT_FLAG_PATTERN), so trivial-rewrite only ever sends the full address (``user+ext@domain``) and, every
@@ -39,6 +42,9 @@ log = logging.getLogger("autoport.routing")
 
 MAX_KEY_BYTES = 1024  # RFC 5321 caps a path at 256 octets; leave room for odd but legal input
 HOLD_REPLY = "retry:4.3.2 mailbox migration in progress"
+HOLD_REASON = "mailbox migration in progress"  # what `postqueue -j` shows as delay_reason for held mail
+PROBE_DOMAIN = "autoport.invalid"  # sidecar.release's cache-busting probe is discarded here
+PROBE_REPLY = "discard:autoport release probe"
 MAPS = ("transport", "verify")
 
 
@@ -100,6 +106,8 @@ class RoutingPolicy:
             return Reply.perm("invalid key")
         address = self._address(key)
         if address is None:
+            if map_name == "transport" and key.rpartition("@")[2].lower() == PROBE_DOMAIN:
+                return Reply.ok(PROBE_REPLY)
             return NOTFOUND
         try:
             where = location(self._state(address))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import grp
 import imaplib
 import os
 import poplib
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import imapclient
 
@@ -161,22 +162,45 @@ namespace inbox {{
     return _start(root, conf, host, imap, pop3, mail_root)
 
 
-def start_target(root: Path, host: str = "127.0.0.1") -> DovecotInstance:
-    """The target Dovecot: static userdb with home MAIL_ROOT/%d/%n, maildir:~/Maildir, special folders."""
+def start_target(
+    root: Path,
+    host: str = "127.0.0.1",
+    *,
+    imap: int = 0,
+    pop3: int = 0,
+    users_file: Path | None = None,
+    mail_root: Path | None = None,
+) -> DovecotInstance:
+    """The target Dovecot: static userdb with home MAIL_ROOT/%d/%n, maildir:~/Maildir, special folders.
+
+    Passwords: PASSWORD for everyone, or with users_file the hashes of a legacy passwd-file (the lab legacy
+    server's `users`: the users log in with the password they had). imap/pop3: fixed ports (the target taking
+    over the legacy server's address), else free ones. mail_root: an existing MAIL_ROOT to serve.
+    """
     uid, gid = _vmail()
     root.mkdir(parents=True, exist_ok=True)
-    mail_root = root / "vmail"
-    mail_root.mkdir()
-    os.chown(mail_root, uid, gid)
-    imap, pop3 = free_port(host), free_port(host)
+    if mail_root is None:
+        mail_root = root / "vmail"
+        mail_root.mkdir()
+        os.chown(mail_root, uid, gid)
+    imap, pop3 = imap or free_port(host), pop3 or free_port(host)
+    if users_file is None:
+        passdb = f"driver = static\n  args = password={PASSWORD}"
+    else:
+        hashes = root / "passwd"
+        lines = [":".join(line.split(":")[:2]) + "\n" for line in users_file.read_text().splitlines() if line]
+        fd = os.open(hashes, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(lines))
+        os.chown(hashes, 0, grp.getgrnam("dovecot").gr_gid)
+        passdb = f"driver = passwd-file\n  args = {hashes}"
     conf = (
         _common_conf(root, host, imap, pop3)
         + f"""
 mail_location = maildir:~/Maildir
 mail_home = {mail_root}/%d/%n
 passdb {{
-  driver = static
-  args = password={PASSWORD}
+  {passdb}
 }}
 userdb {{
   driver = static
@@ -237,7 +261,7 @@ def message(i: int, size: int = 0) -> bytes:
     )
 
 
-def _client(inst: DovecotInstance, user: str, password: str = PASSWORD) -> imapclient.IMAPClient:
+def _client(inst: Server, user: str, password: str = PASSWORD) -> imapclient.IMAPClient:
     c = imapclient.IMAPClient(inst.host, port=inst.imap, ssl=False, timeout=15)
     c.login(user, password)
     return c
@@ -290,7 +314,15 @@ class Snapshot:
     pop3: list[tuple[str, bytes]]  # (uidl, message) in POP3 order
 
 
-def snapshot(inst: DovecotInstance, user: str, password: str = PASSWORD) -> Snapshot:
+class Server(Protocol):
+    """Anything with an IMAP and a POP3 port on a host: DovecotInstance, sidecar.lab.legacy.LegacyServer."""
+
+    host: str
+    imap: int
+    pop3: int
+
+
+def snapshot(inst: Server, user: str, password: str = PASSWORD) -> Snapshot:
     """What a client sees: folders, UIDVALIDITY, UIDNEXT, per UID flags/INTERNALDATE/bytes, POP3 UIDLs."""
     folders: dict[str, dict[str, Any]] = {}
     with _client(inst, user, password) as c:
@@ -316,7 +348,9 @@ def snapshot(inst: DovecotInstance, user: str, password: str = PASSWORD) -> Snap
         pop: list[tuple[str, bytes]] = []
         for line in p.uidl()[1]:
             num, uidl = line.decode().split(" ", 1)
-            pop.append((uidl, b"\r\n".join(p.retr(int(num))[1])))
+            # TOP with every line, not RETR: Dovecot sets \Seen on RETR even without QUIT (unless
+            # pop3_no_flag_updates), and the lab's legacy server must stay as it was
+            pop.append((uidl, b"\r\n".join(p.top(int(num), 10**9)[1])))
     finally:
         p.close()  # no QUIT: nothing committed
     return Snapshot(folders, subscribed, pop)
@@ -360,3 +394,48 @@ def lab_dir() -> Path:
     d = Path(tempfile.mkdtemp(prefix="copier-lab-"))
     d.chmod(0o755)
     return d
+
+
+def private_host() -> str:
+    """A loopback address of its own (127.A.B.C, A > 0): labs of other tests on 127.0.0.x never collide with
+    it, and a target can take over the legacy server's exact host:port after it stopped."""
+    import random
+
+    return f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+
+
+AUTO_SUBSCRIBED = {"Drafts", "Sent", "Trash", "Junk", "Archive"}  # the target Dovecot's auto = subscribe
+
+
+def assert_migrated(
+    legacy: Server, target: Server, login: str, address: str, password: str, ns: tuple[str, str]
+) -> None:
+    """Everything a client sees is equal on both servers, legacy folder names mapped by ns = (prefix, sep)."""
+    prefix, sep = ns
+
+    def mapped(name: str) -> str:
+        return name if name == "INBOX" else name.removeprefix(prefix).replace(sep, "/")
+
+    old = snapshot(legacy, login, password)
+    new = snapshot(target, address, password)
+    want = {mapped(n): f for n, f in old.folders.items()}
+    for extra in set(new.folders) - set(want):
+        assert extra in AUTO_SUBSCRIBED and not new.folders[extra]["messages"], extra
+    for name, a in want.items():
+        b = new.folders[name]
+        assert (b["uidvalidity"], b["uidnext"]) == (a["uidvalidity"], a["uidnext"]), name
+        assert sorted(b["messages"]) == sorted(a["messages"]), name
+        for uid, seen in a["messages"].items():
+            assert b["messages"][uid] == seen, (name, uid)
+    assert new.subscribed - AUTO_SUBSCRIBED == {mapped(n) for n in old.subscribed} - AUTO_SUBSCRIBED
+    assert [uidl for uidl, _ in new.pop3] == [uidl for uidl, _ in old.pop3]
+    assert new.pop3 == old.pop3
+
+
+def chown_tree(root: Path) -> None:
+    """Give a tree to vmail (files written by a test for a Dovecot to serve)."""
+    uid, gid = _vmail()
+    os.chown(root, uid, gid)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, gid)

@@ -658,3 +658,16 @@ def test_open_store_rejects_unknown_schemes_without_echoing_the_url() -> None:
     with pytest.raises(ValueError) as info:
         open_store("mysql://root:hunter2@db/x")
     assert "hunter2" not in str(info.value)
+
+
+def test_wake_makes_a_waiting_job_runnable_now(store: SqlStore) -> None:
+    store.transition("w@example.org", State.COPYING)
+    job = store.enqueue("w@example.org", "copy")
+    leased = store.lease("n1")
+    assert leased is not None and leased.id == job.id
+    store.finish(job.id, "n1", error="waiting for credentials", retry_at=time.time() + 300)
+    assert store.lease("n1") is None
+    assert store.wake("w@example.org", "copy") is True
+    again = store.lease("n1")
+    assert again is not None and again.id == job.id
+    assert store.wake("w@example.org", "copy") is False  # leased, nothing queued to wake

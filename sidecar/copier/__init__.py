@@ -5,7 +5,8 @@ Public API for the job runner:
                  options=CopyOptions(...)) -> CopyResult
     SourceParams.from_config(cfg.legacy, user, password, use_admin=False)
     target_home(mail_root, address) -> Path           (MAIL_ROOT/DOMAIN/LOCALPART, Dovecot's mail_home)
-Errors: SourceAuthError (credentials refused), SourceUnavailable (temporary), SourceError, MaildirError.
+Errors: SourceAuthError (credentials refused), SourceUnavailable (temporary; SourceProtocolError: a malformed
+response), SourceError, MaildirError (MaildirLocked: Dovecot holds the uidlist lock, temporary).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from pathlib import Path
 from sidecar.copier.engine import CopyOptions, CopyResult, FolderResult, Progress, copy_account
 from sidecar.copier.folders import LAYOUT, TargetLayout
 from sidecar.copier.maildir import MaildirError
-from sidecar.copier.source import SourceAuthError, SourceError, SourceParams, SourceUnavailable
+from sidecar.copier.source import (
+    SourceAuthError,
+    SourceError,
+    SourceParams,
+    SourceProtocolError,
+    SourceUnavailable,
+)
 
 
 def target_home(mail_root: str | Path, address: str) -> Path:
@@ -36,6 +43,7 @@ __all__ = [
     "SourceAuthError",
     "SourceError",
     "SourceParams",
+    "SourceProtocolError",
     "SourceUnavailable",
     "TargetLayout",
     "copy_account",

@@ -11,8 +11,22 @@ Then subscriptions, POP3 UIDLs for INBOX, and (delta mode) removal of target fol
 has. The resume point is the target's own uidlist (what is durable on disk), so a crash anywhere, including
 between a commit and its watermark, neither loses nor duplicates a message.
 
-The copier owns the target mailbox exclusively in both modes (account state copying/cutover): UIDs are the
-legacy UIDs. Appending into a mailbox Dovecot already serves is not done here.
+The copier owns the target mailbox exclusively in those two modes (account state copying/cutover): UIDs are
+the legacy UIDs.
+
+Append mode (after cutover, Dovecot owns the mailbox; the trailing sweep): per legacy folder, the messages
+that are not on the target yet are appended with NEW UIDs under Dovecot's uidlist lock (maildir.py); nothing
+already there is touched (flags, expunges, subscriptions and folders are the user's now). "Not on the target
+yet" is decided by the legacy (UIDVALIDITY, UID), never by looking for the message on the target:
+- the store's watermark (FolderMark: legacy UIDVALIDITY, last legacy UID copied) says what earlier passes
+  brought over, so a message the user deleted on the target after cutover is not brought back;
+- every appended file's base name carries its legacy (UIDVALIDITY, UID) (`...L<uv>x<uid>.`), so a crash
+  between an append and its watermark does not append it twice: the watermark is raised to the highest tag
+  found in the folder before fetching.
+Message-ID + size is only the fallback for a legacy folder the store holds no watermark for under its current
+UIDVALIDITY (a store lost, a folder recreated on the legacy side): Message-IDs repeat (a message filed twice,
+resent) or are missing, and a size can differ when a server rewrites headers, so matching by them can both
+drop and duplicate; it is used only where there is nothing better, and reported (FolderResult.matched).
 """
 
 from __future__ import annotations
@@ -20,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pwd
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +48,7 @@ from sidecar.store.base import FolderMark
 
 log = logging.getLogger("autoport.copier")
 
-Mode = Literal["initial", "delta"]
+Mode = Literal["initial", "delta", "append"]
 
 
 class CopyStore(Protocol):
@@ -75,6 +90,8 @@ class FolderResult:
     flags_updated: int = 0
     recopied: bool = False  # UIDVALIDITY changed: folder copied again from scratch
     messages: int = 0  # messages in the target folder after the pass
+    appended_uids: list[int] = dataclasses.field(default_factory=list)  # append mode: new target UIDs
+    matched: int = 0  # append mode, fallback: legacy messages found on the target by Message-ID + size
 
 
 @dataclasses.dataclass
@@ -110,6 +127,7 @@ class CopyOptions:
     batch_messages: int = 200  # commit (fsync + uidlist + watermark) after this many messages
     batch_bytes: int = 32 << 20  # ... or this many bytes
     memory_limit: int = 1 << 20  # bodies above this are spooled to the target folder's tmp/
+    lock_timeout: float = 30.0  # append mode: longest wait for Dovecot's uidlist lock (then MaildirLocked)
 
 
 def _owner(o: Owner | str) -> Owner:
@@ -159,7 +177,8 @@ def copy_account(
 
         inbox: MaildirFolder | None = None
         for plan in plans:
-            fres, folder = _copy_folder(
+            copy_one = _append_folder if mode == "append" else _copy_folder
+            fres, folder = copy_one(
                 src, account, plan, marks.get(plan.legacy), store, address, opts, counters, tick
             )
             result.folders.append(fres)
@@ -168,10 +187,11 @@ def copy_account(
             if plan.target == "INBOX":
                 inbox = folder
 
-        # subscriptions: legacy LSUB mapped through the same plan (unknown names mapped by name)
         by_legacy = {p.legacy: p.target for p in plans}
+        # append mode: subscriptions and folders belong to the user now
+        # subscriptions: legacy LSUB mapped through the same plan (unknown names mapped by name)
         subs = []
-        for name in src.subscribed():
+        for name in src.subscribed() if mode != "append" else []:
             target = by_legacy.get(name)
             if target is None:
                 try:
@@ -179,8 +199,9 @@ def copy_account(
                 except ValueError:
                     continue
             subs.append(target)
-        account.write_subscriptions(subs)
-        result.subscriptions = sorted(set(subs))
+        if mode != "append":
+            account.write_subscriptions(subs)
+            result.subscriptions = sorted(set(subs))
 
         if mode == "delta":
             # folders gone from the legacy side go from the target too; the special folders stay (Dovecot
@@ -194,7 +215,7 @@ def copy_account(
                 if legacy_name not in by_legacy:
                     store.clear_folder_marks(address, legacy_name)
 
-    if source_params.pop3_port and inbox is not None:
+    if source_params.pop3_port and inbox is not None and mode != "append":
         matched, unmatched = _pop3_uidls(source_params, inbox)
         result.pop3_matched, result.pop3_unmatched = matched, unmatched
     store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
@@ -258,29 +279,139 @@ def _copy_folder(
     # new messages
     last = folder.last_uid
     if status.exists and (status.uidnext == 0 or status.uidnext > last + 1):
-        batch_bytes = 0
-        for msg in src.fetch(f"{last + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit):
-            if msg.uid is None or msg.uid <= last or msg.body is None:
-                if msg.body is not None:
-                    msg.body.discard()
-                continue  # "N:*" also answers the highest UID when it is below N
-            size = folder.stage(msg.uid, msg.body, msg.flags or (), msg.internaldate)
-            last = msg.uid
-            fres.copied += 1
-            fres.bytes += size
-            batch_bytes += size
-            counters["done"] += 1
-            counters["bytes"] += size
-            if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
-                folder.commit()
-                set_mark()
-                store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
-                batch_bytes = 0
-            tick(plan.legacy)
-        folder.commit()
-        set_mark()
+        try:
+            _fetch_new(src, folder, plan, last, fres, store, address, opts, counters, tick, set_mark)
+        except BaseException:
+            folder.abort()  # nothing staged becomes visible; committed batches stay (resume point)
+            raise
     fres.messages = len(folder.records)
     return fres, folder
+
+
+def _fetch_new(
+    src: LegacySource,
+    folder: MaildirFolder,
+    plan: FolderPlan,
+    last: int,
+    fres: FolderResult,
+    store: CopyStore,
+    address: str,
+    opts: CopyOptions,
+    counters: dict[str, int],
+    tick: Callable[[str], None],
+    set_mark: Callable[[], None],
+) -> None:
+    batch_bytes = 0
+    for msg in src.fetch(f"{last + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit):
+        if msg.uid is None or msg.uid <= last or msg.body is None:
+            if msg.body is not None:
+                msg.body.discard()
+            continue  # "N:*" also answers the highest UID when it is below N
+        size = folder.stage(msg.uid, msg.body, msg.flags or (), msg.internaldate)
+        last = msg.uid
+        fres.copied += 1
+        fres.bytes += size
+        batch_bytes += size
+        counters["done"] += 1
+        counters["bytes"] += size
+        if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
+            folder.commit()
+            set_mark()
+            store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+            batch_bytes = 0
+        tick(plan.legacy)
+    folder.commit()
+    set_mark()
+
+
+def _append_folder(
+    src: LegacySource,
+    account: MaildirAccount,
+    plan: FolderPlan,
+    mark: FolderMark | None,
+    store: CopyStore,
+    address: str,
+    opts: CopyOptions,
+    counters: dict[str, int],
+    tick: Callable[[str], None],
+) -> tuple[FolderResult, MaildirFolder]:
+    """Append mode for one folder (module doc): legacy messages above the watermark, new UIDs, under lock."""
+    status = src.examine(plan.legacy)
+    fres = FolderResult(plan.legacy, plan.target, status.uidvalidity)
+    folder = account.folder(plan.target).open_shared()
+    known: set[tuple[str, int]] | None = None
+    if mark is not None and mark.uidvalidity == status.uidvalidity:
+        watermark = mark.last_uid
+    else:
+        watermark = 0
+        known = {
+            _identity(folder.read_header(uid), folder.file_vsize(uid))
+            for uid, rec in folder.records.items()
+            if rec.subdir  # a file Dovecot is just expunging has none
+        }
+        known.discard(("", 0))
+    tags = folder.legacy_tags(status.uidvalidity)
+    watermark = max(watermark, max(tags, default=0))
+    last = watermark
+
+    def commit() -> None:
+        fres.appended_uids += folder.commit_append(status.uidvalidity, opts.lock_timeout)
+        store.set_folder_mark(
+            address, FolderMark(plan.legacy, status.uidvalidity, last, len(folder.records))
+        )
+
+    if status.exists and (status.uidnext == 0 or status.uidnext > watermark + 1):
+        try:
+            batch_bytes = 0
+            for msg in src.fetch(
+                f"{watermark + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit
+            ):
+                if msg.uid is None or msg.uid <= watermark or msg.body is None:
+                    if msg.body is not None:
+                        msg.body.discard()
+                    continue
+                if known is not None:
+                    ident = _identity(msg.body.head(1 << 18), msg.body.vsize)
+                    if ident in known:
+                        msg.body.discard()
+                        fres.matched += 1
+                        last = msg.uid
+                        continue
+                size = folder.stage_append(
+                    msg.body, msg.flags or (), msg.internaldate, (status.uidvalidity, msg.uid)
+                )
+                last = msg.uid
+                fres.copied += 1
+                fres.bytes += size
+                batch_bytes += size
+                counters["done"] += 1
+                counters["bytes"] += size
+                if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
+                    commit()
+                    batch_bytes = 0
+                tick(plan.legacy)
+            commit()
+        except BaseException:
+            folder.abort()
+            raise
+    elif mark is None or mark.uidvalidity != status.uidvalidity or mark.last_uid != last:
+        store.set_folder_mark(address, FolderMark(plan.legacy, status.uidvalidity, last, len(folder.records)))
+    fres.messages = len(folder.records)
+    return fres, folder
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def _identity(header: bytes, size: int) -> tuple[str, int]:
+    """(Message-ID, size with CRLF line ends) for the append-mode fallback; ("", 0) without a Message-ID."""
+    end = header.find(b"\r\n\r\n")
+    if end < 0:
+        end = header.find(b"\n\n")
+    m = _MESSAGE_ID.search(header if end < 0 else header[:end])
+    if not m:
+        return "", 0
+    return " ".join(m.group(1).decode("utf-8", "replace").split()), size
 
 
 def _pop3_uidls(params: SourceParams, inbox: MaildirFolder) -> tuple[int, list[str]]:

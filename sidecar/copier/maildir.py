@@ -17,6 +17,14 @@ then replaces dovecot-keywords and dovecot-uidlist (write, fsync, rename, fsync 
 recorded only after commit() returned. No partial message is ever visible in cur/; a file in cur/ that the
 uidlist does not name (a crash between rename and uidlist) is removed when the folder is opened again,
 which is safe because the copier owns the mailbox exclusively until cutover.
+
+Append mode (after cutover Dovecot owns the mailbox): `open_shared()` reads a folder without cleaning anything
+(a file in cur/ or new/ that the uidlist does not name is Dovecot's, waiting for a UID), `stage_append()` writes
+into tmp/ under a base name that carries the legacy (UIDVALIDITY, UID) (`...Q<n>L<uidvalidity>x<uid>.<host>`,
+see `legacy_tags()`), and `commit_append()` takes Dovecot's own uidlist lock (`dovecot-uidlist.lock`, O_EXCL,
+content `pid:hostname`, readable by the mail user), re-reads uidlist and keywords, gives the messages the next
+free UIDs (`max(N, last UID + 1)`), renames them into cur/ and rewrites the uidlist (tmp + rename), then releases
+the lock. Existing lines and files are never touched.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import os
+import re
 import shutil
 import socket
 import time
@@ -59,6 +68,98 @@ class MaildirError(Exception):
     """The target mailbox is not in a state we can write (corrupt uidlist, UID order broken)."""
 
 
+class MaildirLocked(MaildirError):
+    """Dovecot (or another writer) held the folder's uidlist lock for longer than we wait: temporary."""
+
+
+LOCK = "dovecot-uidlist.lock"
+KEYWORDS_LOCK = "dovecot-keywords.lock"
+LOCK_STALE = 120.0  # seconds: a lock this old whose holder we cannot check is overridden (Dovecot: 2 min)
+_TAG_RE = re.compile(r"\.M\d+P\d+Q\d+L(\d+)x(\d+)\.")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DotLock:
+    """Dovecot's dot-lock: `<name>.lock` created with O_EXCL, content `pid:hostname`.
+
+    A lock naming a dead pid on this host is overridden at once; one older than LOCK_STALE (a holder on
+    another host, or a hung one) too. Waits up to `timeout` seconds, then raises MaildirLocked.
+    """
+
+    def __init__(self, path: Path, owner: Owner, timeout: float = 30.0) -> None:
+        self.path = path
+        self.owner = owner
+        self.timeout = timeout
+        self.held = False
+
+    def __enter__(self) -> DotLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        me = f"{os.getpid()}:{socket.gethostname()}"
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileExistsError:
+                if self._stale():
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                if time.monotonic() > deadline:
+                    raise MaildirLocked(f"{self.path} held for more than {self.timeout:.0f}s") from None
+                time.sleep(0.02)
+                continue
+            try:
+                _chown(fd, self.owner)  # Dovecot (the mail user) must be able to read it
+                os.fchmod(fd, 0o644)
+                os.write(fd, me.encode())
+            finally:
+                os.close(fd)
+            self.held = True
+            return
+
+    def _stale(self) -> bool:
+        try:
+            content = self.path.read_text("ascii", "replace").strip()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False  # gone meanwhile: try again
+        pid, _, host = content.partition(":")
+        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            return True
+        return age > LOCK_STALE
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+
+def legacy_tag(uidvalidity: int, uid: int) -> str:
+    return f"L{uidvalidity}x{uid}"
+
+
+def parse_legacy_tag(name: str) -> tuple[int, int] | None:
+    """(legacy UIDVALIDITY, legacy UID) carried in a base name written by stage_append(), or None."""
+    m = _TAG_RE.search(name)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _host() -> str:
     return (
         socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054") or "localhost"
@@ -68,11 +169,11 @@ def _host() -> str:
 _seq = itertools.count(1)
 
 
-def new_basename(size: int, vsize: int) -> str:
+def new_basename(size: int, vsize: int, tag: str = "") -> str:
     now = time.time()
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}.{_host()},S={size},W={vsize}"
+    return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}{tag}.{_host()},S={size},W={vsize}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,6 +236,7 @@ class _Staged:
     base: str
     letters: str
     pop3_uidl: str | None
+    flags: tuple[str, ...] = ()  # append mode: letters are chosen under the lock
 
 
 def flags_to_letters(flags: Iterable[str], keyword_letter: dict[str, str]) -> str:
@@ -246,12 +348,16 @@ class MaildirFolder:
             self.records[uid] = Record(uid, name, name, "", "", pop3, tuple(ext))
         self.next_uid = max(self.next_uid, prev + 1)
 
-    def _scan_files(self) -> None:
+    def _scan_files(self, shared: bool = False) -> None:
+        """Find each record's file. Exclusive: remove files the uidlist does not name and forget records
+        without a file. Shared (Dovecot owns the folder): only look, change nothing."""
         by_base = {r.base: r for r in self.records.values()}
         for sub in ("cur", "new"):
             for name in os.listdir(self.path / sub):
                 base, _, info = name.partition(":")
                 rec = by_base.get(base)
+                if rec is None and shared:
+                    continue  # Dovecot's, waiting for a UID
                 if rec is None:
                     # written by an interrupted pass after its uidlist: not visible to anyone yet
                     with contextlib.suppress(FileNotFoundError):
@@ -261,6 +367,8 @@ class MaildirFolder:
                     continue
                 rec.filename, rec.subdir = name, sub
                 rec.letters = info[2:] if info.startswith("2,") else ""
+        if shared:
+            return
         missing = [uid for uid, r in self.records.items() if not r.subdir]
         for uid in missing:  # file gone (expunged by a pass interrupted before its uidlist rewrite)
             del self.records[uid]
@@ -285,6 +393,14 @@ class MaildirFolder:
             elif c in by_letter:
                 out.add(by_letter[c])
         return frozenset(out)
+
+    def file_vsize(self, uid: int) -> int:
+        """A message's size with CRLF line ends (the W= of its name, else counted)."""
+        m = re.search(r",W=(\d+)", self.records[uid].base)
+        if m:
+            return int(m.group(1))
+        data = self.file_path(uid).read_bytes()
+        return len(data) + data.count(b"\n") - data.count(b"\r\n")
 
     def read_header(self, uid: int, limit: int = 1 << 18) -> bytes:
         """The header block of a message (up to and including the empty line), at most `limit` bytes."""
@@ -352,12 +468,19 @@ class MaildirFolder:
         """Write one message into tmp/ (a spooled Body is moved); visible after commit(). Returns its size."""
         if uid <= self.last_uid or any(s.uid >= uid for s in self._staged):
             raise MaildirError(f"{self.path}: UID {uid} is not above the last UID")
+        tmp, base, size = self._write_tmp(body, internaldate)
+        self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl))
+        return size
+
+    def _write_tmp(
+        self, body: Body | bytes, internaldate: dt.datetime | None, tag: str = ""
+    ) -> tuple[Path, str, int]:
         if isinstance(body, bytes):
             b = Body(len(body), len(body) + 1, None)
             b.write(body)
             b.finish()
             body = b
-        base = new_basename(body.size, body.vsize)
+        base = new_basename(body.size, body.vsize, tag)
         tmp = self.tmp_dir / base
         if body.path is not None:
             if body.path.parent != self.tmp_dir:
@@ -384,8 +507,97 @@ class MaildirFolder:
         if internaldate is not None:
             ts = internaldate.timestamp()
             os.utime(tmp, (ts, ts))
-        self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl))
-        return body.size
+        return tmp, base, body.size
+
+    # --- append mode (Dovecot owns the folder) ---------------------------------------------------------
+    def open_shared(self) -> MaildirFolder:
+        """Open a folder Dovecot serves: create it when missing, read uidlist and keywords, clean nothing."""
+        _mkdir(self.path, self.owner)
+        for sub in ("cur", "new", "tmp"):
+            _mkdir(self.path / sub, self.owner)
+        if not self.is_inbox and not (self.path / "maildirfolder").exists():
+            fd = os.open(self.path / "maildirfolder", os.O_WRONLY | os.O_CREAT, 0o600)
+            _chown(fd, self.owner)
+            os.close(fd)
+        self._read_keywords()
+        self._read_uidlist()
+        self._scan_files(shared=True)
+        # our own leftovers only (an interrupted append): tmp/ also holds Dovecot's deliveries in progress
+        for leftover in self.tmp_dir.iterdir():
+            if parse_legacy_tag(leftover.name) or leftover.name.startswith("autoport-spool."):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+        return self
+
+    def legacy_tags(self, uidvalidity: int) -> set[int]:
+        """Legacy UIDs (under uidvalidity) of messages appended by us: in the uidlist, or in cur/ and new/
+        without a UID yet (an append interrupted between rename and uidlist; Dovecot gives them one)."""
+        out = set()
+        names = [r.base for r in self.records.values()]
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError):
+                names.extend(os.listdir(self.path / sub))
+        for name in names:
+            tag = parse_legacy_tag(name)
+            if tag is not None and tag[0] == uidvalidity:
+                out.add(tag[1])
+        return out
+
+    def stage_append(
+        self,
+        body: Body | bytes,
+        flags: Iterable[str],
+        internaldate: dt.datetime | None,
+        legacy: tuple[int, int],
+    ) -> int:
+        """Write one legacy message into tmp/ for commit_append(); returns its size."""
+        tmp, base, size = self._write_tmp(body, internaldate, legacy_tag(*legacy))
+        self._staged.append(_Staged(0, tmp, base, "", None, tuple(flags)))
+        return size
+
+    def commit_append(self, uidvalidity: int = 0, lock_timeout: float = 30.0) -> list[int]:
+        """Give the staged messages new UIDs under Dovecot's uidlist lock; returns the UIDs, in order.
+
+        uidvalidity is used only when the folder has no uidlist yet (a folder new on the target).
+        """
+        if not self._staged:
+            return []
+        for s in self._staged:
+            fd = os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        uids: list[int] = []
+        with DotLock(self.path / LOCK, self.owner, lock_timeout):
+            self._read_uidlist()  # Dovecot may have appended lines (without raising N) since we looked
+            if not self.uidvalidity:
+                self.uidvalidity = uidvalidity or int(time.time())
+                self._dirty = True
+            wanted = {f for s in self._staged for f in s.flags if not f.startswith("\\")}
+            self._read_keywords()
+            if wanted - set(self.keywords):
+                with DotLock(self.path / KEYWORDS_LOCK, self.owner, lock_timeout):
+                    self._read_keywords()
+                    for s in self._staged:
+                        s.letters = self._letters(s.flags)
+                    if self._keywords_dirty:
+                        self._write_keywords()
+            for s in self._staged:
+                s.letters = self._letters(s.flags)
+            uid = max(self.next_uid, self.last_uid + 1)
+            for s in self._staged:
+                name = f"{s.base}:2,{s.letters}"
+                os.rename(s.tmp, self.path / "cur" / name)
+                self.records[uid] = Record(uid, s.base, name, "cur", s.letters)
+                uids.append(uid)
+                uid += 1
+            self.next_uid = uid
+            _fsync_dir(self.path / "cur")
+            self._staged = []
+            self._write_uidlist()
+            self._dirty = False
+        return uids
 
     def set_flags(self, uid: int, flags: Iterable[str]) -> bool:
         """Give a stored message exactly these flags and keywords; True when something changed."""
@@ -436,12 +648,24 @@ class MaildirFolder:
         self._staged = []
         self._cur_dirty = False
         if self._keywords_dirty:
-            lines = "".join(f"{i} {k}\n" for k, i in sorted(self.keywords.items(), key=lambda kv: kv[1]))
-            write_file_atomic(self.path / KEYWORDS, lines.encode("utf-8", "surrogateescape"), self.owner)
-            self._keywords_dirty = False
+            self._write_keywords()
         if self._dirty or not (self.path / UIDLIST).exists():
             self._write_uidlist()
             self._dirty = False
+
+    def _write_keywords(self) -> None:
+        lines = "".join(f"{i} {k}\n" for k, i in sorted(self.keywords.items(), key=lambda kv: kv[1]))
+        path = self.path / KEYWORDS
+        try:
+            old_mtime: int | None = int(path.stat().st_mtime)
+        except FileNotFoundError:
+            old_mtime = None
+        write_file_atomic(path, lines.encode("utf-8", "surrogateescape"), self.owner)
+        # Dovecot re-reads dovecot-keywords only when its mtime (whole seconds) changed: a process that read
+        # it earlier in the same second would map the new letters to "unknown-N". Make the mtime grow.
+        if old_mtime is not None and int(path.stat().st_mtime) <= old_mtime:
+            os.utime(path, (old_mtime + 1, old_mtime + 1))
+        self._keywords_dirty = False
 
     def _write_uidlist(self) -> None:
         if not self.uidvalidity:
