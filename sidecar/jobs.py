@@ -29,11 +29,14 @@ from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import Config
 from sidecar.states import IllegalTransition, State
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from sidecar.copier import CopyResult
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -191,8 +194,8 @@ class JobRunner:
             return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
         raise WaitForCredentials(address)
 
-    def _copy_pass(self, address: str, mode: str, source: Any) -> Any:
-        from sidecar.copier import CopyResult, Progress, copy_account, target_home
+    def _copy_pass(self, address: str, mode: str, source: Any) -> CopyResult:
+        from sidecar.copier import Progress, copy_account, target_home
 
         copy: Callable[..., Any] = self._copy or copy_account
         home = target_home(self.cfg.target.mail_root, address)
@@ -236,15 +239,17 @@ class JobRunner:
                                 address)
                     return
                 raise
+            copied_bytes = account.bytes_copied
             if account.state is State.COPYING:
-                self._copy_pass(address, "initial", source)
+                initial = self._copy_pass(address, "initial", source)
+                copied_bytes = sum(f.bytes for f in initial.folders)
                 self.store.transition(address, State.CUTOVER, expect=State.COPYING, reason="initial copy done")
                 self.store.record_event(address, "cutover", "mail held while the final delta runs")
                 # mail already handed to the legacy relay before the switch lands there; let it settle
                 self.stopping.wait(self.cfg.limits.cutover_grace)
             self._copy_pass(address, "delta", source)
             account = self.store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
-            self.store.set_progress(address, copied=account.messages_total)
+            self.store.set_progress(address, copied=account.messages_total, bytes_copied=copied_bytes)
             self.store.set_error(address, "")
             released = self.hooks.release_held(address)
             self.hooks.after_migrated(address, list(account.logins))

@@ -13,6 +13,7 @@ import poplib
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,57 @@ def _greeting_smtp(host: str, port: int) -> str:
         return f"{s.sock.getpeername() if s.sock else ''} {code} {msg.decode(errors='replace')}"
 
 
+_DEMO_MAIL = """From: someone@elsewhere.test
+To: {to}
+Subject: sent during the migration
+Message-ID: <demo-during-migration@elsewhere.test>
+
+This message arrived while the mailbox was being moved. It is delivered exactly once.
+"""
+
+
+def _inbox(host: str, port: int, user: dict[str, Any]) -> tuple[str, int]:
+    with imaplib.IMAP4(host, port, timeout=30) as c:
+        c.login(user["login"], user["password"])
+        _typ, data = c.select("INBOX", readonly=True)
+        uidvalidity = (c.response("UIDVALIDITY")[1][0] or b"?").decode()
+        return uidvalidity, int(data[0] or 0)
+
+
+def _follow(config: str, address: str, timeout: float = 120) -> str:
+    """Print the account's state changes until it settles; return the final state."""
+    from sidecar import config as config_mod
+    from sidecar.store import open_store
+
+    cfg = config_mod.load(config)
+    store = open_store(cfg.store.url)
+    seen = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            account = store.get(address)
+            state = account.state.value if account else "(none)"
+            if state != seen:
+                extra = f" ({account.messages_copied}/{account.messages_total} messages)" if account else ""
+                print(f"  {time.strftime('%H:%M:%S')}  {address}: {state}{extra}", flush=True)
+                seen = state
+            if state in ("migrated", "failed"):
+                return state
+            time.sleep(0.2)
+    finally:
+        store.close()
+    return seen
+
+
+def _wait_for_count(host: str, port: int, user: dict[str, Any], count: int, timeout: float = 30) -> tuple[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = _inbox(host, port, user)
+        if got[1] >= count or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
 def run(lab_dir: Path, *, keep: bool = False) -> int:
     _say(f"starting a legacy server and a target stack on loopback in {lab_dir}")
     launcher.lab_down(lab_dir) if (lab_dir / "lab-state.json").exists() else None
@@ -56,13 +108,19 @@ def run(lab_dir: Path, *, keep: bool = False) -> int:
         print(f"target SMTP: {_greeting_smtp(tg['host'], tg['smtp'])}")
         user: dict[str, Any] = info["users"][0]
         _say(f"{user['login']} logs in on the TARGET with the password they have on the legacy server")
-        with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
-            c.login(user["login"], user["password"])
-            _typ, data = c.select("INBOX", readonly=True)
-            uidvalidity = c.response("UIDVALIDITY")[1][0] or b"?"
-            count = data[0] or b"?"
-            print(f"login OK; INBOX has {count.decode()} messages, UIDVALIDITY {uidvalidity.decode()}")
-            print("(the session is proxied to the legacy server until the account's mailbox is copied)")
+        before = _inbox(tg["host"], tg["imap"], user)
+        print(f"login OK; INBOX has {before[1]} messages, UIDVALIDITY {before[0]}")
+        print("(verified on the legacy server, hash stored, session proxied there, copy queued)")
+        _say("mail to the user while the copy runs: relayed to the legacy server, or held during cutover")
+        with smtplib.SMTP(tg["host"], tg["smtp"], timeout=30) as s:
+            s.sendmail("someone@elsewhere.test", [user["address"]], _DEMO_MAIL.format(to=user["address"]).encode())
+        print("250 accepted by the target's Postfix")
+        _say("the job runner copies the mailbox, holds mail for the final delta, then switches the account")
+        state = _follow(info["config"], user["address"])
+        if state != "migrated":
+            raise RuntimeError(f"account ended in state {state}")
+        after = _wait_for_count(tg["host"], tg["imap"], user, before[1] + 1)
+        print(f"native login OK; INBOX has {after[1]} messages, UIDVALIDITY {after[0]} (unchanged: no re-download)")
         _say(f"autoport status {user['address']}")
         subprocess.run(
             [launcher._bin("autoport"), "--config", info["config"], "status", user["address"]], check=False
@@ -72,8 +130,9 @@ def run(lab_dir: Path, *, keep: bool = False) -> int:
         _say("operability checks")
         sm = tg["socketmap"]
         for cmd in (
-            ["postmap", "-q", user["address"], f"socketmap:{sm}:transport"],
-            ["postmap", "-q", f"nobody@{info['domains'][0]}", f"socketmap:{sm}:transport"],
+            ["postmap", "-c", tg["postfix_config"], "-q", user["address"], f"socketmap:{sm}:transport"],
+            ["postmap", "-c", tg["postfix_config"], "-q", info["users"][1]["address"], f"socketmap:{sm}:transport"],
+            ["doveadm", "-c", tg["dovecot_config"], "user", user["address"]],
         ):
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             print(f"$ {' '.join(cmd)}\n{out.stdout.strip() or out.stderr.strip()}")

@@ -184,7 +184,12 @@ def lab_up(
         "dir": str(lab_dir),
         "config": str(config_path),
         "legacy": legacy_info,
-        "target": tgt.to_json(),
+        "target": {
+            **tgt.to_json(),
+            "postfix_config": str(tgt.postfix_config),
+            "dovecot_config": str(tgt.dovecot_config),
+            "mail_root": str(tgt.mail_root),
+        },
         "users": [{"address": u["address"], "login": u["login"], "password": u["password"]} for u in user_list],
         "domains": domains,
         "store": store_url,
