@@ -158,6 +158,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             store=args.store,
             bare_logins=args.bare_logins,
             seed=args.seed,
+            nodes=args.nodes,
         )
         if args.json:
             print(json.dumps(info, indent=2))
@@ -216,13 +217,398 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--store", default="sqlite", choices=["sqlite", "postgresql"], help="state store backend")
     s.add_argument("--bare-logins", action="store_true", help="legacy users log in with bare local parts")
     s.add_argument("--seed", type=int, default=1, help="mailbox generator seed")
+    s.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="front-end nodes (2 needs --store postgresql)")
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")
     s.add_argument("--dir", default="/tmp/autoport-demo")  # noqa: S108 - a lab dir must be short and world-traversable
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
+    _add_ops_parsers(sub)
     return p
+
+
+# --- report, migrate, passwd, import-hashes, alias (sidecar/report.py, sidecar/ops.py) -------------------------
+
+
+def _ops_error(e: Exception) -> int:
+    print(f"autoport: {e}", file=sys.stderr)
+    return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sidecar import ops
+    from sidecar.report import COLUMNS, build_report
+
+    cfg = _load_config(args)
+    if args.format == "csv" and not args.section:
+        print(f"autoport: --format csv needs --section (one of {', '.join(COLUMNS)})", file=sys.stderr)
+        return 2
+    store = _open_store(cfg)
+    try:
+        users = ops.read_address_file(args.users, cfg) if args.users else None
+        report = build_report(cfg, store, days=args.days, users=users, users_source=args.users or "")
+    except ops.OpsError as e:
+        return _ops_error(e)
+    finally:
+        store.close()
+    if args.format == "json":
+        data = report.to_dict()
+        print(json.dumps(data if not args.section else {args.section: data[args.section]}, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=COLUMNS[args.section], lineterminator="\n")
+        w.writeheader()
+        for row in report.rows(args.section):
+            w.writerow({k: "; ".join(v) if isinstance(v, list) else v for k, v in row.items()})
+    else:
+        _print_report(report, args.section)
+    return 0
+
+
+def _print_report(report: object, only: str | None) -> None:
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sidecar.report import COLUMNS, SECTIONS, Report
+
+    assert isinstance(report, Report)
+    console = Console()
+    titles = {
+        "accounts": "Accounts per domain and state",
+        "dormant": "Dormant addresses: mail arrives, nobody ever logged in",
+        "aliases": "Suspected aliases and lists on the legacy server (not mailboxes)",
+        "auto_rules": "Auto-responders, forwards and late deliveries seen from the legacy server",
+        "failures": "Copy failures",
+        "legacy_traffic": f"Mail still routed to the legacy server (last {report.days} days)",
+    }
+    for section in SECTIONS:
+        if section == "readiness" or (only and section != only):
+            continue
+        rows = report.rows(section)
+        if section == "accounts":
+            table = Table(title=titles[section])
+            table.add_column("domain")
+            states = list(report.by_state)
+            for s in states:
+                table.add_column(s, justify="right")
+            for domain, counts in report.by_domain.items():
+                table.add_row(domain, *(str(counts[s]) for s in states))
+            table.add_row("total", *(str(report.by_state[s]) for s in states), style="bold")
+            console.print(table)
+            continue
+        if not rows:
+            console.print(f"{titles[section]}: none")
+            continue
+        table = Table(title=titles[section])
+        for col in COLUMNS[section]:
+            justify = "right" if col in ("messages", "bytes", "attempts") else "left"
+            # addresses are never cut: an administrator copies them into the next command
+            overflow = "fold" if col in ("address", "recipient", "sender") else "ellipsis"
+            table.add_column(col.replace("_", " "), justify=justify, overflow=overflow)  # type: ignore[arg-type]
+        for row in rows:
+            cells = []
+            for c in COLUMNS[section]:
+                v = row[c]
+                if c in ("first_seen", "last_seen", "updated_at") and v:
+                    v = datetime.datetime.fromisoformat(v).astimezone().strftime("%Y-%m-%d %H:%M")
+                cells.append("\n".join(v) if isinstance(v, list) else str(v))
+            table.add_row(*cells)
+        console.print(table)
+    if not only or only == "readiness":
+        if report.readiness.ready:
+            console.print("[bold green]Ready to retire the legacy server.[/]")
+        else:
+            console.print("[bold red]Not ready to retire the legacy server:[/]")
+            for reason in report.readiness.reasons:
+                console.print(f"  - {reason}")
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from sidecar import ops
+
+    cfg = _load_config(args)
+    store = _open_store(cfg)
+    try:
+        ops.require_admin(cfg)
+        if args.all:
+            if args.from_file:
+                addresses = ops.read_address_file(args.from_file, cfg)
+                print(f"legacy user list: {args.from_file} ({len(addresses)} addresses)")
+            else:
+                addresses = ops.known_addresses(cfg, store)
+                print(
+                    f"legacy user list: no --from FILE, so the store's accounts and the recipients in the message "
+                    f"log ({len(addresses)} addresses; suspected aliases and lists left out)"
+                )
+        elif args.dormant:
+            from sidecar.report import build_report
+
+            report = build_report(cfg, store)
+            addresses = [d.address for d in report.dormant if d.state != "migrated"]
+            print(f"dormant addresses: {len(addresses)}")
+            if report.aliases:
+                print(
+                    f"left out {len(report.aliases)} suspected alias(es)/list(s): "
+                    + ", ".join(a.address for a in report.aliases)
+                    + " (name them to migrate them anyway)"
+                )
+        else:
+            addresses = []
+            for a in args.addresses:
+                address = ops.our_address(a, cfg)
+                if address not in addresses:
+                    addresses.append(address)
+        if not addresses:
+            print("nothing to migrate")
+            return 0
+        queued = ops.queue_migrations(cfg, store, addresses)
+        for q in queued:
+            print(f"{q.address}: {q.outcome}" + (f" (was {q.before})" if q.before and q.outcome == "queued" else ""))
+        if not args.wait:
+            print("the running sidecar (autoport serve) copies them; follow with `autoport status ADDRESS`")
+            return 0
+        return _wait_migrations(cfg, store, [q.address for q in queued], args.timeout)
+    except ops.OpsError as e:
+        return _ops_error(e)
+    finally:
+        store.close()
+
+
+def _wait_migrations(cfg: config_mod.Config, store: Store, addresses: list[str], timeout: float) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from sidecar import ops
+    from sidecar.states import State
+
+    console = Console()
+    done_states = (State.MIGRATED, State.FAILED)
+    started = time.monotonic()
+    last_change = started
+    warned = False
+    seen: dict[str, tuple[object, ...]] = {}
+    accounts = ops.progress(store, addresses)
+    console.print(
+        f"waiting for {len(addresses)} account(s); the sidecar copies {cfg.limits.copy_concurrency} at a time "
+        "(limits.copy_concurrency)"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    ) as bar:
+        overall = bar.add_task("accounts done", total=len(addresses))
+        tasks: dict[str, TaskID] = {}
+        finished: set[str] = set()
+        while True:
+            accounts = ops.progress(store, addresses)
+            for address, acc in accounts.items():
+                if acc is None or address in finished:
+                    continue
+                key = (acc.state, acc.messages_copied, acc.messages_total)
+                if seen.get(address) != key:
+                    seen[address] = key
+                    last_change = time.monotonic()
+                active = acc.state in (State.COPYING, State.CUTOVER) and (acc.messages_total or acc.messages_copied)
+                if (active or acc.state in done_states) and address not in tasks:
+                    tasks[address] = bar.add_task(address, total=acc.messages_total or None)
+                if address in tasks:
+                    bar.update(
+                        tasks[address],
+                        description=f"{address} {acc.state.value}",
+                        completed=acc.messages_copied,
+                        total=acc.messages_total or None,
+                    )
+                if acc.state in done_states:
+                    finished.add(address)
+                    bar.update(overall, advance=1)
+                    if address in tasks:
+                        bar.update(tasks[address], visible=False)
+                    bar.console.print(f"{address}: {acc.state.value} ({acc.messages_copied} messages)")
+            if len(finished) == len(addresses):
+                break
+            now = time.monotonic()
+            if timeout and now - started > timeout:
+                bar.console.print(f"timed out after {timeout:.0f} s; the copies go on in the sidecar")
+                break
+            if not warned and now - last_change > 60:
+                bar.console.print("no progress for 60 s: is `autoport serve` running with limits.copy_concurrency > 0?")
+                warned = True
+            time.sleep(0.5)
+    table = Table(title="bulk migration")
+    for col in ("address", "state", "messages", "bytes", "last error"):
+        table.add_column(col, justify="right" if col in ("messages", "bytes") else "left")
+    for address, acc in accounts.items():
+        if acc is None:
+            table.add_row(address, "-", "0", "0", "no account")
+            continue
+        table.add_row(address, acc.state.value, str(acc.messages_copied), str(acc.bytes_copied), acc.last_error or "")
+    console.print(table)
+    states = [a.state if a else None for a in accounts.values()]
+    if all(s is State.MIGRATED for s in states):
+        return 0
+    return 1 if any(s is State.FAILED for s in states) else EX_TEMPFAIL
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass
+
+    from sidecar import ops
+
+    cfg = _load_config(args)
+    try:
+        address = ops.our_address(args.address, cfg)
+    except ops.OpsError as e:
+        return _ops_error(e)
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"new password for {address}: ")
+        if getpass.getpass("again: ") != password:
+            print("autoport: the passwords differ; nothing changed", file=sys.stderr)
+            return 1
+    store = _open_store(cfg)
+    try:
+        account = ops.set_password(cfg, store, address, password)
+    except ops.OpsError as e:
+        return _ops_error(e)
+    finally:
+        store.close()
+    print(f"password set for {account.address} ({cfg.hash.scheme})")
+    if account.state.value != "migrated":
+        print(
+            f"{account.address} is {account.state.value}: the password works once it is migrated; until then its "
+            "logins are checked on the legacy server, and a successful one replaces it"
+        )
+    return 0
+
+
+def cmd_import_hashes(args: argparse.Namespace) -> int:
+    from sidecar import ops
+
+    cfg = _load_config(args)
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"autoport: {args.file}: cannot read: {e}", file=sys.stderr)
+        return 1
+    try:
+        schemes = ops.dovecot_schemes(cfg)
+        entries, errors = ops.parse_hash_file(text, cfg, schemes)
+    except ops.OpsError as e:
+        return _ops_error(e)
+    if errors:
+        for err in errors:
+            print(f"autoport: {args.file}: {err}", file=sys.stderr)
+        print(f"autoport: {len(errors)} bad line(s): nothing imported", file=sys.stderr)
+        return 1
+    store = _open_store(cfg)
+    try:
+        result = ops.import_hashes(store, entries, force=args.force)
+    finally:
+        store.close()
+    print(f"imported {len(result.imported)} password hash(es)" + (
+        f", {len(result.created)} new account(s) (discovered)" if result.created else ""))  # fmt: skip
+    if result.kept:
+        print(f"kept {len(result.kept)} account(s) that already have a password (--force replaces): "
+              + ", ".join(result.kept))  # fmt: skip
+    return 0
+
+
+def cmd_alias(args: argparse.Namespace) -> int:
+    from sidecar import ops
+
+    cfg = _load_config(args)
+    store = _open_store(cfg)
+    try:
+        if args.action == "add":
+            if not args.alias or not args.targets:
+                print("autoport: alias add ALIAS TARGET[,TARGET...]", file=sys.stderr)
+                return 2
+            alias = ops.add_alias(cfg, store, args.alias, args.targets, replace=args.replace)
+            print(f"{alias.alias} -> {', '.join(alias.targets)}")
+        elif args.action == "remove":
+            if not args.alias:
+                print("autoport: alias remove ALIAS", file=sys.stderr)
+                return 2
+            address = ops.alias_address(args.alias, cfg)
+            if not store.remove_alias(address):
+                print(f"autoport: no alias {address}", file=sys.stderr)
+                return 1
+            print(f"{address} removed")
+        elif args.action == "list":
+            rows = store.aliases()
+            if args.json:
+                print(json.dumps([{"alias": a.alias, "targets": list(a.targets)} for a in rows], indent=2))
+            else:
+                for a in rows:
+                    print(f"{a.alias} {', '.join(a.targets)}")  # virtual(5) lines: `alias import` reads them back
+        else:
+            if not args.alias:
+                print("autoport: alias import FILE", file=sys.stderr)
+                return 2
+            try:
+                text = Path(args.alias).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                print(f"autoport: {args.alias}: cannot read: {e}", file=sys.stderr)
+                return 1
+            entries, errors, notes = ops.parse_virtual(text, cfg)
+            for n in notes:
+                print(f"{args.alias}: {n}")
+            if errors:
+                for err in errors:
+                    print(f"autoport: {args.alias}: {err}", file=sys.stderr)
+                print(f"autoport: {len(errors)} bad line(s): nothing imported", file=sys.stderr)
+                return 1
+            done = ops.import_aliases(cfg, store, entries)
+            print(f"imported {len(done)} alias(es)")
+    except ops.OpsError as e:
+        return _ops_error(e)
+    finally:
+        store.close()
+    return 0
+
+
+def _add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from sidecar.report import SECTIONS
+
+    s = sub.add_parser("report", help="what is left before the legacy server can be retired")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    s.add_argument("--section", choices=SECTIONS, help="one section only (required with --format csv)")
+    s.add_argument("--days", type=int, default=7, help="window for mail still routed to the legacy server")
+    s.add_argument("--users", metavar="FILE", help="the legacy server's user list (one address per line)")
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("migrate", help="migrate accounts in bulk with the legacy admin credentials")
+    s.add_argument("addresses", nargs="*", metavar="ADDRESS")
+    group = s.add_mutually_exclusive_group()
+    group.add_argument("--dormant", action="store_true", help="every dormant address of `autoport report`")
+    group.add_argument("--all", action="store_true", help="every legacy user (--from FILE, or what the store knows)")
+    s.add_argument("--from", dest="from_file", metavar="FILE", help="legacy user list for --all, one address a line")
+    s.add_argument("--wait", action="store_true", help="show progress until each account is migrated or failed")
+    s.add_argument("--timeout", type=float, default=0.0, help="stop waiting after SECONDS (0: never)")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("passwd", help="set an account's password (read from the terminal, or --stdin)")
+    s.add_argument("address", metavar="ADDRESS")
+    s.add_argument("--stdin", action="store_true", help="read the password from the first line of stdin")
+    s.set_defaults(func=cmd_passwd)
+
+    s = sub.add_parser("import-hashes", help="import Dovecot-compatible hashes exported from the legacy server")
+    s.add_argument("file", metavar="FILE", help="user:{SCHEME}hash lines (passwd-file) or address,hash (CSV)")
+    s.add_argument("--force", action="store_true", help="also replace hashes of accounts that have one")
+    s.set_defaults(func=cmd_import_hashes)
+
+    s = sub.add_parser("alias", help="aliases served to Postfix (virtual_alias_maps)")
+    s.add_argument("action", choices=["add", "remove", "list", "import"])
+    s.add_argument("alias", nargs="?", metavar="ALIAS|FILE")
+    s.add_argument("targets", nargs="*", metavar="TARGET[,TARGET...]")
+    s.add_argument("--replace", action="store_true", help="alias add: the targets given replace the old ones")
+    s.add_argument("--json", action="store_true", help="alias list as JSON")
+    s.set_defaults(func=cmd_alias)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from sidecar.lab.proc import LabError
 
 LEGACY_HOST = "127.0.0.2"
 TARGET_HOST = "127.0.0.3"
+NODE2_HOST = "127.0.0.4"
 SIDECAR = "sidecar"
 POSTGRES = "postgres"
 
@@ -85,8 +86,18 @@ def lab_up(
     sidecar: bool = True,
     messages_per_user: int | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
+    nodes: int = 1,
 ) -> dict[str, Any]:
-    """Start legacy (unless external), store, target stack and sidecar; return the lab description."""
+    """Start legacy (unless external), store, target stack and sidecar; return the lab description.
+
+    nodes=2 adds a second front-end node (Postfix + Dovecot + sidecar on NODE2_HOST, in DIR/node2) sharing the
+    store (PostgreSQL: store="postgresql" is required) and the mail root with the first: info["nodes"] lists the
+    target descriptions of all nodes, info["target"] is the first.
+    """
+    if nodes not in (1, 2):
+        raise LabError("the lab starts one or two front-end nodes")
+    if nodes == 2 and store != "postgresql":
+        raise LabError("several nodes share one migration through PostgreSQL: use --store postgresql")
     from sidecar.lab import legacy as legacy_mod
     from sidecar.lab import target as target_mod
 
@@ -175,6 +186,25 @@ def lab_up(
         config_path = Path(tgt.config)
         if not sidecar:
             _run_autoport(config_path, "store", "init")
+        node_infos = [_target_info(tgt)]
+        if nodes == 2:
+            node_dir = lab_dir / "node2"
+            node_dir.mkdir(exist_ok=True)
+            shared = {**(settings or {})}
+            shared["target"] = {**shared.get("target", {}), "mail_root": str(tgt.mail_root)}
+            tgt2 = target_mod.start_target(
+                node_dir,
+                host=NODE2_HOST,
+                legacy={**legacy_cfg, "ca_file": legacy_cfg.get("ca_file") or str(tgt.ca_file)},
+                domains=domains,
+                store_url=store_url,
+                sidecar=sidecar,
+                settings=shared,
+            )
+            node_infos.append({**_target_info(tgt2), "config": str(tgt2.config), "dir": str(node_dir)})
+            state = proc.load_state(lab_dir)
+            state["nodes"] = [str(node_dir)]
+            proc.save_state(lab_dir, state)
     except BaseException:
         with contextlib.suppress(Exception):
             lab_down(lab_dir)
@@ -184,12 +214,8 @@ def lab_up(
         "dir": str(lab_dir),
         "config": str(config_path),
         "legacy": legacy_info,
-        "target": {
-            **tgt.to_json(),
-            "postfix_config": str(tgt.postfix_config),
-            "dovecot_config": str(tgt.dovecot_config),
-            "mail_root": str(tgt.mail_root),
-        },
+        "target": node_infos[0],
+        "nodes": node_infos,
         "users": [{"address": u["address"], "login": u["login"], "password": u["password"]} for u in user_list],
         "domains": domains,
         "store": store_url,
@@ -199,6 +225,15 @@ def lab_up(
     state["info"] = info
     proc.save_state(lab_dir, state)
     return info
+
+
+def _target_info(tgt: Any) -> dict[str, Any]:
+    return {
+        **tgt.to_json(),
+        "postfix_config": str(tgt.postfix_config),
+        "dovecot_config": str(tgt.dovecot_config),
+        "mail_root": str(tgt.mail_root),
+    }
 
 
 def _start_store(lab_dir: Path, kind: str) -> str:
@@ -227,6 +262,8 @@ def lab_down(lab_dir: Path) -> list[str]:
     state = proc.load_state(lab_dir)
     pids: dict[str, int | None] = dict(state.get("pids") or {})
     stopped = []
+    for node in state.get("nodes") or []:
+        stopped += [f"node2:{n}" for n in lab_down(Path(node))]
     # Postfix and Dovecot have their own stop commands that also reap their children; use them first.
     with contextlib.suppress(Exception):
         from sidecar.lab import target as target_mod
@@ -258,6 +295,8 @@ def lab_restart(lab_dir: Path, name: str) -> int:
     state = proc.load_state(lab_dir)
     if not state:
         raise LabError(f"no lab in {lab_dir}")
+    if name.startswith("node2:"):
+        return lab_restart(lab_dir / "node2", name.split(":", 1)[1])
     if name.startswith("legacy-"):
         from sidecar.lab import legacy as legacy_mod
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ class TargetStack:
     submission: int
     managesieve: int
     socketmap: str  # Postfix notation: unix:PATH or inet:HOST:PORT
-    dashboard: str | None
+    dashboard: int | None  # the sidecar's dashboard port on `host` (token: [dashboard] in autoport.toml)
     dir: Path  # lab_dir
     config: Path  # autoport.toml, the sidecar's configuration
     dovecot_config: Path  # dovecot.conf
@@ -185,13 +186,16 @@ def start_target(
 
     ca = tlsgen.ensure_ca(lab_dir / "tls")
     cert = tlsgen.issue_cert(ca, TLS_NAME, ips=[host])
-    imap, pop3, smtp, submission, sieve, milter_port = _ports(host, 6)
+    imap, pop3, smtp, submission, sieve, milter_port, dashboard_port = _ports(host, 7)
     store_url = store_url or f"sqlite:///{lab_dir / 'state.db'}"
     auth_socket = run_dir / "auth.sock"
     socketmap = f"unix:{run_dir / 'socketmap.sock'}"
     milter = f"inet:{host}:{milter_port}"
 
     # the sidecar's configuration: validated by the schema, written with every key commented
+    dashboard = (
+        {"listen": f"{host}:{dashboard_port}", "token": secrets.token_urlsafe(24)} if sidecar else {"listen": ""}
+    )
     legacy_section: dict[str, Any] = {"ca_file": str(ca.cert_file), **dict(legacy or {})}
     data_cfg: dict[str, Any] = {
         "legacy": legacy_section,
@@ -203,7 +207,7 @@ def start_target(
             "dovecot_config": str(dv_dir / "dovecot.conf"),
             "postfix_config": str(pf_dir),
         },
-        "dashboard": {"listen": ""},
+        "dashboard": dashboard,
         "log": {"destination": "stderr"},
     }
     for section, values in (settings or {}).items():
@@ -273,13 +277,13 @@ def start_target(
         submission=submission,
         managesieve=sieve,
         socketmap=socketmap,
-        dashboard=None,
+        dashboard=int(cfg.dashboard.listen.rpartition(":")[2]) if sidecar and cfg.dashboard.listen else None,
         dir=lab_dir,
         config=config_file,
         dovecot_config=dv_dir / "dovecot.conf",
         postfix_config=pf_dir,
         queue_directory=queue,
-        mail_root=mail_root,
+        mail_root=Path(cfg.target.mail_root),  # a second node shares the first node's (settings["target"])
         auth_socket=auth_socket,
         milter=milter,
         store_url=store_url,
