@@ -7,6 +7,7 @@ the effective configuration with secrets redacted (render()).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -18,6 +19,8 @@ TlsMode = Literal["none", "starttls", "implicit"]
 VerifyProtocol = Literal["imap", "pop3", "smtp"]
 
 DEFAULT_PATH = "/etc/autoport/autoport.toml"
+MAX_FILE_BYTES = 1 << 20  # a configuration is a few KiB; anything near this is a mistake (or an attack)
+MAX_INT = 2**63 - 1  # what the store and C-level calls can hold
 REDACTED = "********"
 
 
@@ -143,6 +146,8 @@ class LimitsConfig:
     negative_cache_ttl: float = _f(60.0, "seconds a failed (user, password) is answered locally")
     copy_attempts: int = _f(5, "attempts before an account is marked failed")
     lease_seconds: float = _f(60.0, "copy job lease; a crashed node's job is taken over after it")
+    sweep_interval: float = _f(300.0, "seconds between trailing sweeps of a migrated account's legacy mailbox")
+    sweep_window: float = _f(0.0, "seconds after migration that sweeps go on (0: until finalize)")
     cutover_grace: float = _f(3.0, "seconds between holding an account's mail and its final delta (in-flight relays)")
 
 
@@ -199,11 +204,15 @@ def _check_value(path: str, key: str, hint: Any, value: Any, choices: tuple[str,
             raise bad("an integer")
         if value < 0:
             raise ConfigError(f"{path}: key '{key}' must not be negative, not {value}")
+        if value > (65535 if key.endswith("_port") else MAX_INT):
+            raise ConfigError(f"{path}: key '{key}' is too large: {value}")
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad("a number")
         if value < 0:
             raise ConfigError(f"{path}: key '{key}' must not be negative, not {value}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: key '{key}' must be a finite number, not {value}")
         value = float(value)
     elif hint is str:
         if not isinstance(value, str):
@@ -272,15 +281,20 @@ def load(path: str | os.PathLike[str]) -> Config:
     """Read and validate a configuration file."""
     p = Path(path)
     try:
-        raw = p.read_bytes()
+        with p.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_FILE_BYTES} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: TOML syntax error: {e}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(f"{p}: TOML nested too deeply") from None
     return from_dict(data, str(p))
 
 

@@ -45,6 +45,7 @@ CREDENTIAL_WAIT = 300.0
 POLL_INTERVAL = 1.0
 BACKOFF_BASE = 30.0
 BACKOFF_MAX = 3600.0
+KINDS = ("copy", "sweep")
 
 
 class Credentials(Protocol):
@@ -145,7 +146,7 @@ class JobRunner:
             leased = False
             if len(self.running) < max(1, self.cfg.limits.copy_concurrency):
                 try:
-                    job = self.store.lease(self.owner, kinds=("copy",), seconds=self.cfg.limits.lease_seconds)
+                    job = self.store.lease(self.owner, kinds=KINDS, seconds=self.cfg.limits.lease_seconds)
                 except StoreError as e:
                     log.warning("job lease failed: %s", e)
                     job = None
@@ -212,6 +213,50 @@ class JobRunner:
         return result
 
     def run_job(self, job: Job) -> None:
+        if job.kind == "sweep":
+            self.run_sweep(job)
+        else:
+            self.run_copy(job)
+
+    def run_sweep(self, job: Job) -> None:
+        """Trailing sweep: append mail that still lands in a migrated account's legacy mailbox (legacy-side
+        aliases, lists, forwards, its queue) to the target, once; every hit is recorded for the report."""
+        from sidecar.copier import SourceError
+
+        address = job.address
+        account = self.store.get(address)
+        if account is None or account.state is not State.MIGRATED:
+            self.store.finish(job.id, self.owner)
+            return
+        try:
+            source = self._source(address)
+        except WaitForCredentials:
+            # no password in memory any more and no admin credentials: nothing more we can sweep
+            log.info("trailing sweep of %s stops: no credentials (configure legacy admin credentials)", address)
+            self.store.finish(job.id, self.owner)
+            return
+        try:
+            result = self._copy_pass(address, "append", source)
+        except (SourceError, OSError) as e:
+            self.store.finish(job.id, self.owner, error=str(e), retry_at=self.clock() + self.cfg.limits.sweep_interval)
+            return
+        hits = result.messages_copied
+        if hits:
+            where = ", ".join(f"{f.target}: {f.copied}" for f in result.folders if f.copied)
+            self.store.record_event(address, "sweep-hit", f"{hits} message(s) arrived on the legacy server after "
+                                    f"cutover ({where}); a legacy-side rule or queue still delivers there")
+            log.warning("trailing sweep of %s found %d message(s) on the legacy server (%s)", address, hits, where)
+        self.store.finish(job.id, self.owner)
+        self._schedule_sweep(address, account.migrated_at)
+
+    def _schedule_sweep(self, address: str, migrated_at: float | None) -> None:
+        window = self.cfg.limits.sweep_window
+        now = self.clock()
+        if window and migrated_at and now > migrated_at + window:
+            return
+        self.store.enqueue(address, "sweep", not_before=now + self.cfg.limits.sweep_interval)
+
+    def run_copy(self, job: Job) -> None:
         from sidecar.copier import SourceAuthError, SourceError
 
         address = job.address
@@ -255,6 +300,7 @@ class JobRunner:
             self.hooks.after_migrated(address, list(account.logins))
             self.store.record_event(address, "migrated", f"{released} held message(s) released")
             self.store.finish(job.id, self.owner)
+            self._schedule_sweep(address, account.migrated_at)
             self.stats["migrated"] += 1
             took = time.monotonic() - started
             log.info("%s migrated in %.1f s; %d held message(s) released", address, took, released)

@@ -90,7 +90,7 @@ def test_happy_path_copies_holds_then_releases(store: Store, tmp_path: Path) -> 
     assert account is not None and account.state is State.MIGRATED
     assert rec.copies == [(A, "initial"), (A, "delta")]
     assert rec.released == [A] and rec.kicked == [A]
-    assert [j.status for j in store.jobs(A)] == ["done"]
+    assert [j.status for j in store.jobs(A) if j.kind == "copy"] == ["done"]
     kinds = [e.detail for e in store.events(A) if e.kind == "transition"]
     assert kinds == ["cutover -> migrated: final delta done", "copying -> cutover: initial copy done",
                      "(none) -> copying: first login"]
@@ -104,7 +104,7 @@ def test_without_credentials_the_job_waits_for_the_next_login(store: Store, tmp_
     account = store.get(A)
     assert account is not None and account.state is State.COPYING  # the user keeps working on legacy
     (job,) = store.jobs(A)
-    assert job.status == "queued" and job.not_before > time.time() + CREDENTIAL_WAIT - 10
+    assert job.kind == "copy" and job.status == "queued" and job.not_before > time.time() + CREDENTIAL_WAIT - 10
     assert store.lease("test") is None  # not runnable yet
     # the next login brings credentials and wakes the job
     creds.put(A, A, "pw")
@@ -220,3 +220,41 @@ def test_the_running_loop_picks_up_work_when_poked(store: Store, tmp_path: Path)
 def test_backoff_grows_and_is_capped() -> None:
     assert [backoff(n) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
     assert backoff(50) == 3600.0
+
+
+def test_trailing_sweeps_after_migration_record_hits(store: Store, tmp_path: Path) -> None:
+    from sidecar.copier.engine import FolderResult
+
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, sweep_interval=60.0, sweep_window=3600.0)
+    first_login(store, creds)
+    run_one(runner, store)
+    (sweep,) = [j for j in store.jobs(A) if j.kind == "sweep"]
+    assert sweep.status == "queued" and sweep.not_before == pytest.approx(time.time() + 60, abs=5)
+    assert store.lease("test", kinds=("copy", "sweep")) is None  # not due yet
+
+    def append(source: Any, home: Path, st: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+        assert mode == "append"
+        return CopyResult(address, mode, folders=[FolderResult("INBOX", "INBOX", copied=2)])
+
+    runner._copy = append
+    store.wake(A, "sweep")
+    job = store.lease("test", kinds=("copy", "sweep"))
+    assert job is not None and job.kind == "sweep"
+    runner.run_job(job)
+    hits = [e for e in store.events(A) if e.kind == "sweep-hit"]
+    assert len(hits) == 1 and "2 message(s)" in hits[0].detail
+    queued = [j for j in store.jobs(A) if j.kind == "sweep" and j.status == "queued"]
+    assert len(queued) == 1  # the next sweep
+
+
+def test_sweeps_stop_without_credentials(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, sweep_interval=0.0)
+    first_login(store, creds)
+    run_one(runner, store)
+    creds.pop(A)  # the password expired from memory; no admin credentials configured
+    job = store.lease("test", kinds=("sweep",))
+    assert job is not None
+    runner.run_job(job)
+    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["done"]
