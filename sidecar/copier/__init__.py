@@ -28,7 +28,9 @@ from sidecar.copier.source import (
 def target_home(mail_root: str | Path, address: str) -> Path:
     """The home of an account on the target (`mail_home = MAIL_ROOT/%d/%n`)."""
     local, _, domain = address.rpartition("@")
-    if not local or not domain or "/" in address or address.startswith(".") or ".." in address:
+    if not local or not domain or "/" in address or "\0" in address or ".." in address or address.startswith("."):
+        raise ValueError(f"not a mail address: {address!r}")
+    if domain.startswith("."):  # "x@." would name MAIL_ROOT/x: a domain directory, not a mailbox
         raise ValueError(f"not a mail address: {address!r}")
     return Path(mail_root) / domain / local
 

@@ -12,11 +12,12 @@ Formats (checked against Dovecot 2.3.19 on this machine and its source, maildir-
 Only 26 keywords fit into Maildir file names. Keywords beyond the 26th in a folder are not written; they are
 counted in `MaildirFolder.lost_keywords` (keyword -> messages) and reported in the copy result.
 
-Durability: new messages are staged in tmp/, and `commit()` fsyncs them, renames them into cur/, fsyncs cur/,
-then replaces dovecot-keywords and dovecot-uidlist (write, fsync, rename, fsync directory). A watermark may be
-recorded only after commit() returned. No partial message is ever visible in cur/; a file in cur/ that the
-uidlist does not name (a crash between rename and uidlist) is removed when the folder is opened again,
-which is safe because the copier owns the mailbox exclusively until cutover.
+Durability: new messages are staged in tmp/ (each file fsynced by a small thread pool while the next messages
+arrive: concurrent fsyncs share journal commits), and `commit()` waits for those fsyncs, renames the files into
+cur/, fsyncs cur/, then replaces dovecot-keywords and dovecot-uidlist (write, fsync, rename, fsync directory).
+A watermark may be recorded only after commit() returned. No partial message is ever visible in cur/; a file in
+cur/ that the uidlist does not name (a crash between rename and uidlist) is removed when the folder is opened
+again, which is safe because the copier owns the mailbox exclusively until cutover.
 
 Append mode (after cutover Dovecot owns the mailbox): `open_shared()` reads a folder without cleaning anything
 (a file in cur/ or new/ that the uidlist does not name is Dovecot's, waiting for a UID), `stage_append()` writes
@@ -38,8 +39,10 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from sidecar.copier.fetchparse import Body
@@ -176,6 +179,26 @@ def new_basename(size: int, vsize: int, tag: str = "") -> str:
     return f"{sec}.M{usec}P{os.getpid()}Q{next(_seq)}{tag}.{_host()},S={size},W={vsize}"
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+SYNC_THREADS = 8  # concurrent fsyncs: ext4/xfs commit them together (one journal commit for many files)
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="maildir-fsync")
+        return _POOL
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -237,6 +260,7 @@ class _Staged:
     letters: str
     pop3_uidl: str | None
     flags: tuple[str, ...] = ()  # append mode: letters are chosen under the lock
+    synced: Future[None] | None = None  # the background fsync (and close) of the tmp file
 
 
 def flags_to_letters(flags: Iterable[str], keyword_letter: dict[str, str]) -> str:
@@ -468,13 +492,14 @@ class MaildirFolder:
         """Write one message into tmp/ (a spooled Body is moved); visible after commit(). Returns its size."""
         if uid <= self.last_uid or any(s.uid >= uid for s in self._staged):
             raise MaildirError(f"{self.path}: UID {uid} is not above the last UID")
-        tmp, base, size = self._write_tmp(body, internaldate)
-        self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl))
+        tmp, base, size, synced = self._write_tmp(body, internaldate)
+        self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl, synced=synced))
         return size
 
     def _write_tmp(
         self, body: Body | bytes, internaldate: dt.datetime | None, tag: str = ""
-    ) -> tuple[Path, str, int]:
+    ) -> tuple[Path, str, int, Future[None]]:
+        """Write (or move) a message into tmp/; its fsync runs in the background (waited for by commit)."""
         if isinstance(body, bytes):
             b = Body(len(body), len(body) + 1, None)
             b.write(body)
@@ -492,8 +517,9 @@ class MaildirFolder:
             try:
                 _chown(fd, self.owner)
                 os.fchmod(fd, 0o600)
-            finally:
+            except BaseException:
                 os.close(fd)
+                raise
         else:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -502,12 +528,17 @@ class MaildirFolder:
                 while view:
                     n = os.write(fd, view)
                     view = view[n:]
-            finally:
+            except BaseException:
                 os.close(fd)
-        if internaldate is not None:
-            ts = internaldate.timestamp()
-            os.utime(tmp, (ts, ts))
-        return tmp, base, body.size
+                raise
+        try:
+            if internaldate is not None:
+                ts = internaldate.timestamp()
+                os.utime(fd, (ts, ts))
+        except BaseException:
+            os.close(fd)
+            raise
+        return tmp, base, body.size, _sync_pool().submit(_fsync_close, fd)
 
     # --- append mode (Dovecot owns the folder) ---------------------------------------------------------
     def open_shared(self) -> MaildirFolder:
@@ -551,8 +582,8 @@ class MaildirFolder:
         legacy: tuple[int, int],
     ) -> int:
         """Write one legacy message into tmp/ for commit_append(); returns its size."""
-        tmp, base, size = self._write_tmp(body, internaldate, legacy_tag(*legacy))
-        self._staged.append(_Staged(0, tmp, base, "", None, tuple(flags)))
+        tmp, base, size, synced = self._write_tmp(body, internaldate, legacy_tag(*legacy))
+        self._staged.append(_Staged(0, tmp, base, "", None, tuple(flags), synced))
         return size
 
     def commit_append(self, uidvalidity: int = 0, lock_timeout: float = 30.0) -> list[int]:
@@ -562,12 +593,7 @@ class MaildirFolder:
         """
         if not self._staged:
             return []
-        for s in self._staged:
-            fd = os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self._wait_synced()
         uids: list[int] = []
         with DotLock(self.path / LOCK, self.owner, lock_timeout):
             self._read_uidlist()  # Dovecot may have appended lines (without raising N) since we looked
@@ -631,12 +657,7 @@ class MaildirFolder:
 
     def commit(self) -> None:
         """Make everything staged and changed durable and visible (see module doc for the order)."""
-        for s in self._staged:
-            fd = os.open(s.tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self._wait_synced()
         for s in self._staged:
             name = f"{s.base}:2,{s.letters}"
             os.rename(s.tmp, self.path / "cur" / name)
@@ -684,8 +705,23 @@ class MaildirFolder:
             self.path / UIDLIST, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"), self.owner
         )
 
+    def _wait_synced(self) -> None:
+        """Every staged file is on disk (its fsync done); the first fsync error is raised."""
+        errors = []
+        for s in self._staged:
+            if s.synced is not None:
+                try:
+                    s.synced.result()
+                except OSError as e:
+                    errors.append(e)
+                s.synced = None
+        if errors:
+            raise errors[0]
+
     def abort(self) -> None:
         """Drop what was staged and not committed."""
+        with contextlib.suppress(OSError):
+            self._wait_synced()
         for s in self._staged:
             with contextlib.suppress(FileNotFoundError):
                 s.tmp.unlink()

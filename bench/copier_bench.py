@@ -1,0 +1,278 @@
+"""Copier benchmark (run by hand, not a test): our copier vs `doveadm backup -R imapc:` (dsync) in one run.
+
+    sudo .venv/bin/python bench/copier_bench.py [--rounds 1] [--keep]
+
+The legacy server is the lab's (sidecar.lab.legacy, dovecot profile) holding the reference mailbox made by
+sidecar.lab.mailgen.reference_plan / reference_messages (seed 1): 10,000 messages, ~423 MB, 8 folders.
+Both tools copy it from the legacy IMAP on loopback into a Maildir of their own (same layout, fsync on: our
+copier fsyncs every message, directories and metadata; dsync runs with Dovecot's default mail_fsync=optimized,
+which fsyncs every saved message). Measured per tool, for its process tree (wait4 rusage): wall time, CPU
+user+sys, peak RSS. The legacy Dovecot's own CPU is not counted for either. The legacy Maildir is read once
+before the first run so both start with the files in the page cache. imapsync is run when on PATH.
+
+dsync's imapc password: Dovecot 2.3 does not expand %{env:...} in the imapc_password setting itself, so the
+target's static userdb returns it as a user field, `imapc_password=%{env:IMAPC_PASSWORD}`, expanded by the
+auth process from the environment the bench starts that Dovecot with: never in a file or in argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pwd
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ("wall", "cpu", "user", "sys", "rss")
+sys.path.insert(0, str(REPO))
+
+from sidecar.lab import legacy, mailgen  # noqa: E402
+from sidecar.lab.proc import free_port, read_pidfile, stop_pid, wait_port  # noqa: E402
+
+
+def run_measured(argv: list[str], *, stdin: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a command; wall time, CPU (user+sys of it and its reaped children) and peak RSS via wait4."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True
+    )
+    assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+    # peak RSS: VmHWM sampled while it runs (wait4's ru_maxrss counts the pages of the forking bench process)
+    hwm = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        hwm[0] = max(hwm[0], int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
+            done.wait(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    p.stdin.write(stdin)
+    p.stdin.close()
+    out = p.stdout.read()
+    err = p.stderr.read()
+    _pid, status, ru = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    done.set()
+    sampler.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    p.stdout.close()
+    p.stderr.close()
+    return {
+        "rc": p.returncode,
+        "wall": wall,
+        "cpu": ru.ru_utime + ru.ru_stime,
+        "user": ru.ru_utime,
+        "sys": ru.ru_stime,
+        "rss": hwm[0],
+        "stdout": out,
+        "stderr": err,
+    }
+
+
+def target_conf(root: Path, host: str, srv: legacy.LegacyServer) -> Path:
+    """A target Dovecot for dsync: static userdb (the user must exist there), imapc pointing at the legacy."""
+    vmail = pwd.getpwnam("vmail")
+    mail_root = root / "vmail"
+    mail_root.mkdir(parents=True)
+    os.chown(mail_root, vmail.pw_uid, vmail.pw_gid)
+    for d in ("run", "state"):
+        (root / d).mkdir()
+    imap = free_port(host)
+    conf = root / "dovecot.conf"
+    conf.write_text(
+        f"""base_dir = {root}/run
+state_dir = {root}/state
+log_path = {root}/dovecot.log
+protocols = imap
+listen = {host}
+ssl = no
+mail_uid = {vmail.pw_uid}
+mail_gid = {vmail.pw_gid}
+first_valid_uid = 1
+default_internal_user = dovecot
+default_login_user = dovenull
+mail_location = maildir:~/Maildir
+mail_home = {mail_root}/%d/%n
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+userdb {{
+  driver = static
+  # the legacy password reaches imapc from the environment of this Dovecot (never a file, never argv)
+  args = uid={vmail.pw_uid} gid={vmail.pw_gid} imapc_password=%{{env:IMAPC_PASSWORD}}
+}}
+namespace inbox {{
+  inbox = yes
+  separator = /
+  prefix =
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = {host}
+    port = {imap}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+# dsync from the legacy server over IMAP, with the settings Dovecot's migration docs recommend
+imapc_host = {srv.host}
+imapc_port = {srv.imap}
+imapc_user = %u
+imapc_features = rfc822.size fetch-headers
+mail_prefetch_count = 20
+import_environment = $import_environment IMAPC_PASSWORD
+"""
+    )
+    return conf
+
+
+def count_maildir(maildir: Path) -> dict[str, tuple[int, str]]:
+    """Folder directory -> (messages in the uidlist, its header)."""
+    out = {}
+    for d in [maildir, *sorted(p for p in maildir.iterdir() if p.name.startswith(".") and p.is_dir())]:
+        ul = d / "dovecot-uidlist"
+        if ul.exists():
+            lines = ul.read_text().splitlines()
+            out[d.name if d != maildir else "INBOX"] = (len(lines) - 1, " ".join(lines[0].split()[:2]))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the lab directory")
+    ap.add_argument("--profile", type=Path, help="also run our copier under cProfile, stats to this file")
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="copier-bench-", dir="/tmp"))
+    os.chmod(root, 0o755)  # noqa: S103 - Dovecot's unprivileged processes must traverse it
+    host = f"127.{random.randint(64, 250)}.{random.randint(1, 250)}.{random.randint(2, 250)}"
+    srv = legacy.start_legacy(root / "lab", host=host, users=1, seed=1, messages_per_user=0)
+    dovecot_pid = 0
+    results: list[dict[str, Any]] = []
+    try:
+        u = srv.users[0]
+        vmail = pwd.getpwnam("vmail")
+        maildir = srv.dir / "mail" / u.login / "Maildir"
+        shutil.rmtree(maildir)
+        t0 = time.monotonic()
+        plan = mailgen.reference_plan(u.address, seed=1)
+        written = mailgen.write_maildir(
+            plan, maildir, owner=(vmail.pw_uid, vmail.pw_gid), messages=mailgen.reference_messages(plan)
+        )
+        visible = sum(len(f.messages) for f in written.folders.values())
+        imap_bytes = sum(m.size for f in written.folders.values() for m in f.messages)
+        print(f"reference mailbox: {visible} messages, {imap_bytes / 1e6:.1f} MB, in {time.monotonic() - t0:.1f}s")
+        for dirpath, _d, files in os.walk(maildir):  # page cache warm for both tools
+            for f in files:
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    while fh.read(1 << 20):
+                        pass
+        legacy_counts = count_maildir(maildir)
+
+        tdir = root / "dsync-target"
+        conf = target_conf(tdir, host, srv)
+        denv = {"PATH": os.environ["PATH"], "IMAPC_PASSWORD": u.password}
+        subprocess.run(["dovecot", "-c", str(conf)], check=True, timeout=30, env=denv)
+        dovecot_pid = read_pidfile(tdir / "run" / "master.pid")
+        wait_port(host, int(conf.read_text().split("port = ")[1].split()[0]))
+
+        for rnd in range(args.rounds):
+            # ours
+            home = root / f"ours-{rnd}" / "home"
+            home.parent.mkdir(mode=0o755)
+            os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
+            r = run_measured(
+                [sys.executable, "-m", "sidecar.copier", "--host", host, "--imap-port", str(srv.imap),
+                 "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home)],
+                stdin=u.password + "\n",
+            )  # fmt: skip
+            if r["rc"] != 0:
+                raise SystemExit(f"copier failed: {r['stderr'][-2000:]}")
+            ours = json.loads(r["stdout"])
+            assert ours["messages_copied"] == visible, ours["messages_copied"]
+            assert count_maildir(home / "Maildir") == legacy_counts
+            results.append({"tool": "autoport copier", "round": rnd, **{k: r[k] for k in METRICS}})
+
+            # dsync
+            r = run_measured(["doveadm", "-c", str(conf), "backup", "-R", "-u", u.address, "imapc:"])
+            if r["rc"] != 0:
+                raise SystemExit(f"dsync failed: {r['stderr'][-2000:]}")
+            dhome = tdir / "vmail" / srv.domain / u.address.split("@")[0] / "Maildir"
+            dcounts = count_maildir(dhome)
+            assert {k: v[0] for k, v in dcounts.items()} == {k: v[0] for k, v in legacy_counts.items()}, dcounts
+            results.append({"tool": "dsync (doveadm backup -R imapc:)", "round": rnd, **{k: r[k] for k in METRICS}})
+            shutil.rmtree(dhome.parent)
+
+        if args.profile:
+            home = root / "profiled" / "home"
+            home.parent.mkdir(mode=0o755)
+            r = run_measured(
+                [sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "sidecar.copier", "--host", host,
+                 "--imap-port", str(srv.imap), "--user", u.login, "--home", str(home)],
+                stdin=u.password + "\n",
+            )  # fmt: skip
+            print(f"profiled run: wall {r['wall']:.2f}s cpu {r['cpu']:.2f}s, stats in {args.profile}")
+        if shutil.which("imapsync"):
+            print("imapsync is on PATH but not wired into this benchmark")
+        else:
+            print("imapsync: not on PATH, not run")
+        print()
+        print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
+              f"{_cpu_model()}, Python {platform.python_version()}, {_dovecot_version()}")  # fmt: skip
+        print()
+        print("| tool | round | wall s | msg/s | MB/s | CPU s (user+sys) | peak RSS MB | wall vs dsync | CPU vs dsync |"
+              "")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|")
+        for rnd in range(args.rounds):
+            ds = next(x for x in results if x["round"] == rnd and x["tool"].startswith("dsync"))
+            for x in (x for x in results if x["round"] == rnd):
+                print(
+                    f"| {x['tool']} | {rnd + 1} | {x['wall']:.2f} | {visible / x['wall']:.0f} | "
+                    f"{imap_bytes / 1e6 / x['wall']:.1f} | {x['cpu']:.2f} ({x['user']:.2f}+{x['sys']:.2f}) | "
+                    f"{x['rss'] / 2**20:.1f} | {x['wall'] / ds['wall']:.2f} | {x['cpu'] / ds['cpu']:.2f} |"
+                )
+    finally:
+        if dovecot_pid:
+            stop_pid(dovecot_pid)
+        legacy.stop_legacy(root / "lab")
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _dovecot_version() -> str:
+    p = subprocess.run(["dovecot", "--version"], capture_output=True, text=True, check=False)
+    return f"Dovecot {p.stdout.strip()}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
