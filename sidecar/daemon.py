@@ -78,6 +78,8 @@ class Daemon:
         self.credentials = CredentialCache()
         auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg.legacy), credentials=self.credentials)
         self.runner = JobRunner(cfg, self.store, self.credentials)
+        # the dashboard first: once the mail sockets exist it is up too; it sees the rest as they start
+        sources = await self._start_dashboard()
 
         def queued(address: str) -> None:
             with contextlib.suppress(StoreError):
@@ -100,6 +102,8 @@ class Daemon:
         else:
             self.servers.append(await start_socketmap_server(sm, routing))
         log.info("socketmap listening on %s", sm)
+        if sources is not None:
+            sources.socketmap = getattr(self.servers[-1], "stats", None)
 
         if cfg.limits.copy_concurrency > 0:
             self.runner.start()
@@ -110,6 +114,26 @@ class Daemon:
         if cfg.sockets.milter:
             self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)
             self.milter_thread.start()
+
+    async def _start_dashboard(self) -> Any:
+        """Start the dashboard on [dashboard] listen; its trouble is logged, never stops the mail path."""
+        if not self.cfg.dashboard.listen:
+            return None
+        from sidecar.metrics import Sources
+        from sidecar.web import start_web_server
+
+        sources = Sources(self.cfg, self.store, runner=self.runner)
+        with contextlib.suppress(ImportError):  # pymilter missing: no milter counters
+            from sidecar.milter import stats as milter_stats
+
+            sources.milter = milter_stats.snapshot if self.cfg.sockets.milter else None
+        try:
+            self.servers.append(await start_web_server(self.cfg.dashboard.listen, self.cfg.dashboard.token, sources))
+        except (OSError, ValueError) as e:
+            log.error("dashboard not started on %s: %s", self.cfg.dashboard.listen, e)
+            return None
+        log.info("dashboard listening on http://%s/", self.cfg.dashboard.listen)
+        return sources
 
     def _run_milter(self) -> None:
         from sidecar.milter import run_milter
