@@ -378,7 +378,7 @@ class AuthPolicy:
         self._check_budgets(req, address)
         state = self._state(address)
         if state is State.MIGRATED:
-            raise _Decision(FAIL, "migrated")
+            return self._first_local_login(req, address)
         if self._cached_yes(req, address, state):
             return Reply(OK, self._fields(service, req)), "ok-cached"
 
@@ -395,6 +395,21 @@ class AuthPolicy:
             self.positive.add(req.user, req.password)
         self.account_failures.clear(address)
         return Reply(OK, self._fields(service, req)), "ok"
+
+    def _first_local_login(self, req: Request, address: str) -> tuple[Reply, str]:
+        """A migrated account reaches us only without a hash (dovecot_deny lists those with one): migrated in
+        bulk before its user ever logged in. Verify once on the legacy server, store the hash, answer without
+        proxy fields (the session is local); the next logins are native (sql passdb)."""
+        with self._flights.hold(address):
+            account = self.store.get(address)
+            if account is None or account.state is not State.MIGRATED or account.has_password:
+                raise _Decision(FAIL, "migrated")
+            self._verify(req, address)
+            self.store.set_password_hash(address, self._hash(req.password))
+            self.store.add_login(address, req.user)
+            self.store.touch_login(address)
+        self.account_failures.clear(address)
+        return Reply(OK, self._fields("", req)), "ok-first-local-login"
 
     def _check_budgets(self, req: Request, address: str) -> None:
         if self.client_failures.exhausted(req.remote_ip):
@@ -428,6 +443,10 @@ class AuthPolicy:
             self.client_failures.add(req.remote_ip)
             raise _Decision(FAIL, f"legacy-no ({e.protocol})") from None
         except LegacyUnavailable as e:
+            if e.spent:
+                # the legacy server got the credentials but answered too late: it counted an attempt, so
+                # this account's budget does too (else slow "no"s would let a brute force through unbounded)
+                self.account_failures.add(address)
             raise _Decision(TEMP, f"legacy-unavailable ({e})") from None
         finally:
             self._checks.release()

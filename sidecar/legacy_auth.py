@@ -64,7 +64,16 @@ class LegacyAuthError(Exception):
 
 
 class LegacyUnavailable(Exception):
-    """No answer could be had from the legacy server: a temporary failure."""
+    """No answer could be had from the legacy server: a temporary failure.
+
+    `spent` is true when the credentials may already have reached the server (a timeout inside the
+    session): the legacy server likely counted an attempt, so verify() tries no other protocol (each would
+    cost it one more, and a legacy server that slows down after wrong passwords slows down further).
+    """
+
+    def __init__(self, message: str, *, spent: bool = False) -> None:
+        super().__init__(message)
+        self.spent = spent
 
 
 def check_login(login: str) -> None:
@@ -179,6 +188,8 @@ class LegacyVerifier:
             except LegacyUnavailable as e:
                 problems.append(f"{proto}: {e}")
                 log.info("legacy %s could not check %r: %s", proto, login, e)
+                if e.spent:  # the server may have counted an attempt already: no second protocol
+                    raise LegacyUnavailable("; ".join(problems), spent=True) from None
                 continue
             return proto
         raise LegacyUnavailable("; ".join(problems) or "no protocol in legacy.verify_with")
@@ -211,7 +222,7 @@ class LegacyVerifier:
                 raise LegacyUnavailable(f"IMAP: {text}") from None
             raise LegacyAuthError("imap", text) from None
         except OSError as e:
-            raise LegacyUnavailable(f"IMAP: {_clean(e, password)}") from None
+            raise LegacyUnavailable(f"IMAP: {_clean(e, password)}", spent=isinstance(e, TimeoutError)) from None
         finally:
             try:
                 if authenticated:
@@ -282,7 +293,7 @@ class LegacyVerifier:
                 raise LegacyUnavailable(f"POP3: {text}") from None
             raise LegacyAuthError("pop3", text) from None
         except OSError as e:
-            raise LegacyUnavailable(f"POP3: {_clean(e, password)}") from None
+            raise LegacyUnavailable(f"POP3: {_clean(e, password)}", spent=isinstance(e, TimeoutError)) from None
         finally:
             try:
                 if authenticated:
@@ -341,7 +352,7 @@ class LegacyVerifier:
         try:
             code, text = self._smtp_session(smtp, login, password, client_ip)
         except OSError as e:
-            raise LegacyUnavailable(f"SMTP: {_clean(e, password)}") from None
+            raise LegacyUnavailable(f"SMTP: {_clean(e, password)}", spent=isinstance(e, TimeoutError)) from None
         finally:
             try:
                 smtp.quit()

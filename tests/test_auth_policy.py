@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from typing import Any, cast
@@ -47,6 +48,11 @@ class FakeStore:
             self.states[address] = new
             self.transitions.append((address, old, new))
             return type("A", (), {"state": new})()
+
+    def get(self, address: str) -> Any:
+        self._check()
+        state = self.states.get(address)
+        return None if state is None else type("A", (), {"state": state, "has_password": address in self.hashes})()
 
     def set_password_hash(self, address: str, password_hash: str) -> None:
         self._check()
@@ -202,6 +208,7 @@ def test_unavailable_is_temporary_and_creates_nothing(trouble: str) -> None:
 def test_migrated_account_fails_without_asking_legacy() -> None:
     policy, store, verifier, _ = make()
     store.states["alice@example.org"] = State.MIGRATED
+    store.hashes["alice@example.org"] = "{PLAIN}new-pw"  # hashless migrated accounts: tests/test_ops.py
     assert policy.decide(req()).status == FAIL
     assert verifier.calls == []
 
@@ -317,3 +324,47 @@ def test_credential_cache_expires() -> None:
     assert "pw" not in repr(cache.get("a@example.org"))
     clock.now += 11
     assert cache.get("a@example.org") is None and len(cache) == 0
+
+
+def test_positive_cache_answers_repeats_without_a_legacy_check_or_rehash() -> None:
+    hashes: list[str] = []
+    policy, _store, verifier, clock = make(hasher=lambda p: hashes.append(p) or "{PLAIN}" + p)
+    assert policy.decide(req()).status == OK
+    assert policy.decide(req(ip="198.51.100.8")).status == OK
+    assert len(verifier.calls) == 1 and len(hashes) == 1
+    assert policy.decide(req(password="other")).status == FAIL  # a different password is checked
+    assert len(verifier.calls) == 2
+    clock.now += 301  # past POSITIVE_TTL: checked again
+    assert policy.decide(req()).status == OK
+    assert len(verifier.calls) == 3
+
+
+def test_positive_cache_never_masks_migration() -> None:
+    policy, store, verifier, _ = make()
+    assert policy.decide(req()).status == OK
+    store.states["alice@example.org"] = State.MIGRATED
+    assert policy.decide(req()).status == FAIL
+    assert len(verifier.calls) == 1
+
+
+def test_concurrent_wrong_passwords_respect_the_account_budget() -> None:
+    limits = LimitsConfig(auth_failures_per_account=3, auth_failures_per_client=1000, negative_cache_ttl=0)
+    policy, _, verifier, _ = make(limits=limits)
+    verifier.delay = 0.05
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: policy.decide(req(password=f"bad-{i}")).status, range(20)))
+    assert set(answers) == {FAIL}
+    assert len(verifier.calls) == 3  # the budget is checked again once the account's earlier check is done
+
+
+def test_a_check_that_timed_out_after_the_credentials_counts_against_the_budget() -> None:
+    limits = LimitsConfig(auth_failures_per_account=2, negative_cache_ttl=0)
+    policy, _, verifier, _ = make(limits=limits)
+
+    def slow(login: str, password: str, *, client_ip: str = "") -> str:
+        verifier.calls.append((login, client_ip))
+        raise LegacyUnavailable("IMAP: The read operation timed out", spent=True)
+
+    policy.verifier = type("V", (), {"verify": staticmethod(slow)})()
+    assert [policy.decide(req()).status for _ in range(4)] == [TEMP, TEMP, FAIL, FAIL]
+    assert len(verifier.calls) == 2
