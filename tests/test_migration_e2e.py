@@ -11,7 +11,6 @@ import poplib
 import smtplib
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
