@@ -45,7 +45,7 @@ HOLD_REPLY = "retry:4.3.2 mailbox migration in progress"
 HOLD_REASON = "mailbox migration in progress"  # what `postqueue -j` shows as delay_reason for held mail
 PROBE_DOMAIN = "autoport.invalid"  # sidecar.release's cache-busting probe is discarded here
 PROBE_REPLY = "discard:autoport release probe"
-MAPS = ("transport", "verify")
+MAPS = ("transport", "verify", "virtual")  # virtual: aliases (virtual_alias_maps), see virtual()
 
 
 class Status(enum.StrEnum):
@@ -104,6 +104,8 @@ class RoutingPolicy:
             return Reply.perm(f"unknown map {map_name[:64]!r}")
         if not key or len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES or _has_control(key):
             return Reply.perm("invalid key")
+        if map_name == "virtual":
+            return self.virtual(key)
         address = self._address(key)
         if address is None:
             if map_name == "transport" and key.rpartition("@")[2].lower() == PROBE_DOMAIN:
@@ -139,3 +141,21 @@ class RoutingPolicy:
         if cut < 0:
             return None
         return self.store.state_of(f"{local[:cut]}@{domain}")
+
+    def virtual(self, key: str) -> Reply:
+        """Map ``virtual`` (``virtual_alias_maps = socketmap:...:virtual``): an alias of one of our domains ->
+        OK with its targets, comma separated (``user+ext@domain`` falls back to ``user@domain``); NOTFOUND for
+        every other key, so Postfix keeps the address; TEMP when the store cannot answer (mail is deferred)."""
+        address = self._address(key)
+        if address is None:
+            return NOTFOUND
+        try:
+            targets = self.store.alias_targets(address)
+            local, _, domain = address.rpartition("@")
+            cut = min((i for i in (local.find(d) for d in self.delimiters) if i > 0), default=-1)
+            if targets is None and cut > 0:
+                targets = self.store.alias_targets(f"{local[:cut]}@{domain}")
+        except StoreUnavailable as e:
+            log.warning("alias %s: store unavailable: %s", address, e)
+            return Reply.temp("state store unavailable")
+        return Reply.ok(",".join(targets)) if targets else NOTFOUND

@@ -26,8 +26,10 @@ _SPAWNED: dict[int, subprocess.Popen[bytes]] = {}
 
 def _forget(pid: int) -> None:
     p = _SPAWNED.pop(pid, None)
-    if p is not None:
-        p.poll()  # records the exit status (an already reaped child counts as exited): no warning
+    if p is not None and p.poll() is None:  # records the exit status (an already reaped child counts as exited)
+        # /proc may show a dying child as a zombie a moment before waitpid() can reap it: wait for that moment
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(2)
 
 
 class LabError(Exception):
