@@ -326,7 +326,7 @@ def test_restart_component_comes_back_with_a_new_pid(bare: LegacyServer) -> None
         assert s.ehlo()[0] == 250
 
 
-def _group_members(pgid: int) -> list[int]:
+def _pgid_members(pgid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -341,7 +341,7 @@ def _group_members(pgid: int) -> list[int]:
 def test_stop_leaves_no_process(bare: LegacyServer) -> None:
     lab = bare.dir.parent
     pids = proc.load_state(lab)["pids"]
-    members = [p for name in legacy.COMPONENTS for p in _group_members(pids[name])]
+    members = [p for name in legacy.COMPONENTS for p in _pgid_members(pids[name])]
     assert len(members) > 4  # masters and their children (imap-login, auth, qmgr, ...)
     legacy.stop_legacy(lab)
     assert not [p for p in members if proc.pid_alive(p)]

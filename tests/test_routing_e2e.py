@@ -33,7 +33,7 @@ from e2e_mail import (
 )
 
 from sidecar import config, release
-from sidecar.lab import launcher, legacy, proc
+from sidecar.lab import launcher, proc
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import MessageRecord, Store
@@ -222,7 +222,7 @@ def test_one_message_to_five_recipients_in_mixed_states(lab: dict[str, Any], sto
 
 def _stop_legacy_postfix(lab_dir: Path) -> None:
     pid = proc.load_state(lab_dir)["pids"]["legacy-postfix"]
-    legacy._stop_group(int(pid))
+    proc.stop_group(int(pid))
 
 
 def test_legacy_down_is_temporary_and_accepted_mail_arrives_when_it_is_back(lab: dict[str, Any], store: Store) -> None:

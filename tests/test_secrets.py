@@ -20,7 +20,7 @@ from passthrough_helpers import imap_mailbox, imap_result, pop3_result, smtp_aut
 
 from sidecar import passwords
 from sidecar.config import HashConfig
-from sidecar.lab import launcher, target
+from sidecar.lab import launcher, proc
 from sidecar.states import State
 from sidecar.store import open_store
 
@@ -82,7 +82,7 @@ def _lab_pids(info: dict[str, Any]) -> set[int]:
     pids |= {int(p) for p in state["pids"].values() if p}
     out = set(pids)
     for pgid in pids:
-        out |= set(target.group_members(pgid))
+        out |= set(proc.group_members(pgid))
     return out
 
 

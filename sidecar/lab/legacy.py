@@ -47,7 +47,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
 import stat
 import subprocess
 import time
@@ -215,11 +214,6 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
-
-def _log_tail(path: Path, n: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    return ""
 
 
 def load_legacy(lab_dir: Path) -> LegacyServer | None:
@@ -421,7 +415,7 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
         pid = proc.spawn(["dovecot", "-F", "-c", str(conf)], log)
         proc.record_pid(lab_dir, name, pid)
         for port in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp):
-            _wait(srv.host, port, pid, what="legacy Dovecot", log=log)
+            proc.wait_service(srv.host, port, pid, what="legacy Dovecot", log=log)
         proc.wait_for(lambda: (srv.dir / "run" / "auth-postfix").exists(), 10, what="Dovecot auth socket")
     elif name == POSTFIX:
         pidfile = srv.dir / "postfix-queue" / "pid" / "master.pid"
@@ -434,11 +428,11 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
             ).returncode  # fmt: skip
         if rc != 0:
-            raise LabError(f"postfix start failed ({rc}); see {log}:\n{_log_tail(log)}")
+            raise LabError(f"postfix start failed ({rc}); see {log}:\n{proc.log_tail(log)}")
         pid = proc.read_pidfile(pidfile)
         proc.record_pid(lab_dir, name, pid)
         for port in (srv.smtp, srv.submission):
-            _wait(srv.host, port, pid, what="legacy Postfix", log=log)
+            proc.wait_service(srv.host, port, pid, what="legacy Postfix", log=log)
     else:
         raise ValueError(f"unknown legacy component {name!r} (choose from {', '.join(COMPONENTS)})")
     srv.pids[name] = pid
@@ -449,47 +443,7 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
     return pid
 
 
-def _wait(host: str, port: int, pid: int, *, what: str, log: Path) -> None:
-    def up() -> bool:
-        if not proc.pid_alive(pid):
-            raise LabError(f"{what} exited during start-up; see {log}:\n{_log_tail(log)}")
-        try:
-            proc.wait_port(host, port, 0.2)
-        except LabError:
-            return False
-        return True
 
-    proc.wait_for(up, 15, what=f"{what} on {host}:{port} (see {log})")
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group pgid."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry))
-    return out
-
-
-def _stop_group(pid: int) -> None:
-    """Stop a daemon that leads its process group (both masters do) and wait for the whole group to go.
-
-    proc.stop_pid returns once the leader is gone; its children (imap, smtpd, ...) may take a moment longer.
-    """
-    proc.stop_pid(pid)
-    with contextlib.suppress(LabError):
-        proc.wait_for(lambda: not _group_members(pid), 5, what=f"process group {pid} to exit")
-        return
-    for p in _group_members(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
 
 
 def stop_legacy(lab_dir: Path) -> None:
@@ -499,7 +453,7 @@ def stop_legacy(lab_dir: Path) -> None:
     for name in COMPONENTS:
         pid = pids.get(name)
         if pid:
-            _stop_group(int(pid))
+            proc.stop_group(int(pid))
         if name in pids:
             proc.record_pid(lab_dir, name, None)
 
@@ -514,5 +468,5 @@ def restart_legacy_component(lab_dir: Path, name: str) -> int:
         raise LabError(f"no legacy server recorded in {lab_dir}")
     pid = proc.load_state(lab_dir).get("pids", {}).get(name)
     if pid:
-        _stop_group(int(pid))
+        proc.stop_group(int(pid))
     return _start_component(lab_dir, srv, name)

@@ -144,36 +144,65 @@ def stop_pid(pid: int, timeout: float = 10.0) -> None:
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, 0)
     _forget(pid)
-    if pgid == pid:
-        # children of a group leader (Dovecot's and Postfix's workers) may outlive it for a moment
-        deadline = time.monotonic() + timeout
-        while _group_alive(pgid):
-            if time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                break
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group pgid."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                out.append(int(entry.name))
+    return out
+
+
+def stop_group(pid: int, timeout: float = 10.0) -> None:
+    """Stop a daemon that leads its own process group (Dovecot's and Postfix's masters), and all of the group.
+
+    SIGTERM goes to the master only, so it stops its children in order; stragglers in the group get SIGTERM,
+    then SIGKILL.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    stop_pid(pid, timeout=1.0)  # SIGKILL when it did not listen; reaps it when it is our child
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not group_members(pid):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+        end = time.monotonic() + 5.0
+        while group_members(pid) and time.monotonic() < end:
             time.sleep(0.05)
 
 
-def _group_alive(pgid: int) -> bool:
+def log_tail(path: Path, n: int = 15) -> str:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # only zombies left (reaped by init soon) count as gone
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_service(host: str, port: int, pid: int, *, what: str, log: Path, timeout: float = 15) -> None:
+    """Wait until a daemon we started listens on host:port; LabError with its log's tail if it died."""
+
+    def up() -> bool:
+        if not pid_alive(pid):
+            raise LabError(f"{what} exited during start-up; see {log}:\n{log_tail(log)}")
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(") ", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+            wait_port(host, port, 0.2)
+        except LabError:
+            return False
+        return True
+
+    wait_for(up, timeout, what=f"{what} on {host}:{port} (see {log})")
 
 
 def load_state(lab_dir: Path) -> dict[str, Any]:

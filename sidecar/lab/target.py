@@ -30,10 +30,8 @@ import dataclasses
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -117,11 +115,6 @@ def _save(lab_dir: Path, stack: TargetStack) -> None:
     state[STATE_KEY] = stack.to_state()
     proc.save_state(lab_dir, state)
 
-
-def _log_tail(path: Path, n: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    return ""
 
 
 def _mkdir(path: Path, mode: int = 0o755, owner: str | None = None) -> Path:
@@ -325,7 +318,7 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
 
         def ready() -> bool:
             if not proc.pid_alive(pid):
-                raise LabError(f"the sidecar exited during start-up; see {log}:\n{_log_tail(log)}")
+                raise LabError(f"the sidecar exited during start-up; see {log}:\n{proc.log_tail(log)}")
             return all(p.is_socket() for p in paths)
 
         proc.wait_for(ready, 30, what=f"the sidecar's sockets {', '.join(map(str, paths))} (see {log})")
@@ -333,7 +326,7 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
         pid = proc.spawn(["dovecot", "-F", "-c", str(stack.dovecot_config)], log.with_suffix(".out"))
         proc.record_pid(lab_dir, name, pid)
         for port in (stack.imap, stack.pop3, stack.managesieve):
-            _wait(stack.host, port, pid, what="target Dovecot", log=log)
+            proc.wait_service(stack.host, port, pid, what="target Dovecot", log=log)
         auth = stack.queue_directory / "private" / "auth"
         proc.wait_for(auth.is_socket, 10, what=f"Dovecot's auth socket {auth} (see {log})")
     elif name == POSTFIX:
@@ -348,29 +341,17 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
             ).returncode  # fmt: skip
         if rc != 0:
-            raise LabError(f"postfix start failed ({rc}); see {log}:\n{_log_tail(log)}")
+            raise LabError(f"postfix start failed ({rc}); see {log}:\n{proc.log_tail(log)}")
         pid = proc.read_pidfile(pidfile)
         proc.record_pid(lab_dir, name, pid)
         for port in (stack.smtp, stack.submission):
-            _wait(stack.host, port, pid, what="target Postfix", log=log)
+            proc.wait_service(stack.host, port, pid, what="target Postfix", log=log)
     else:
         raise ValueError(f"unknown target component {name!r} (choose from {', '.join(COMPONENTS)})")
     stack.pids[name] = pid
     _save(lab_dir, stack)
     return pid
 
-
-def _wait(host: str, port: int, pid: int, *, what: str, log: Path) -> None:
-    def up() -> bool:
-        if not proc.pid_alive(pid):
-            raise LabError(f"{what} exited during start-up; see {log}:\n{_log_tail(log)}")
-        try:
-            proc.wait_port(host, port, 0.2)
-        except LabError:
-            return False
-        return True
-
-    proc.wait_for(up, 15, what=f"{what} on {host}:{port} (see {log})")
 
 
 def _stop_component(lab_dir: Path, name: str, stack: TargetStack | None) -> None:
@@ -384,7 +365,7 @@ def _stop_component(lab_dir: Path, name: str, stack: TargetStack | None) -> None
             )  # fmt: skip
             proc.wait_for(lambda: not proc.pid_alive(int(pid)), 10, what="Postfix to stop")
     if pid:
-        _stop_group(int(pid))
+        proc.stop_group(int(pid))
     if name in proc.load_state(lab_dir).get("pids", {}):
         proc.record_pid(lab_dir, name, None)
     if stack is not None:
@@ -392,41 +373,6 @@ def _stop_component(lab_dir: Path, name: str, stack: TargetStack | None) -> None
         _save(lab_dir, stack)
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group pgid."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                out.append(int(entry.name))
-    return out
-
-
-def _stop_group(pid: int, timeout: float = 10.0) -> None:
-    """Stop a daemon that leads its own process group, and everything left in that group.
-
-    SIGTERM goes to the master only, so it stops its children in order (Dovecot, Postfix); stragglers in
-    the group get SIGTERM, then SIGKILL.
-    """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while proc.pid_alive(pid) and time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.05)
-    proc.stop_pid(pid, timeout=1.0)  # SIGKILL when it did not listen; reaps it when it is our child
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if not group_members(pid):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        end = time.monotonic() + 5.0
-        while group_members(pid) and time.monotonic() < end:
-            time.sleep(0.05)
 
 
 def stop_target(lab_dir: Path) -> list[str]:
