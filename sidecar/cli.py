@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
     _add_ops_parsers(sub)
+    from sidecar import doctor, finalize
+
+    finalize.add_parser(sub)  # autoport finalize (sidecar/finalize.py)
+    doctor.add_parser(sub)  # autoport doctor (sidecar/doctor.py)
     return p
 
 
@@ -330,6 +334,9 @@ def _print_report(report: object, only: str | None) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from sidecar import ops
 
+    if bool(args.addresses) == bool(args.all or args.dormant):
+        print("autoport: migrate needs ADDRESS... or --dormant or --all (not both)", file=sys.stderr)
+        return 2
     cfg = _load_config(args)
     store = _open_store(cfg)
     try:

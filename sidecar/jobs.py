@@ -107,6 +107,7 @@ class JobRunner:
         hooks: Hooks | None = None,
         copy: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.time,
+        sieve: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -114,6 +115,8 @@ class JobRunner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = hooks or default_hooks(cfg, store)
         self._copy = copy
+        # Sieve scripts (sidecar.sieve) after the initial copy; an injected `copy` (tests) runs without them
+        self._sieve = sieve if sieve is not None else (None if copy is not None else self._copy_sieve)
         self.clock = clock
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
@@ -212,6 +215,11 @@ class JobRunner:
         log.info("copy %s of %s: %d new messages in %.1f s", mode, address, result.messages_copied, result.seconds)
         return result
 
+    def _copy_sieve(self, address: str, source: Any) -> None:
+        from sidecar.sieve import copy_for_account
+
+        copy_for_account(self.cfg, self.store, address, source)
+
     def run_job(self, job: Job) -> None:
         if job.kind == "sweep":
             self.run_sweep(job)
@@ -288,6 +296,8 @@ class JobRunner:
             if account.state is State.COPYING:
                 initial = self._copy_pass(address, "initial", source)
                 copied_bytes = sum(f.bytes for f in initial.folders)
+                if self._sieve is not None and self.cfg.legacy.sieve_port:
+                    self._sieve(address, source)
                 self.store.transition(address, State.CUTOVER, expect=State.COPYING, reason="initial copy done")
                 self.store.record_event(address, "cutover", "mail held while the final delta runs")
                 # mail already handed to the legacy relay before the switch lands there; let it settle

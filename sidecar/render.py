@@ -191,6 +191,7 @@ def render_postfix(
             shutil.rmtree(staging, ignore_errors=True)
     for dest, text in texts.items():
         write_atomic(config_dir / dest, text)
+    save_variables(config_dir, variables)
     return warnings
 
 
@@ -251,7 +252,35 @@ def render_dovecot(
         write_atomic(config_dir / dest, text, modes[dest])
         if dest.endswith(".conf.ext"):
             _chgrp(config_dir / dest, "dovecot")
+    save_variables(config_dir, variables)
     return warnings
+
+
+VARIABLES_FILE = ".autoport-render.json"
+
+
+def save_variables(config_dir: Path, variables: Mapping[str, object]) -> None:
+    """Record the variables a configuration was rendered with (config_dir/.autoport-render.json, 0600), so
+    `autoport finalize` can render the same files again with only the sidecar switched off. No secrets:
+    the templates never receive any."""
+    import json
+
+    write_atomic(config_dir / VARIABLES_FILE, json.dumps(dict(variables), indent=1, sort_keys=True) + "\n", 0o600)
+
+
+def load_variables(config_dir: Path) -> dict[str, object] | None:
+    """The variables recorded by the last render into config_dir, or None when there is no record."""
+    import json
+
+    try:
+        data = json.loads((config_dir / VARIABLES_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RenderError(f"{config_dir / VARIABLES_FILE}: unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise RenderError(f"{config_dir / VARIABLES_FILE}: not a JSON object")
+    return data
 
 
 def _chgrp(path: Path, group: str) -> None:
@@ -389,6 +418,10 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "legacy_tls_wrappermode": wrapper,
         "legacy_tls_ca_file": lg.ca_file,
         "legacy_tls_server_name": lg.tls_server_name,
+        # `autoport finalize` (sidecar/finalize.py) renders again with "yes" here and writes these two maps
+        "autoport_finalized": "",
+        "final_mailbox_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-mailboxes",
+        "final_alias_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-aliases",
     }
 
 
@@ -440,4 +473,5 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "sql_driver": driver,
         "sqlite_path": sqlite_file,
         "pgsql_connect": pg,
+        "autoport_finalized": "",  # "yes" after `autoport finalize`: the store's sql passdb only
     }

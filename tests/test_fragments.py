@@ -92,7 +92,7 @@ def test_postfix_fragments_pass_postfix_check(work: Path) -> None:
     submission = re.search(r"^submission\s+inet\s.*$", services, re.M)
     assert submission and "smtpd_sasl_auth_enable=yes" in submission[0]
     # the staging directory used for validation is gone
-    assert sorted(p.name for p in conf.iterdir()) == ["main.cf", "master.cf"]
+    assert sorted(p.name for p in conf.iterdir()) == [render.VARIABLES_FILE, "main.cf", "master.cf"]
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,7 @@ def test_broken_postfix_value_leaves_live_files_alone(work: Path) -> None:
     with pytest.raises(render.RenderError, match="inet_interfaces"):
         render.render_postfix(conf, good | {"inet_interfaces": "192.0.2.77", "myhostname": "other.test"})
     assert (conf / "main.cf").read_text() == before
-    assert sorted(p.name for p in conf.iterdir()) == ["main.cf", "master.cf"]
+    assert sorted(p.name for p in conf.iterdir()) == [render.VARIABLES_FILE, "main.cf", "master.cf"]
 
 
 def test_broken_dovecot_value_leaves_live_files_alone(work: Path) -> None:

@@ -110,6 +110,16 @@ class FolderMark:
     messages: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """An address whose mail Postfix rewrites to other addresses (virtual_alias_maps)."""
+
+    alias: str
+    targets: tuple[str, ...]
+    created_at: float
+    updated_at: float
+
+
 class Store(abc.ABC):
     """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
 
@@ -256,3 +266,25 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def clear_folder_marks(self, address: str, folder: str | None = None) -> None: ...
+
+    # --- aliases (schema v2) ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def set_alias(self, alias: str, targets: list[str]) -> Alias:
+        """Create or replace an alias (created_at kept on replace); ValueError when targets is empty."""
+
+    @abc.abstractmethod
+    def remove_alias(self, alias: str) -> bool:
+        """Delete an alias; False when there was none."""
+
+    @abc.abstractmethod
+    def alias_targets(self, alias: str) -> tuple[str, ...] | None:
+        """The targets of an alias, or None (hot path of the socketmap's virtual map)."""
+
+    @abc.abstractmethod
+    def aliases(self) -> list[Alias]:
+        """All aliases, ordered by alias."""
+
+    # --- reporting ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def message_log_since(self, since: float = 0.0) -> list[MessageRecord]:
+        """Every message-log row logged at or after `since`, oldest first (for `autoport report`)."""

@@ -9,7 +9,10 @@ SQLite store open.
 
 The dovecot_* views are the contract with Dovecot's sql passdb/userdb (dovecot/ fragments):
   dovecot_passdb(login, "user", password)  migrated accounts with a hash, one row per login name
-  dovecot_deny(login, "user")              migrated accounts, one row per login name (the deny = yes passdb)
+  dovecot_deny(login, "user")              migrated accounts with a hash, one row per login name (the deny = yes
+                                           passdb; since v2: a migrated account without a hash, e.g. bulk-migrated
+                                           and never logged in, falls through to checkpassword, which verifies
+                                           the password on the legacy server once and stores its hash)
   dovecot_userdb(login, "user")            every account, one row per login name
 """
 
@@ -158,8 +161,27 @@ _V1 = _both(
         SELECT l.login AS login, l.address AS "user" FROM logins l""",
 )
 
+# v2: aliases served to Postfix as virtual_alias_maps (socketmap map "virtual"); dovecot_deny keeps only migrated
+# accounts WITH a hash. PostgreSQL replaces the view in place (CREATE OR REPLACE keeps the GRANT to Dovecot's
+# role, which `store upgrade` does not renew); SQLite has no OR REPLACE for views.
+_DENY_V2 = """dovecot_deny AS
+        SELECT l.login AS login, a.address AS "user"
+        FROM logins l JOIN accounts a ON a.address = l.address
+        WHERE a.state = 'migrated' AND a.password_hash IS NOT NULL AND a.password_hash <> ''"""
+_ALIASES_V2 = """CREATE TABLE aliases (
+        alias TEXT PRIMARY KEY,
+        targets TEXT NOT NULL,
+        created_at {TIME} NOT NULL,
+        updated_at {TIME} NOT NULL
+    )"""
+_V2: dict[Dialect, tuple[str, ...]] = {
+    "sqlite": (_ALIASES_V2.format(**_TYPES["sqlite"]), "DROP VIEW dovecot_deny", f"CREATE VIEW {_DENY_V2}"),
+    "postgresql": (_ALIASES_V2.format(**_TYPES["postgresql"]), f"CREATE OR REPLACE VIEW {_DENY_V2}"),
+}
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
+    Migration(2, "aliases; dovecot_deny lists only migrated accounts with a hash", _V2),
 ]
 
 

@@ -25,6 +25,7 @@ from sidecar.states import State, check_transition
 from sidecar.store import schema
 from sidecar.store.base import (
     Account,
+    Alias,
     Conflict,
     Event,
     FolderMark,
@@ -519,6 +520,59 @@ class SqlStore(Store):
                 cur.execute("DELETE FROM folder_marks WHERE address = ?", (address,))
             else:
                 cur.execute("DELETE FROM folder_marks WHERE address = ? AND folder = ?", (address, folder))
+
+    # --- aliases (schema v2) ------------------------------------------------------------------------------
+    def set_alias(self, alias: str, targets: list[str]) -> Alias:
+        if not targets:
+            raise ValueError(f"alias {alias} needs at least one target")
+        now = self._clock()
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO aliases (alias, targets, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (alias) DO UPDATE SET targets = excluded.targets, updated_at = excluded.updated_at",
+                (alias, ",".join(targets), now, now),
+            )
+            row = cur.execute(
+                "SELECT alias, targets, created_at, updated_at FROM aliases WHERE alias = ?", (alias,)
+            ).fetchone()
+        assert row is not None
+        return _alias(row)
+
+    def remove_alias(self, alias: str) -> bool:
+        with self._write() as cur:
+            cur.execute("DELETE FROM aliases WHERE alias = ?", (alias,))
+            return cur.rowcount == 1
+
+    def alias_targets(self, alias: str) -> tuple[str, ...] | None:
+        with self._read() as cur:
+            row = cur.execute("SELECT targets FROM aliases WHERE alias = ?", (alias,)).fetchone()
+        return None if row is None else tuple(t for t in str(row[0]).split(",") if t)
+
+    def aliases(self) -> list[Alias]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT alias, targets, created_at, updated_at FROM aliases ORDER BY alias"
+            ).fetchall()
+        return [_alias(r) for r in rows]
+
+    # --- reporting ----------------------------------------------------------------------------------------
+    def message_log_since(self, since: float = 0.0) -> list[MessageRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(_MSG_FIELDS)} FROM message_log WHERE at >= ? ORDER BY at, id", (since,)
+            ).fetchall()
+        out = []
+        for r in rows:
+            values = dict(zip(_MSG_FIELDS, r, strict=True))
+            values["from_legacy"] = bool(values["from_legacy"])
+            out.append(MessageRecord(**values))
+        return out
+
+
+def _alias(row: Row) -> Alias:
+    return Alias(
+        alias=row[0], targets=tuple(t for t in str(row[1]).split(",") if t), created_at=row[2], updated_at=row[3]
+    )
 
 
 class PerThread:
