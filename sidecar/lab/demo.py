@@ -10,6 +10,7 @@ from __future__ import annotations
 import imaplib
 import json
 import poplib
+import shutil
 import smtplib
 import subprocess
 import sys
@@ -96,7 +97,12 @@ def _wait_for_count(host: str, port: int, user: dict[str, Any], count: int, time
 
 def run(lab_dir: Path, *, keep: bool = False) -> int:
     _say(f"starting a legacy server and a target stack on loopback in {lab_dir}")
-    launcher.lab_down(lab_dir) if (lab_dir / "lab-state.json").exists() else None
+    if (lab_dir / "lab-state.json").exists():  # an earlier demo's lab: start from scratch
+        launcher.lab_down(lab_dir)
+        shutil.rmtree(lab_dir)
+    elif lab_dir.exists() and any(lab_dir.iterdir()):
+        print(f"{lab_dir} exists and is not a lab directory; choose another with --dir", file=sys.stderr)
+        return 2
     info = launcher.lab_up(lab_dir, users=3)
     try:
         launcher.print_summary(info)
@@ -136,6 +142,8 @@ def run(lab_dir: Path, *, keep: bool = False) -> int:
         ):
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             print(f"$ {' '.join(cmd)}\n{out.stdout.strip() or out.stderr.strip()}")
+        _say("autoport report: what is left before the legacy server can be retired")
+        subprocess.run([launcher._bin("autoport"), "--config", info["config"], "report"], check=False)
     except Exception as e:
         print(f"demo failed: {e}", file=sys.stderr)
         print(f"logs: {info['logs']}", file=sys.stderr)
