@@ -36,7 +36,7 @@ test: install lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: install-venv
-	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench fuzz
 	$(VENV)/bin/mypy
 
 clean:

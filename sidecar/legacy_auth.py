@@ -237,7 +237,10 @@ class LegacyVerifier:
         if self.cfg.imap_tls == "starttls":
             if "STARTTLS" not in imap.capabilities:
                 raise LegacyUnavailable("IMAP server does not offer STARTTLS")
-            imap.starttls(ssl_context=self._tls())
+            try:
+                imap.starttls(ssl_context=self._tls())
+            except imaplib.IMAP4.error as e:  # refused STARTTLS: "cannot check", never a wrong password
+                raise LegacyUnavailable(f"IMAP STARTTLS failed: {e}") from None
         if imap.state != "NONAUTH":
             raise LegacyUnavailable("IMAP server pre-authenticated the connection")
         caps = set(imap.capabilities)
@@ -312,7 +315,10 @@ class LegacyVerifier:
         if self.cfg.pop3_tls == "starttls":
             if "STLS" not in caps:
                 raise LegacyUnavailable("POP3 server does not offer STLS")
-            pop.stls(context=self._tls())
+            try:
+                pop.stls(context=self._tls())
+            except poplib.error_proto as e:  # refused STLS: "cannot check", never a wrong password
+                raise LegacyUnavailable(f"POP3 STLS failed: {e!s}"[:200]) from None
             caps = pop.capa()
         user, pw = _raw(login), _raw(password)
         sasl = [m.upper() for m in caps.get("SASL", [])]

@@ -25,6 +25,8 @@ from sidecar.config import Config, secrets
 
 REDACTED = "<redacted>"
 LOGGER_NAME = "sidecar"
+# every logger of the package lives under one of these ("autoport.daemon", "autoport.socketmap", ...)
+LOGGER_NAMES = (LOGGER_NAME, "autoport")
 # pass=x, password: x, "PASS x" (the POP3 command); not "pass through"
 _PATTERN = re.compile(r"\b((?i:pass(?:word)?)[=:]\s*|PASS\s+)(\"[^\"]*\"|[^\s,;]+)")
 _MIN_SECRET = 3  # shorter strings would redact half the log; such passwords are refused anyway
@@ -86,7 +88,9 @@ class RedactingFilter(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken format string: keep what we can, redacted
             message = f"{record.msg!s} {record.args!r}"
-        record.msg = self.registry.redact(message)
+        # one record, one line: CR/LF that a peer smuggled into a logged value (a login name, a map key)
+        # must not start a line that looks like a record of its own (tracebacks keep their lines)
+        record.msg = self.registry.redact(message).replace("\r", "\\r").replace("\n", "\\n")
         record.args = None
         if record.exc_info:
             if not record.exc_text:
@@ -124,20 +128,22 @@ def install_filter(logger: logging.Logger, registry: SecretRegistry = SECRETS) -
 
 
 def setup_logging(cfg: Config) -> logging.Logger:
-    """Configure the "sidecar" logger from cfg.log and register the config's secrets for redaction."""
-    logger = logging.getLogger(LOGGER_NAME)
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
+    """Configure the "sidecar" (and "autoport") loggers from cfg.log and register the config's secrets."""
     handler = _handler(cfg.log.destination)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if cfg.log.destination == "syslog":
         fmt = "autoport[%(process)d]: %(levelname)s %(name)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt))
-    logger.addHandler(handler)
-    logger.setLevel(cfg.log.level.upper())
-    logger.propagate = False
     for secret in secrets(cfg):
         SECRETS.add(secret)
-    install_filter(logger)
-    return logger
+    for name in LOGGER_NAMES:
+        logger = logging.getLogger(name)
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+            if h is not handler:
+                h.close()
+        logger.addHandler(handler)
+        logger.setLevel(cfg.log.level.upper())
+        logger.propagate = False
+        install_filter(logger)
+    return logging.getLogger(LOGGER_NAME)

@@ -24,6 +24,8 @@ from typing import BinaryIO
 MAX_LINE = 1 << 20  # one response line (without literals); FLAGS with many keywords stays far below this
 MAX_SMALL_LITERAL = 1 << 20  # literals that are not message bodies (quoted-as-literal names, header fields)
 DEFAULT_MEMORY_LIMIT = 1 << 20  # bodies up to this size stay in memory
+MAX_LITERAL_DIGITS = 12  # {N}: a terabyte; longer is garbage (and int() refuses above 4300 digits)
+MAX_DEPTH = 32  # nested parentheses in one FETCH item list (BODYSTRUCTURE needs a handful)
 
 
 class FetchParseError(ValueError):
@@ -140,8 +142,8 @@ def parse_internaldate(raw: bytes) -> dt.datetime:
         raise FetchParseError(f"bad INTERNALDATE {raw[:40]!r}")
     day, mon, year, hh, mm, ss, sign, zh, zm = m.groups()
     offset = dt.timedelta(hours=int(zh), minutes=int(zm))
-    tz = dt.timezone(-offset if sign == b"-" else offset)
     try:
+        tz = dt.timezone(-offset if sign == b"-" else offset)  # ValueError from +2400 on
         return dt.datetime(
             int(year), _MONTHS[mon.decode().title()], int(day), int(hh), int(mm), int(ss), tzinfo=tz
         )
@@ -186,7 +188,8 @@ class FetchParser:
         self._buf = bytearray()
         self._scan = 0  # where to continue looking for CRLF in _buf
         self._parts: list[bytes | _Lit] = []  # segments of the current response (text, literal, text...)
-        self._line_len = 0
+        self._line_len = 0  # text and small literals of the current response (bounded by MAX_LINE)
+        self._body_mem = 0  # body literals of the current response held in memory (bounded by memory_limit)
         self._lit_left = 0
         self._lit_sink: Body | bytearray | None = None
         self._done = False
@@ -198,6 +201,15 @@ class FetchParser:
 
     def feed(self, data: bytes) -> list[Event]:
         events: list[Event] = []
+        try:
+            return self._feed(data, events)
+        except FetchParseError:
+            for ev in events:  # parsed in this call, never handed out: their spool files are nobody's
+                if isinstance(ev, FetchResponse) and ev.body is not None:
+                    ev.body.discard()
+            raise
+
+    def _feed(self, data: bytes, events: list[Event]) -> list[Event]:
         if self._done and data:
             raise FetchParseError("data after the tagged completion")
         self._buf += data
@@ -240,6 +252,8 @@ class FetchParser:
                 raise FetchParseError(f"response line longer than {MAX_LINE} bytes")
             m = _LITERAL_AT_END.search(segment)
             if m:
+                if len(m.group(1)) > MAX_LITERAL_DIGITS:
+                    raise FetchParseError(f"literal size has more than {MAX_LITERAL_DIGITS} digits")
                 size = int(m.group(1))
                 text = segment[: m.start()]
                 self._parts.append(text)
@@ -255,8 +269,12 @@ class FetchParser:
                     self._lit_sink = None
                 continue
             self._parts.append(segment)
-            parts, self._parts, self._line_len = self._parts, [], 0
-            events.append(self._response(parts))
+            parts, self._parts, self._line_len, self._body_mem = self._parts, [], 0, 0
+            try:
+                events.append(self._response(parts))
+            except FetchParseError:
+                self._drop_bodies(parts)  # a body of a refused response is nobody's: remove its spool file
+                raise
             if self._done and pos < len(buf):
                 raise FetchParseError("data after the tagged completion")
         del buf[:pos]
@@ -266,12 +284,23 @@ class FetchParser:
     def _start_literal(self, text: bytes, size: int) -> None:
         item = text.rstrip().rsplit(b" ", 1)[-1].lstrip(b"(").upper()
         if any(item == b or (item.startswith(b) and item[len(b) : len(b) + 1] == b"<") for b in _BODY_ITEMS):
-            self._lit_sink = Body(size, self.memory_limit, self.spool_dir)
+            body = Body(size, self.memory_limit, self.spool_dir)
+            if body.in_memory and self.spool_dir is not None:
+                # several in-memory bodies in one response must not add up past the memory limit
+                self._body_mem += size
+                if self._body_mem > self.memory_limit:
+                    body.discard()
+                    raise FetchParseError(f"bodies of one response exceed {self.memory_limit} bytes in memory")
+            self._lit_sink = body
         else:
             if size > MAX_SMALL_LITERAL:
                 raise FetchParseError(
                     f"literal of {size} bytes for {item[:40]!r} exceeds {MAX_SMALL_LITERAL}"
                 )
+            # small literals are held in memory with the response: they count toward its line limit
+            self._line_len += size
+            if self._line_len > MAX_LINE:
+                raise FetchParseError(f"response longer than {MAX_LINE} bytes without its body")
             self._lit_sink = bytearray()
         self._lit_left = size
 
@@ -341,6 +370,8 @@ class FetchParser:
             elif key == b"RFC822.SIZE":
                 resp.size = _number(value, "RFC822.SIZE")
             elif key in _BODY_ITEMS or (key.startswith(b"BODY[]<") and key.endswith(b">")):
+                if resp.body is not None:  # a second body item replaces the first: drop its spool file
+                    resp.body.discard()
                 if isinstance(value, _Lit) and isinstance(value.value, Body):
                     resp.body = value.value
                 elif value is None:
@@ -376,6 +407,7 @@ class _Tokenizer:
         self.parts = parts
         self.i = 0  # index in parts
         self.pos = start  # position in parts[i] (bytes)
+        self.depth = 0
 
     def _text(self) -> bytes:
         p = self.parts[self.i]
@@ -398,6 +430,9 @@ class _Tokenizer:
         return items
 
     def _list(self) -> list[Token]:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise FetchParseError(f"lists nested deeper than {MAX_DEPTH}")
         out: list[Token] = []
         while True:
             if self.i >= len(self.parts):
@@ -418,6 +453,7 @@ class _Tokenizer:
             c = t[self.pos]
             if c == 0x29:  # )
                 self.pos += 1
+                self.depth -= 1
                 return out
             if c == 0x28:  # (
                 self.pos += 1

@@ -235,8 +235,12 @@ def write_file_atomic(path: Path, data: bytes, owner: Owner, mode: int = 0o600) 
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):  # a full disk must not keep a half-written file
+            os.unlink(tmp)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
@@ -530,6 +534,8 @@ class MaildirFolder:
                     view = view[n:]
             except BaseException:
                 os.close(fd)
+                with contextlib.suppress(OSError):  # ENOSPC: no partial message left in tmp/
+                    os.unlink(tmp)
                 raise
         try:
             if internaldate is not None:

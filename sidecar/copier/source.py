@@ -126,6 +126,7 @@ class LegacySource:
 
     def connect(self) -> None:
         p = self.params
+        c = None
         try:
             c = imapclient.IMAPClient(
                 p.host,
@@ -137,6 +138,9 @@ class LegacySource:
             if p.imap_tls == "starttls":
                 c.starttls(p.ssl_context or ssl.create_default_context())
         except (OSError, IMAPClientError) as e:
+            if c is not None:  # STARTTLS refused or the handshake failed: drop the plaintext connection
+                with contextlib.suppress(Exception):
+                    c.shutdown()
             raise SourceUnavailable(f"cannot connect to legacy IMAP {p.host}:{p.imap_port}: {e}") from None
         self.client = c
         try:
