@@ -148,6 +148,15 @@ def _imap_quote(raw: bytes) -> bytes | None:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def _is_ip(text: str) -> bool:
+    """A literal IPv4/IPv6 address (what may be passed on in XCLIENT); never anything a peer could inject."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _pop3_command(pop: poplib.POP3, line: bytes) -> bytes:
     """Send one raw command line (poplib's public methods encode str as strict UTF-8); error_proto on -ERR."""
     client: Any = pop  # poplib's _putline/_getresp: stable since Python 2, absent from typeshed
@@ -287,7 +296,7 @@ class LegacyVerifier:
             raise LegacyUnavailable(f"POP3 connect to {cfg.host}:{cfg.pop3_port}: {_clean(e, password)}") from None
         authenticated = False
         try:
-            self._pop3_session(pop, login, password)
+            self._pop3_session(pop, login, password, client_ip)
             authenticated = True
         except poplib.error_proto as e:
             text = _clean(e, password)
@@ -306,7 +315,7 @@ class LegacyVerifier:
             except (OSError, poplib.error_proto):
                 pop.close()
 
-    def _pop3_session(self, pop: poplib.POP3, login: str, password: str) -> None:
+    def _pop3_session(self, pop: poplib.POP3, login: str, password: str, client_ip: str = "") -> None:
         caps: dict[str, list[str]] = {}
         try:
             caps = pop.capa()
@@ -320,6 +329,13 @@ class LegacyVerifier:
             except poplib.error_proto as e:  # refused STLS: "cannot check", never a wrong password
                 raise LegacyUnavailable(f"POP3 STLS failed: {e!s}"[:200]) from None
             caps = pop.capa()
+        if "XCLIENT" in caps and self.cfg.send_client_ip and _is_ip(client_ip):
+            # Dovecot's pop3-login offers XCLIENT to login_trusted_networks: its auth penalty and logs then
+            # apply to the user's own address instead of ours (every check comes from this one host)
+            try:
+                _pop3_command(pop, b"XCLIENT ADDR=" + client_ip.encode("ascii"))
+            except poplib.error_proto:
+                log.info("legacy POP3 refused XCLIENT; continuing without the client address")
         user, pw = _raw(login), _raw(password)
         sasl = [m.upper() for m in caps.get("SASL", [])]
         if "PLAIN" in sasl:
