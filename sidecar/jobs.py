@@ -254,15 +254,20 @@ class JobRunner:
             self.store.record_event(address, "sweep-hit", f"{hits} message(s) arrived on the legacy server after "
                                     f"cutover ({where}); a legacy-side rule or queue still delivers there")
             log.warning("trailing sweep of %s found %d message(s) on the legacy server (%s)", address, hits, where)
-        self.store.finish(job.id, self.owner)
-        self._schedule_sweep(address, account.migrated_at)
+        # the same job goes back to the queue in one statement: if the store fails here, the lease expires and
+        # the sweep runs again; sweeps never stop silently
+        if self._sweeping(account.migrated_at):
+            self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
+        else:
+            self.store.finish(job.id, self.owner)
+
+    def _sweeping(self, migrated_at: float | None) -> bool:
+        window = self.cfg.limits.sweep_window
+        return not (window and migrated_at and self.clock() > migrated_at + window)
 
     def _schedule_sweep(self, address: str, migrated_at: float | None) -> None:
-        window = self.cfg.limits.sweep_window
-        now = self.clock()
-        if window and migrated_at and now > migrated_at + window:
-            return
-        self.store.enqueue(address, "sweep", not_before=now + self.cfg.limits.sweep_interval)
+        if self._sweeping(migrated_at):
+            self.store.enqueue(address, "sweep", not_before=self.clock() + self.cfg.limits.sweep_interval)
 
     def run_copy(self, job: Job) -> None:
         from sidecar.copier import SourceAuthError, SourceError
@@ -272,7 +277,14 @@ class JobRunner:
         self.stats["started"] += 1
         try:
             account = self.store.get(address)
-            if account is None or account.state in (State.MIGRATED, State.DISCOVERED):
+            if account is not None and account.state is State.MIGRATED:
+                # a node died after the switch but before the steps after it: they are idempotent, redo them
+                self.hooks.release_held(address)
+                self.hooks.after_migrated(address, list(account.logins))
+                self._schedule_sweep(address, account.migrated_at)
+                self.store.finish(job.id, self.owner)
+                return
+            if account is None or account.state is State.DISCOVERED:
                 self.store.finish(job.id, self.owner)
                 return
             if account.state is State.FAILED:
@@ -309,8 +321,9 @@ class JobRunner:
             released = self.hooks.release_held(address)
             self.hooks.after_migrated(address, list(account.logins))
             self.store.record_event(address, "migrated", f"{released} held message(s) released")
-            self.store.finish(job.id, self.owner)
+            # the first sweep is queued before the copy job closes: a failure in between re-runs the job
             self._schedule_sweep(address, account.migrated_at)
+            self.store.finish(job.id, self.owner)
             self.stats["migrated"] += 1
             took = time.monotonic() - started
             log.info("%s migrated in %.1f s; %d held message(s) released", address, took, released)

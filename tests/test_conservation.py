@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import running_lab
 
 from sidecar import config
 from sidecar.lab import launcher, pgcluster, proc
@@ -66,18 +67,10 @@ class Fault:
 
 @pytest.fixture(scope="module")
 def clab() -> Iterator[dict[str, Any]]:
-    from conftest import make_lab_dir
-
-    d = make_lab_dir("ap-cons-")
-    info = launcher.lab_up(
-        d, users=USERS, store="postgresql", messages_per_user=3,
-        settings={"limits": {"cutover_grace": 1.0, "lease_seconds": 5.0, "sweep_interval": 2.0,
-                             "copy_concurrency": 4}},
-    )
-    try:
+    limits = {"cutover_grace": 1.0, "lease_seconds": 5.0, "sweep_interval": 2.0, "copy_concurrency": 4}
+    with running_lab("ap-cons-", users=USERS, store="postgresql", messages_per_user=3,
+                     settings={"limits": limits}) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
 
 
 def imap_login(host: str, port: int, user: dict[str, Any]) -> None:

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import running_lab
 
 from sidecar import config
-from sidecar.lab import launcher, proc
+from sidecar.lab import proc
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -30,14 +31,8 @@ AUTOPORT = str(Path(sys.executable).parent / "autoport")
 
 @pytest.fixture(scope="module")
 def flab() -> Iterator[dict[str, Any]]:
-    from conftest import make_lab_dir
-
-    d = make_lab_dir("ap-final-")
-    info = launcher.lab_up(d, users=2)
-    try:
+    with running_lab("ap-final-", users=2) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
 
 
 @pytest.fixture(scope="module")

@@ -258,3 +258,18 @@ def test_sweeps_stop_without_credentials(store: Store, tmp_path: Path) -> None:
     assert job is not None
     runner.run_job(job)
     assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["done"]
+
+
+def test_job_resumed_after_the_switch_releases_mail_and_schedules_sweeps(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    job = store.lease("dead-node", seconds=0.1)
+    assert job is not None
+    store.transition(A, State.CUTOVER)
+    store.transition(A, State.MIGRATED)  # the node died right after the switch, before releasing held mail
+    time.sleep(0.2)
+    run_one(runner, store)
+    assert rec.released == [A] and rec.kicked == [A] and rec.copies == []
+    assert [j.status for j in store.jobs(A) if j.kind == "copy"] == ["done"]
+    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["queued"]

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import running_lab
 
 from sidecar import config
-from sidecar.lab import launcher
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -26,14 +26,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def mlab() -> Iterator[dict[str, Any]]:
-    from conftest import make_lab_dir
-
-    d = make_lab_dir("ap-mig-")
-    info = launcher.lab_up(d, users=3)
-    try:
+    with running_lab("ap-mig-", users=3) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ Decisions tested here:
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_lab_dir
+from conftest import running_lab
 from e2e_mail import legacy_count, message_id, migrate, postfix_config, queue, send, target_count, wait_for
 
 from sidecar import config, passwords
@@ -34,14 +32,8 @@ D = "@example.test"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict[str, Any]]:
-    d = make_lab_dir("ap-milter-")
-    info = launcher.lab_up(d, users=4)
-    try:
+    with running_lab("ap-milter-", users=4) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import running_lab
 
 from sidecar import config
 from sidecar.lab import launcher, proc
@@ -29,17 +30,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 @pytest.fixture(scope="module")
 def pair() -> Iterator[dict[str, Any]]:
-    from conftest import make_lab_dir
-
-    d = make_lab_dir("ap-2n-")
-    info = launcher.lab_up(
-        d, users=3, store="postgresql", nodes=2, messages_per_user=400,
-        settings={"limits": {"lease_seconds": 3.0, "cutover_grace": 0.5}},
-    )
-    try:
+    with running_lab("ap-2n-", users=3, store="postgresql", nodes=2, messages_per_user=400,
+        settings={"limits": {"lease_seconds": 3.0, "cutover_grace": 0.5}}) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
 
 
 @pytest.fixture(scope="module")

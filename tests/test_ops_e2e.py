@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import imaplib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,10 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import make_lab_dir
+from conftest import running_lab
 from e2e_mail import dovecot_config, message_id, send, target_count, wait_for
 
-from sidecar.lab import launcher
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -26,14 +24,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict[str, Any]]:
-    d = make_lab_dir("ap-ops-")
-    info = launcher.lab_up(d, users=3)
-    try:
+    with running_lab("ap-ops-", users=3) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ the tests does not matter:
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_lab_dir
+from conftest import running_lab
 from e2e_mail import (
     legacy_count,
     message_id,
@@ -46,14 +44,8 @@ LMTP = "lmtp:unix:private/dovecot-lmtp"
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict[str, Any]]:
-    d = make_lab_dir("ap-route-")
-    info = launcher.lab_up(d, users=8)
-    try:
+    with running_lab("ap-route-", users=8) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

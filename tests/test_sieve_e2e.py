@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import running_lab
 
 from sidecar import config, sieve
 from sidecar.copier import SourceParams
-from sidecar.lab import launcher
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -23,14 +23,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def slab() -> Iterator[dict[str, Any]]:
-    from conftest import make_lab_dir
-
-    d = make_lab_dir("ap-sieve-")
-    info = launcher.lab_up(d, users=2)
-    try:
+    with running_lab("ap-sieve-", users=2) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
 
 
 @pytest.fixture(scope="module")
