@@ -40,7 +40,6 @@ later logins from the same client address are slowed too. Tests send failing att
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import json
 import os
@@ -419,17 +418,7 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
         proc.wait_for(lambda: (srv.dir / "run" / "auth-postfix").exists(), 10, what="Dovecot auth socket")
     elif name == POSTFIX:
         pidfile = srv.dir / "postfix-queue" / "pid" / "master.pid"
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
-        # output to the log, not to pipes: daemons forked by `postfix start` may hold a pipe open for seconds
-        with open(log, "ab") as out:
-            rc = subprocess.run(
-                ["postfix", "-c", str(srv.dir / "postfix"), "start"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
-            ).returncode  # fmt: skip
-        if rc != 0:
-            raise LabError(f"postfix start failed ({rc}); see {log}:\n{proc.log_tail(log)}")
-        pid = proc.read_pidfile(pidfile)
+        pid = proc.start_postfix(srv.dir / "postfix", pidfile, output=log, log=log)
         proc.record_pid(lab_dir, name, pid)
         for port in (srv.smtp, srv.submission):
             proc.wait_service(srv.host, port, pid, what="legacy Postfix", log=log)

@@ -183,6 +183,23 @@ def stop_group(pid: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def start_postfix(config_dir: Path, pidfile: Path, *, output: Path, log: Path) -> int:
+    """`postfix -c DIR start` for a lab instance; the master's pid (from its fresh pid file).
+
+    Output goes to a file, not a pipe: daemons forked by `postfix start` may hold a pipe open for seconds.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        pidfile.unlink()  # a stale one would be read as the new master's
+    with open(output, "ab") as out:
+        rc = subprocess.run(
+            ["postfix", "-c", str(config_dir), "start"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
+        ).returncode  # fmt: skip
+    if rc != 0:
+        raise LabError(f"postfix start failed ({rc}); see {log}:\n{log_tail(log)}")
+    return read_pidfile(pidfile)
+
+
 def log_tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])

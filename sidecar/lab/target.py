@@ -331,18 +331,7 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
         proc.wait_for(auth.is_socket, 10, what=f"Dovecot's auth socket {auth} (see {log})")
     elif name == POSTFIX:
         pidfile = stack.queue_directory / "pid" / "master.pid"
-        with contextlib.suppress(FileNotFoundError):
-            pidfile.unlink()
-        # output to a file, not a pipe: daemons forked by `postfix start` may hold a pipe open for a while
-        out_log = log.with_suffix(".out")
-        with open(out_log, "ab") as out:
-            rc = subprocess.run(
-                ["postfix", "-c", str(stack.postfix_config), "start"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=60, check=False,
-            ).returncode  # fmt: skip
-        if rc != 0:
-            raise LabError(f"postfix start failed ({rc}); see {log}:\n{proc.log_tail(log)}")
-        pid = proc.read_pidfile(pidfile)
+        pid = proc.start_postfix(stack.postfix_config, pidfile, output=log.with_suffix(".out"), log=log)
         proc.record_pid(lab_dir, name, pid)
         for port in (stack.smtp, stack.submission):
             proc.wait_service(stack.host, port, pid, what="target Postfix", log=log)
