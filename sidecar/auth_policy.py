@@ -103,6 +103,17 @@ class CredentialCache:
 # --- rate limiting --------------------------------------------------------------------------------------
 
 
+def keyed_digest(key: bytes, login: str, password: str, *, person: bytes = b"") -> bytes:
+    """A salted (per-process key), length-prefixed digest of (login, password): what the caches keep instead
+    of the password."""
+    h = hashlib.blake2b(key=key, digest_size=32, person=person)
+    for part in (login, password):
+        raw = part.encode("utf-8", "surrogateescape")
+        h.update(len(raw).to_bytes(4, "big"))
+        h.update(raw)
+    return h.digest()
+
+
 class FailureBudget:
     """Failures per key within a sliding window; over `limit`, the key is refused locally."""
 
@@ -162,12 +173,7 @@ class NegativeCache:
         self._items: collections.OrderedDict[bytes, float] = collections.OrderedDict()
 
     def _digest(self, login: str, password: str) -> bytes:
-        h = hashlib.blake2b(key=self._key, digest_size=32)
-        for part in (login, password):
-            raw = part.encode("utf-8", "surrogateescape")
-            h.update(len(raw).to_bytes(4, "big"))
-            h.update(raw)
-        return h.digest()
+        return keyed_digest(self._key, login, password)
 
     def add(self, login: str, password: str) -> None:
         if self.ttl <= 0:
@@ -215,12 +221,7 @@ class PositiveCache:
         self._items: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
 
     def _digest(self, login: str, password: str) -> bytes:
-        h = hashlib.blake2b(key=self._key, digest_size=32, person=b"autoport-pos")
-        for part in (login, password):
-            raw = part.encode("utf-8", "surrogateescape")
-            h.update(len(raw).to_bytes(4, "big"))
-            h.update(raw)
-        return h.digest()
+        return keyed_digest(self._key, login, password, person=b"autoport-pos")
 
     def add(self, login: str, password: str) -> None:
         if self.ttl <= 0:
