@@ -71,6 +71,10 @@ class LegacyConfig:
     )
     master_separator: str = _f("*", "separator for admin_mode = master (Dovecot's auth_master_user_separator)")
     send_client_ip: bool = _f(True, "pass the client address on (IMAP ID x-originating-ip, SMTP XCLIENT)")
+    ready_connections: int = _f(
+        2, "connections kept ready (connected, TLS done, not logged in) for password checks while logins come in"
+    )
+    ready_max_age: float = _f(20.0, "seconds a ready connection is kept unused before it is closed")
 
 
 @dataclass

@@ -20,6 +20,17 @@ Protocols are tried in legacy.verify_with order; a "no" from the first protocol 
 Certificates are checked against legacy.tls_server_name (or host) with legacy.ca_file (or the system store)
 unless legacy.tls_verify is false. legacy.timeout bounds every single exchange.
 
+Ready connections (IMAP and POP3; SMTP connects per check, its XCLIENT must precede AUTH and resets the
+session). While checks come in, up to legacy.ready_connections connections per protocol are kept *ready*:
+connected, greeting read, STARTTLS/STLS done, capabilities known, never logged in. A check takes one, sends
+(ID/XCLIENT and) the credentials, and closes it: a connection carries at most one login. Background threads
+refill the pool after a take (never more than ready_connections held or being opened per protocol); a ready
+connection older than legacy.ready_max_age is closed unused, and replaced only when a check came within
+READY_WARM_SECONDS. When nobody logs in, nothing is held and nothing connects. Before use, a ready connection
+the server closed or wrote to (BYE) is detected by a zero-timeout poll and discarded; one that fails before the
+credentials were sent (on ID, XCLIENT or USER) is replaced by a fresh connection, so a stale connection never
+becomes a wrong answer nor costs the legacy server a counted login. legacy.ready_connections = 0: connect per check.
+
 stdlib clients (imaplib, poplib, smtplib) do the talking. Their gaps, filled here: imaplib sends LOGIN's user
 unquoted and cannot encode non-ASCII; it has no ID command; smtplib's AUTH encodes credentials as ASCII only.
 Nothing here logs the password; server replies put into exceptions are cut short and scrubbed of it.
@@ -29,17 +40,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import contextlib
+import dataclasses
+import functools
 import imaplib
 import ipaddress
 import logging
+import math
 import poplib
 import re
+import select
 import smtplib
 import socket
 import ssl
+import threading
+import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sidecar.config import LegacyConfig
 
@@ -52,6 +71,10 @@ _IMAP_TEMPORARY = {"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE", "PRIVACYREQUIRE
 # POP3 response codes (RFC 2449, 3206) likewise
 _POP3_TEMPORARY = {"SYS/TEMP", "SYS/PERM", "IN-USE", "LOGIN-DELAY"}
 _IMAP_ATOM_SPECIALS = frozenset('(){ %*"\\]')
+# An expired ready connection is replaced only when a check came within this many seconds: logins arriving
+# at least every two minutes find ready connections; after that the pool drains (at most ready_max_age later)
+# and nothing is held or opened until the next check.
+READY_WARM_SECONDS = 120.0
 
 
 class LegacyAuthError(Exception):
@@ -164,20 +187,337 @@ def _pop3_command(pop: poplib.POP3, line: bytes) -> bytes:
     return bytes(client._getresp())
 
 
-class LegacyVerifier:
-    """Checks credentials against the legacy server per the [legacy] config section. Thread-safe."""
+def _pop3_lost(e: Exception) -> bool:
+    """The POP3 connection failed (socket error, EOF, garbage): no answer from the server, unlike a -ERR reply.
+
+    poplib raises error_proto with the server's reply as bytes, and with a str of its own for EOF ("-ERR EOF")
+    and over-long lines.
+    """
+    return isinstance(e, OSError) or (isinstance(e, poplib.error_proto) and bool(e.args) and isinstance(e.args[0], str))
+
+
+class _TlsSource:
+    """The TLS context for legacy connections, built once on first use (from any thread)."""
 
     def __init__(self, cfg: LegacyConfig) -> None:
         self.cfg = cfg
         self._context: ssl.SSLContext | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._context is None:
+                try:
+                    self._context = tls_context(self.cfg)
+                except (OSError, ssl.SSLError) as e:
+                    raise LegacyUnavailable(f"cannot load legacy.ca_file: {e}") from None
+            return self._context
+
+
+# --- ready connections: connected, TLS done, not logged in ---------------------------------------------------
+
+
+def _unusable(sock: socket.socket) -> bool:
+    """True when an idle connection has something to read: the server closed it (EOF, reset) or spoke (BYE).
+
+    Until we send a command, a healthy IMAP or POP3 server is silent. Over TLS, a readable socket may carry
+    only a post-handshake message (a TLS 1.3 session ticket): a non-blocking read tells that apart.
+    """
+    if sock.fileno() < 0:
+        return True
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    if not poller.poll(0):
+        return False
+    if not isinstance(sock, ssl.SSLSocket):
+        return True
+    timeout = sock.gettimeout()
+    try:
+        sock.setblocking(False)
+        sock.recv(1)  # data: the server spoke; b"": it closed
+        return True
+    except ssl.SSLWantReadError:  # only TLS records without application data
+        return False
+    except OSError:
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(timeout)
+
+
+_C = TypeVar("_C")
+
+
+class _ReadyPool(Generic[_C]):
+    """Up to `size` connections of one protocol, opened ahead of checks, each handed out once.
+
+    take() gives the oldest usable one (or None); refill(), once a check got a connection, wakes a manager
+    thread (at most one per pool, started on demand, gone when nothing is held) that opens the missing ones,
+    in parallel, so that `size` are ready or being opened, never more. It also closes connections older than
+    `max_age` and replaces them only while checks keep coming (within `warm` seconds). The pool refers to no
+    verifier: an abandoned LegacyVerifier is collected and its finalizer closes the pool.
+    """
+
+    def __init__(
+        self,
+        proto: str,
+        size: int,
+        max_age: float,
+        warm: float,
+        open_: Callable[[], _C],
+        close: Callable[[_C], None],
+        sock_of: Callable[[_C], socket.socket],
+    ) -> None:
+        self.proto = proto
+        self.size = size
+        self.max_age = max_age
+        self.warm = warm
+        self._open = open_
+        self._close = close
+        self._sock_of = sock_of
+        self._cond = threading.Condition()
+        self._ready: collections.deque[tuple[float, _C]] = collections.deque()  # (ready since, connection)
+        self._opening = 0
+        self._fill = False  # cleared when an open fails: no retries until the next check
+        self._last_check = -math.inf
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def count(self) -> int:
+        """Connections ready now (not counting one being opened)."""
+        with self._cond:
+            return len(self._ready)
+
+    def take(self) -> _C | None:
+        while True:
+            with self._cond:
+                self._last_check = time.monotonic()
+                if not self._ready:
+                    return None
+                born, conn = self._ready.popleft()
+            if time.monotonic() - born < self.max_age and not _unusable(self._sock_of(conn)):
+                return conn
+            log.debug("legacy %s: ready connection closed by the server or expired; discarded", self.proto)
+            self._close(conn)
+
+    def refill(self) -> None:
+        """A check got a connection: make sure `size` are ready again, in the background."""
+        with self._cond:
+            if self._closed:
+                return
+            self._fill = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"legacy-{self.proto}-ready", daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify_all()
+
+    def close(self, wait: float = 0.0) -> None:
+        """Close every ready connection; one being opened is closed by the thread when its open returns."""
+        with self._cond:
+            self._closed = True
+            conns = [conn for _, conn in self._ready]
+            self._ready.clear()
+            thread = self._thread
+            self._cond.notify_all()
+        for conn in conns:
+            self._close(conn)
+        if wait > 0 and thread is not None and thread is not threading.current_thread():
+            thread.join(wait)
+
+    def _run(self) -> None:
+        """The pool's manager: starts openers (as many as are missing, at once), closes expired connections,
+        and leaves when nothing is held or being opened."""
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                expired: list[_C] = []
+                while self._ready and now - self._ready[0][0] >= self.max_age:
+                    expired.append(self._ready.popleft()[1])
+                start = 0
+                if not self._closed and self._fill and now - self._last_check < self.warm:
+                    start = max(0, self.size - len(self._ready) - self._opening)
+                    self._opening += start
+                done = not start and not self._opening and (self._closed or not self._ready)
+                if done:
+                    self._thread = None  # nothing held: the next refill() starts a new manager
+                elif not start and not expired:  # wait for an opener, a check, close() or the oldest's expiry
+                    self._cond.wait(self._ready[0][0] + self.max_age - now if self._ready else None)
+                    continue
+            for conn in expired:
+                self._close(conn)
+            for _ in range(start):
+                threading.Thread(target=self._open_one, name=f"legacy-{self.proto}-open", daemon=True).start()
+            if done:
+                return
+
+    def _open_one(self) -> None:
+        conn: _C | None = None
+        try:
+            conn = self._open()
+        except Exception as e:  # the checks themselves connect and report the trouble
+            log.debug("legacy %s: no ready connection: %s", self.proto, e)
+        with self._cond:
+            self._opening -= 1
+            if conn is None:
+                self._fill = False  # no retries until the next check
+            elif not self._closed and len(self._ready) < self.size:
+                self._ready.append((time.monotonic(), conn))
+                conn = None
+            self._cond.notify_all()
+        if conn is not None:
+            self._close(conn)
+
+
+def _close_pools(pools: tuple[_ReadyPool[Any], ...], wait: float = 0.0) -> None:
+    for pool in pools:
+        pool.close(wait)
+
+
+# --- opening connections (up to, never including, the credentials) ------------------------------------------
+
+
+def _open_imap(cfg: LegacyConfig, tls: Callable[[], ssl.SSLContext]) -> imaplib.IMAP4:
+    """An IMAP connection ready for LOGIN: greeting read, STARTTLS done when configured, capabilities known."""
+    try:
+        if cfg.imap_tls == "implicit":
+            imap: imaplib.IMAP4 = imaplib.IMAP4_SSL(cfg.host, cfg.imap_port, ssl_context=tls(), timeout=cfg.timeout)
+        else:
+            imap = imaplib.IMAP4(cfg.host, cfg.imap_port, timeout=cfg.timeout)
+    except (OSError, imaplib.IMAP4.error) as e:
+        raise LegacyUnavailable(f"IMAP connect to {cfg.host}:{cfg.imap_port}: {_clean(e, '')}") from None
+    try:
+        if cfg.imap_tls == "starttls":
+            if "STARTTLS" not in imap.capabilities:
+                raise LegacyUnavailable("IMAP server does not offer STARTTLS")
+            try:
+                imap.starttls(ssl_context=tls())
+            except imaplib.IMAP4.error as e:  # refused STARTTLS: "cannot check", never a wrong password
+                raise LegacyUnavailable(f"IMAP STARTTLS failed: {_clean(e, '')}") from None
+        if imap.state != "NONAUTH":
+            raise LegacyUnavailable("IMAP server pre-authenticated the connection")
+    except OSError as e:  # TLS handshake, certificate, timeout
+        _close_imap(imap)
+        raise LegacyUnavailable(f"IMAP: {_clean(e, '')}") from None
+    except BaseException:
+        _close_imap(imap)
+        raise
+    return imap
+
+
+def _close_imap(imap: imaplib.IMAP4) -> None:
+    """Drop an IMAP connection without a word (a ready one never logged in; LOGOUT is for sessions)."""
+    with contextlib.suppress(OSError):
+        imap.shutdown()
+
+
+@dataclasses.dataclass
+class _Pop3:
+    """A POP3 connection with what CAPA said (after STLS when that was done)."""
+
+    pop: poplib.POP3
+    caps: dict[str, list[str]]
+
+
+def _open_pop3(cfg: LegacyConfig, tls: Callable[[], ssl.SSLContext]) -> _Pop3:
+    """A POP3 connection ready for the credentials: greeting read, STLS done when configured, CAPA known."""
+    try:
+        if cfg.pop3_tls == "implicit":
+            pop: poplib.POP3 = poplib.POP3_SSL(cfg.host, cfg.pop3_port, context=tls(), timeout=cfg.timeout)
+        else:
+            pop = poplib.POP3(cfg.host, cfg.pop3_port, timeout=cfg.timeout)
+    except (OSError, poplib.error_proto) as e:
+        raise LegacyUnavailable(f"POP3 connect to {cfg.host}:{cfg.pop3_port}: {_clean(e, '')}") from None
+    try:
+        try:
+            caps = pop.capa()
+        except poplib.error_proto as e:
+            if _pop3_lost(e):
+                raise
+            caps = {}  # pre-RFC 2449 server: USER/PASS it is
+        if cfg.pop3_tls == "starttls":
+            if "STLS" not in caps:
+                raise LegacyUnavailable("POP3 server does not offer STLS")
+            try:
+                pop.stls(context=tls())
+            except poplib.error_proto as e:  # refused STLS: "cannot check", never a wrong password
+                raise LegacyUnavailable(f"POP3 STLS failed: {_clean(e, '')}") from None
+            caps = pop.capa()
+    except (OSError, poplib.error_proto) as e:  # TLS handshake, certificate, timeout, connection lost
+        _close_pop3(_Pop3(pop, {}))
+        raise LegacyUnavailable(f"POP3: {_clean(e, '')}") from None
+    except BaseException:
+        _close_pop3(_Pop3(pop, {}))
+        raise
+    return _Pop3(pop, caps)
+
+
+def _close_pop3(conn: _Pop3) -> None:
+    with contextlib.suppress(OSError):
+        conn.pop.close()
+
+
+def _imap_socket(imap: imaplib.IMAP4) -> socket.socket:
+    sock: socket.socket = imap.sock
+    return sock
+
+
+def _pop3_socket(conn: _Pop3) -> socket.socket:
+    sock: socket.socket = conn.pop.sock
+    return sock
+
+
+class LegacyVerifier:
+    """Checks credentials against the legacy server per the [legacy] config section. Thread-safe.
+
+    With legacy.ready_connections > 0 it keeps connections ready for IMAP and POP3 checks (module docstring);
+    close() drops them (the daemon calls it on stop; an abandoned verifier's are dropped when it is collected).
+    warm_seconds: how recent a check must be for an expired ready connection to be replaced.
+    """
+
+    def __init__(self, cfg: LegacyConfig, *, warm_seconds: float = READY_WARM_SECONDS) -> None:
+        self.cfg = cfg
+        self._tls_source = _TlsSource(cfg)
+        self._pools: dict[str, _ReadyPool[Any]] = {}
+        if cfg.ready_connections > 0 and cfg.ready_max_age > 0:
+            size, age = cfg.ready_connections, cfg.ready_max_age
+            tls = self._tls_source.get  # the pools refer to the TLS source, never to self (see _ReadyPool)
+            imap_pool: _ReadyPool[imaplib.IMAP4] = _ReadyPool(
+                "imap", size, age, warm_seconds, functools.partial(_open_imap, cfg, tls), _close_imap, _imap_socket
+            )
+            pop3_pool: _ReadyPool[_Pop3] = _ReadyPool(
+                "pop3", size, age, warm_seconds, functools.partial(_open_pop3, cfg, tls), _close_pop3, _pop3_socket
+            )
+            self._pools = {"imap": imap_pool, "pop3": pop3_pool}
+        self._finalizer = weakref.finalize(self, _close_pools, tuple(self._pools.values()))
 
     def _tls(self) -> ssl.SSLContext:
-        if self._context is None:
-            try:
-                self._context = tls_context(self.cfg)
-            except (OSError, ssl.SSLError) as e:
-                raise LegacyUnavailable(f"cannot load legacy.ca_file: {e}") from None
-        return self._context
+        return self._tls_source.get()
+
+    def ready_counts(self) -> dict[str, int]:
+        """Connections ready now, per protocol; empty when ready connections are off."""
+        return {proto: pool.count() for proto, pool in self._pools.items()}
+
+    def close(self, wait: float = 2.0) -> None:
+        """Close the ready connections and stop refilling; later checks connect per check. Idempotent."""
+        _close_pools(tuple(self._pools.values()), wait)
+        self._finalizer()
+
+    def _connection(self, proto: str, open_: Callable[[], _C]) -> tuple[_C, bool]:
+        """A ready connection (True) or a new one (False); LegacyUnavailable when none can be opened.
+
+        Once a check holds a working connection, the pool refills behind it.
+        """
+        pool: _ReadyPool[_C] | None = self._pools.get(proto)
+        conn = pool.take() if pool is not None else None
+        pooled = conn is not None
+        if conn is None:
+            conn = open_()
+        if pool is not None:
+            pool.refill()
+        return conn, pooled
 
     # --- the entry point ---------------------------------------------------------------------------------
     def verify(self, login: str, password: str, *, client_ip: str = "") -> str:
@@ -204,23 +544,28 @@ class LegacyVerifier:
         raise LegacyUnavailable("; ".join(problems) or "no protocol in legacy.verify_with")
 
     # --- IMAP --------------------------------------------------------------------------------------------
+    def _open_imap(self) -> imaplib.IMAP4:
+        return _open_imap(self.cfg, self._tls_source.get)
+
     def verify_imap(self, login: str, password: str, client_ip: str = "") -> None:
         cfg = self.cfg
         check_login(login)
         if not cfg.imap_port:
             raise LegacyUnavailable("no legacy IMAP port configured")
-        try:
-            if cfg.imap_tls == "implicit":
-                imap: imaplib.IMAP4 = imaplib.IMAP4_SSL(
-                    cfg.host, cfg.imap_port, ssl_context=self._tls(), timeout=cfg.timeout
-                )
-            else:
-                imap = imaplib.IMAP4(cfg.host, cfg.imap_port, timeout=cfg.timeout)
-        except (OSError, imaplib.IMAP4.error) as e:
-            raise LegacyUnavailable(f"IMAP connect to {cfg.host}:{cfg.imap_port}: {_clean(e, password)}") from None
+        imap, pooled = self._connection("imap", self._open_imap)
         authenticated = False
         try:
-            self._imap_session(imap, login, password, client_ip)
+            try:
+                self._imap_id(imap, client_ip)
+            except (imaplib.IMAP4.abort, OSError) as e:
+                if not pooled:
+                    raise
+                # the ready connection died before the credentials were sent: a fresh one costs no login
+                log.info("legacy IMAP: ready connection failed before LOGIN (%s); using a new one", _clean(e, password))
+                _close_imap(imap)
+                imap = self._open_imap()
+                self._imap_id(imap, client_ip)
+            self._imap_login(imap, login, password)
             authenticated = True
         except imaplib.IMAP4.abort as e:  # BYE, connection lost, protocol garbage
             raise LegacyUnavailable(f"IMAP: {_clean(e, password)}") from None
@@ -242,19 +587,8 @@ class LegacyVerifier:
                 with contextlib.suppress(OSError):
                     imap.shutdown()
 
-    def _imap_session(self, imap: imaplib.IMAP4, login: str, password: str, client_ip: str) -> None:
-        if self.cfg.imap_tls == "starttls":
-            if "STARTTLS" not in imap.capabilities:
-                raise LegacyUnavailable("IMAP server does not offer STARTTLS")
-            try:
-                imap.starttls(ssl_context=self._tls())
-            except imaplib.IMAP4.error as e:  # refused STARTTLS: "cannot check", never a wrong password
-                raise LegacyUnavailable(f"IMAP STARTTLS failed: {e}") from None
-        if imap.state != "NONAUTH":
-            raise LegacyUnavailable("IMAP server pre-authenticated the connection")
+    def _imap_login(self, imap: imaplib.IMAP4, login: str, password: str) -> None:
         caps = set(imap.capabilities)
-        if self.cfg.send_client_ip and client_ip and "ID" in caps:
-            self._imap_id(imap, client_ip)
         user, pw = _raw(login), _raw(password)
         quoted_user = _imap_quote(user)
         if "LOGINDISABLED" in caps or quoted_user is None:
@@ -272,6 +606,9 @@ class LegacyVerifier:
             raise imaplib.IMAP4.error(data[-1] if data else b"LOGIN refused")
 
     def _imap_id(self, imap: imaplib.IMAP4, client_ip: str) -> None:
+        """`ID ("x-originating-ip" IP)` when offered and configured (before the credentials)."""
+        if not (self.cfg.send_client_ip and client_ip and "ID" in imap.capabilities):
+            return
         try:
             ip = str(ipaddress.ip_address(client_ip))
         except ValueError:
@@ -282,26 +619,33 @@ class LegacyVerifier:
             log.info("legacy IMAP refused ID; continuing without x-originating-ip")
 
     # --- POP3 --------------------------------------------------------------------------------------------
+    def _open_pop3(self) -> _Pop3:
+        return _open_pop3(self.cfg, self._tls_source.get)
+
     def verify_pop3(self, login: str, password: str, client_ip: str = "") -> None:
         cfg = self.cfg
         check_login(login)
         if not cfg.pop3_port:
             raise LegacyUnavailable("no legacy POP3 port configured")
-        try:
-            if cfg.pop3_tls == "implicit":
-                pop: poplib.POP3 = poplib.POP3_SSL(cfg.host, cfg.pop3_port, context=self._tls(), timeout=cfg.timeout)
-            else:
-                pop = poplib.POP3(cfg.host, cfg.pop3_port, timeout=cfg.timeout)
-        except (OSError, poplib.error_proto) as e:
-            raise LegacyUnavailable(f"POP3 connect to {cfg.host}:{cfg.pop3_port}: {_clean(e, password)}") from None
+        conn, pooled = self._connection("pop3", self._open_pop3)
         authenticated = False
         try:
-            self._pop3_session(pop, login, password, client_ip)
+            try:
+                self._pop3_prelude(conn, login, password, client_ip)
+            except (OSError, poplib.error_proto) as e:
+                if not (pooled and _pop3_lost(e)):
+                    raise
+                # the ready connection died before the credentials were sent: a fresh one costs no login
+                log.info("legacy POP3: ready connection failed before PASS (%s); using a new one", _clean(e, password))
+                _close_pop3(conn)
+                conn = self._open_pop3()
+                self._pop3_prelude(conn, login, password, client_ip)
+            self._pop3_credentials(conn, login, password)
             authenticated = True
         except poplib.error_proto as e:
             text = _clean(e, password)
             m = _CODE.search(text)
-            if not text.startswith("-ERR") or (m and m.group(1).upper() in _POP3_TEMPORARY):
+            if _pop3_lost(e) or not text.startswith("-ERR") or (m and m.group(1).upper() in _POP3_TEMPORARY):
                 raise LegacyUnavailable(f"POP3: {text}") from None
             raise LegacyAuthError("pop3", text) from None
         except OSError as e:
@@ -309,45 +653,44 @@ class LegacyVerifier:
         finally:
             try:
                 if authenticated:
-                    pop.quit()  # nothing was marked deleted: UPDATE state changes nothing
+                    conn.pop.quit()  # nothing was marked deleted: UPDATE state changes nothing
                 else:
-                    pop.close()
+                    conn.pop.close()
             except (OSError, poplib.error_proto):
-                pop.close()
+                _close_pop3(conn)
 
-    def _pop3_session(self, pop: poplib.POP3, login: str, password: str, client_ip: str = "") -> None:
-        caps: dict[str, list[str]] = {}
-        try:
-            caps = pop.capa()
-        except poplib.error_proto:
-            caps = {}  # pre-RFC 2449 server: USER/PASS it is
-        if self.cfg.pop3_tls == "starttls":
-            if "STLS" not in caps:
-                raise LegacyUnavailable("POP3 server does not offer STLS")
-            try:
-                pop.stls(context=self._tls())
-            except poplib.error_proto as e:  # refused STLS: "cannot check", never a wrong password
-                raise LegacyUnavailable(f"POP3 STLS failed: {e!s}"[:200]) from None
-            caps = pop.capa()
+    def _pop3_prelude(self, conn: _Pop3, login: str, password: str, client_ip: str) -> None:
+        """What precedes the password: XCLIENT when offered, and USER when AUTH PLAIN is not."""
+        pop, caps = conn.pop, conn.caps
         if "XCLIENT" in caps and self.cfg.send_client_ip and _is_ip(client_ip):
             # Dovecot's pop3-login offers XCLIENT to login_trusted_networks: its auth penalty and logs then
             # apply to the user's own address instead of ours (every check comes from this one host)
             try:
                 _pop3_command(pop, b"XCLIENT ADDR=" + client_ip.encode("ascii"))
-            except poplib.error_proto:
+            except poplib.error_proto as e:
+                if _pop3_lost(e):
+                    raise
                 log.info("legacy POP3 refused XCLIENT; continuing without the client address")
-        user, pw = _raw(login), _raw(password)
-        sasl = [m.upper() for m in caps.get("SASL", [])]
-        if "PLAIN" in sasl:
-            token = base64.b64encode(b"\0" + user + b"\0" + pw)
-            _pop3_command(pop, b"AUTH PLAIN " + token)
+        if self._pop3_sasl_plain(conn):
             return
         if caps and "USER" not in caps:
             raise LegacyUnavailable("POP3: neither USER nor SASL PLAIN offered")
+        pw = _raw(password)
         if b"\r" in pw or b"\n" in pw:
             raise LegacyUnavailable("POP3: password cannot be sent with PASS and no SASL PLAIN")
-        _pop3_command(pop, b"USER " + user)
-        _pop3_command(pop, b"PASS " + pw)
+        _pop3_command(pop, b"USER " + _raw(login))
+
+    def _pop3_credentials(self, conn: _Pop3, login: str, password: str) -> None:
+        user, pw = _raw(login), _raw(password)
+        if self._pop3_sasl_plain(conn):
+            token = base64.b64encode(b"\0" + user + b"\0" + pw)
+            _pop3_command(conn.pop, b"AUTH PLAIN " + token)
+        else:
+            _pop3_command(conn.pop, b"PASS " + pw)
+
+    @staticmethod
+    def _pop3_sasl_plain(conn: _Pop3) -> bool:
+        return "PLAIN" in (m.upper() for m in conn.caps.get("SASL", []))
 
     # --- SMTP AUTH ---------------------------------------------------------------------------------------
     def verify_smtp(self, login: str, password: str, client_ip: str = "") -> None:
