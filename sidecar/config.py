@@ -106,6 +106,12 @@ class SocketsConfig:
     auth: str = _f("/run/autoport/auth.sock", "socket autoport-checkpassword talks to")
     socketmap: str = _f("/run/autoport/socketmap.sock", "Postfix socketmap (transport, verify maps)")
     milter: str = _f("inet:127.0.0.1:8891", "milter listener, in Postfix's notation")
+    sasl: str = _f(
+        "/run/autoport/sasl.sock",
+        "Postfix's SMTP AUTH socket (smtpd_sasl_path): relays to Dovecot's auth and turns its temporary failures "
+        "into 454 (empty: Postfix talks to Dovecot directly)",
+    )
+    dovecot_auth: str = _f("/run/dovecot/autoport-auth", "Dovecot's auth-client socket the SASL relay forwards to")
     auth_group: str = _f("dovecot", "group given the auth socket (autoport-checkpassword runs as Dovecot's user)")
     postfix_group: str = _f("postfix", "group given the socketmap (and a unix: milter) socket (Postfix's daemons)")
     mode: int = _f(0o660, "permission bits of the sockets (0660: owner and the group above)")

@@ -92,6 +92,15 @@ class Daemon:
         secure_socket(cfg.sockets.auth, cfg.sockets.auth_group, cfg.sockets.mode)
         log.info("auth socket listening on %s", cfg.sockets.auth)
 
+        if cfg.sockets.sasl:
+            from sidecar.saslrelay import start_sasl_relay
+
+            _prepare_unix_path(cfg.sockets.sasl)
+            relay = await start_sasl_relay(cfg.sockets.sasl, cfg.sockets.dovecot_auth, mode=cfg.sockets.mode)
+            self.servers.append(relay)
+            secure_socket(cfg.sockets.sasl, cfg.sockets.postfix_group, cfg.sockets.mode)
+            log.info("SMTP AUTH relay listening on %s (to Dovecot's %s)", cfg.sockets.sasl, cfg.sockets.dovecot_auth)
+
         routing = RoutingPolicy(cfg, self.store)
         sm = cfg.sockets.socketmap
         sm_path = sm[len("unix:") :] if sm.startswith("unix:") else (sm if sm.startswith("/") else "")

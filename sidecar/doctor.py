@@ -4,7 +4,8 @@ Checks, in order (later checks still run after a failure, except that nothing ru
   config     the configuration file loads (schema, types, unknown keys)
   sockets    the sidecar's UNIX sockets exist, someone listens, and they have the group and mode Dovecot and
              Postfix need (auth: sockets.auth_group; socketmap and a unix: milter: sockets.postfix_group; mode
-             sockets.mode)
+             sockets.mode); the SMTP AUTH relay (sockets.sasl) and Dovecot's listener behind it
+             (sockets.dovecot_auth)
   store      the state store answers and its schema is the newest (`autoport store upgrade` otherwise)
   postfix    `postconf -c DIR -h` shows the sidecar's socketmap in transport_maps and
              address_verify_transport_maps, and its milter in smtpd_milters (after `autoport finalize`: none)
@@ -137,6 +138,11 @@ def check_sockets(cfg: Config) -> Iterator[Finding]:
     milter = _unix_path(sk.milter)
     if milter:
         yield from check_socket("milter", milter, sk.postfix_group, sk.mode, "milter")
+    if sk.sasl:
+        yield from check_socket("SMTP AUTH relay", sk.sasl, sk.postfix_group, sk.mode, "sasl")
+        # Dovecot's listener the relay forwards to (dovecot/conf.d/10-master.conf.j2, 0660 postfix)
+        upstream = "Dovecot auth (relay upstream)"
+        yield from check_socket(upstream, sk.dovecot_auth, sk.postfix_group, 0o660, "dovecot_auth")
 
 
 # --- store -------------------------------------------------------------------------------------------------

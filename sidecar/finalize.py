@@ -221,8 +221,9 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
         "virtual_transport": cfg.target.local_transport,
         "final_mailbox_maps": f"texthash:{mailboxes_file}",
         "final_alias_maps": f"texthash:{aliases_file}",
+        "sasl_relay": "",  # SMTP AUTH straight to Dovecot's socket: the sidecar's relay retires with it
     }
-    dv_final = {**dv_vars, "autoport_finalized": "yes"}
+    dv_final = {**dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
     try:
         warnings = render.render_postfix(pf_dir, pf_final)
         done.append(f"wrote {pf_dir}/main.cf and master.cf (validated: postfix check)")

@@ -404,6 +404,7 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "milter": cfg.sockets.milter,
         "legacy_concurrency": str(max(1, cfg.limits.legacy_connections)),
         "sasl_path": "private/auth",
+        "sasl_relay": cfg.sockets.sasl,  # empty: smtpd talks to Dovecot's socket directly
         "smtpd_tls_auth_only": "yes",
         "smtpd_tls_security_level": "may",
         "submission_tls_security_level": "encrypt",
@@ -423,6 +424,12 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "final_mailbox_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-mailboxes",
         "final_alias_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-aliases",
     }
+
+
+def dovecot_listener(path: str, base_dir: str) -> str:
+    """A unix_listener name for `path`: relative when inside base_dir (doveconf warns about the prefix)."""
+    prefix = base_dir.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
 
 
 def lmtp_socket_path(local_transport: str, queue_directory: str) -> str:
@@ -467,6 +474,7 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "managesieve_port": "4190",
         "lmtp_socket": lmtp_socket_path(cfg.target.local_transport, queue_directory),
         "auth_socket": f"{queue_directory.rstrip('/')}/private/auth",
+        "sasl_relay_upstream": dovecot_listener(cfg.sockets.dovecot_auth, "/run/dovecot") if cfg.sockets.sasl else "",
         "postfix_user": "postfix",
         "postfix_group": "postfix",
         "login_trusted_networks": "",

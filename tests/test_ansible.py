@@ -340,8 +340,11 @@ def test_deployed_files_equal_render(deployed: Deployment) -> None:
         "base_dir": str(deployed.prefix / "run/dovecot"),
         "state_dir": str(deployed.prefix / "var/lib/dovecot"),
         "checkpassword_args": f"/usr/bin/python3 -I -S {shim} --socket {cfg.sockets.auth}",
+        # the relay's Dovecot listener, relative to the (prefixed) base_dir as both renderings write it
+        "sasl_relay_upstream": render.dovecot_listener(cfg.sockets.dovecot_auth, str(deployed.prefix / "run/dovecot")),
         **deployed.dovecot_overrides,
     }
+    assert dv["sasl_relay_upstream"] == "autoport-auth"
     assert dv["dovecot_dir"] == str(deployed.prefix / "etc/dovecot")
     for dest, src in render.dovecot_templates(dv["sql_driver"], root=deployed.repo).items():
         expected = render.render_template(src, dv, root=deployed.repo)

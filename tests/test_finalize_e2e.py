@@ -133,6 +133,10 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
         login(flab, user)
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c, pytest.raises(imaplib.IMAP4.error):
         c.login(first["login"], first["password"] + "x")
+    # SMTP AUTH straight to Dovecot again (during the migration it went through the sidecar's relay)
+    with smtplib.SMTP(tg["host"], tg["submission"], timeout=30) as s:
+        s.ehlo("client.lab.test")
+        assert s.login(first["login"], first["password"])[0] == 235
 
     msgid = f"<after-{time.time_ns()}@sender.test>"
     send(flab, first["address"], msgid)

@@ -194,7 +194,14 @@ def start_target(
         "legacy": legacy_section,
         "mail": {"domains": list(domains)},
         "store": {"url": store_url},
-        "sockets": {"auth": str(auth_socket), "socketmap": socketmap, "milter": milter},
+        "sockets": {
+            "auth": str(auth_socket),
+            "socketmap": socketmap,
+            "milter": milter,
+            # SMTP AUTH through the sidecar's relay only when there is a sidecar to relay
+            "sasl": str(run_dir / "sasl.sock") if sidecar else "",
+            "dovecot_auth": str(tdir / "dovecot-run" / "autoport-auth"),
+        },
         "target": {
             "mail_root": str(mail_root),
             "dovecot_config": str(dv_dir / "dovecot.conf"),
@@ -250,6 +257,7 @@ def start_target(
         "pop3_port": str(pop3),
         "pop3s_port": "0",
         "managesieve_port": str(sieve),
+        "sasl_relay_upstream": "autoport-auth" if cfg.sockets.sasl else "",  # in base_dir: sockets.dovecot_auth
     }
     dv_vars |= dict(dovecot_overrides or {})
     try:
