@@ -13,8 +13,16 @@ thread-safe; the server runs it in a thread pool. What each outcome means on the
         handed to the in-memory CredentialCache for the copier. IMAP/POP3/ManageSieve get proxy fields to the
         legacy server; SMTP AUTH (Postfix via Dovecot SASL) and Dovecot submission get a plain OK.
 
-Order of the store writes: transition, set_password_hash, add_login, touch_login, enqueue. Each is idempotent,
+Order of the store writes: transition, add_login, touch_login, enqueue, set_password_hash. Each is idempotent,
 so if the store fails half-way the reply is TEMP and the client's retry completes the rest.
+
+The hash: hashing costs ~40 ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
+daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
+is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
+store or the process fails in between), nothing breaks: until migration the account logs in through the
+legacy server anyway, and a migrated account without a hash is not in the deny view, so its first login
+verifies on the legacy server once and stores the hash then (_first_local_login). Without `defer` (unit tests)
+the hash is stored before the answer.
 """
 
 from __future__ import annotations
@@ -322,6 +330,7 @@ class AuthPolicy:
         busy_wait: float = 2.0,
         hasher: Callable[[str], str] | None = None,
         positive_ttl: float = POSITIVE_TTL,
+        defer: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -339,6 +348,7 @@ class AuthPolicy:
         self._checks = threading.BoundedSemaphore(max(1, limits.auth_concurrency))
         self._flights = _SingleFlight()
         self._hash = hasher or (lambda password: passwords.hash_password(password, cfg.hash))
+        self._defer = defer
         self._uid, self._gid = _mail_ids(cfg)
 
     # -- entry point --
@@ -454,8 +464,7 @@ class AuthPolicy:
         log.debug("legacy %s accepted %r", proto, req.user)
 
     def _activate(self, address: str, login: str, password: str) -> State:
-        """Create or move the account to copying, store the hash, record the login, queue the copy."""
-        password_hash = self._hash(password)
+        """Create or move the account to copying, record the login, queue the copy, store the hash."""
         state = self._state(address)
         for _attempt in range(3):
             if state is State.MIGRATED:
@@ -469,14 +478,28 @@ class AuthPolicy:
                 state = self._state(address)  # another node or thread moved it first: look again
         else:
             raise _Decision(TEMP, "state-conflict")
-        self.store.set_password_hash(address, password_hash)
         self.store.add_login(address, login)
         self.store.touch_login(address)
         # credentials first: a runner that leases the job at once must find them
         self.credentials.put(address, login, password)
         self.store.enqueue(address, "copy")
         self._queued(address)
+        if self._defer is None:
+            self.store.set_password_hash(address, self._hash(password))
+        else:
+            self._defer(lambda: self._store_hash(address, password))
         return state
+
+    def _store_hash(self, address: str, password: str) -> None:
+        """Deferred: hash the verified password and store it. Trouble is logged; see the module docstring."""
+        started = time.monotonic()
+        with SECRETS.registered(password):
+            try:
+                self.store.set_password_hash(address, self._hash(password))
+            except Exception as e:
+                log.warning("auth: storing the hash of %s failed (%s); its next login stores it", address, e)
+                return
+        log.debug("auth: hash of %s stored in %d ms", address, (time.monotonic() - started) * 1000)
 
     def _queued(self, address: str) -> None:
         """Tell on_queued (the job runner's wake-up); its trouble is logged, never the login's answer."""

@@ -8,6 +8,7 @@ the job runner, all sharing one store and one account-state module. It tells sys
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import grp
 import logging
@@ -64,6 +65,8 @@ class Daemon:
         self.milter_stop = threading.Event()
         self.servers: list[asyncio.AbstractServer] = []
         self.runner: Any = None
+        self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
+        self.verifier: Any = None
 
     async def start(self) -> None:
         from sidecar.auth_policy import AuthPolicy, CredentialCache
@@ -76,7 +79,10 @@ class Daemon:
         from sidecar.jobs import JobRunner
 
         self.credentials = CredentialCache()
-        auth_policy = AuthPolicy(cfg, self.store, LegacyVerifier(cfg.legacy), credentials=self.credentials)
+        # one thread: verified passwords are hashed after the answer, in the order they were verified
+        self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self.verifier = LegacyVerifier(cfg.legacy)
+        auth_policy = AuthPolicy(cfg, self.store, self.verifier, credentials=self.credentials, defer=self.hasher.submit)
         self.runner = JobRunner(cfg, self.store, self.credentials)
         # the dashboard first: once the mail sockets exist it is up too; it sees the rest as they start
         sources = await self._start_dashboard()
@@ -160,6 +166,10 @@ class Daemon:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
+        if self.hasher is not None:  # hashes of passwords verified before the stop still land in the store
+            await asyncio.to_thread(self.hasher.shutdown, wait=True)
+        if self.verifier is not None:  # its connections kept ready toward the legacy server
+            await asyncio.to_thread(self.verifier.close)
         self.milter_stop.set()
         with contextlib.suppress(ImportError):
             from sidecar.milter import stop_milter

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
 
-from sidecar.auth_policy import AuthPolicy, CredentialCache
+from sidecar.auth_policy import POSITIVE_TTL, AuthPolicy, CredentialCache
 from sidecar.authproto import FAIL, OK, TEMP, Request
 from sidecar.config import Config, LegacyConfig, LimitsConfig, MailConfig, TargetConfig
 from sidecar.legacy_auth import LegacyAuthError, LegacyUnavailable
@@ -154,6 +156,37 @@ def test_real_argon2_hash_is_stored() -> None:
     assert policy.decide(req()).status == OK
     assert store.hashes["alice@example.org"].startswith("{ARGON2ID}$argon2id$")
     assert verify_password("right-pw", store.hashes["alice@example.org"])
+
+
+def test_deferred_hash_is_stored_after_the_answer_in_verification_order() -> None:
+    later: list[Callable[[], None]] = []
+    policy, store, verifier, clock = make(defer=later.append)
+    assert policy.decide(req()).status == OK
+    # the answer is out; the account, login and job are written, the hash is not yet
+    assert store.states == {"alice@example.org": State.COPYING} and store.jobs == {"alice@example.org": 1}
+    assert store.hashes == {} and len(later) == 1
+    clock.now += POSITIVE_TTL + 1  # the user changed the password on the legacy server: verified again
+    verifier.passwords["alice"] = "newer-pw"
+    assert policy.decide(req(password="newer-pw")).status == OK
+    for run in later:
+        run()
+    assert store.hashes["alice@example.org"] == "{PLAIN}newer-pw"
+
+
+def test_deferred_hash_store_failure_is_logged_without_the_password(caplog: pytest.LogCaptureFixture) -> None:
+    later: list[Callable[[], None]] = []
+    policy, store, _, _ = make(defer=later.append)
+    assert policy.decide(req()).status == OK
+
+    def down(address: str, password_hash: str) -> None:
+        raise StoreUnavailable("database is locked")
+
+    store.set_password_hash = down  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="sidecar.auth"):
+        later[0]()
+    assert "storing the hash of alice@example.org failed" in caplog.text
+    assert "right-pw" not in caplog.text
+    assert store.states == {"alice@example.org": State.COPYING}
 
 
 def test_pop3_implicit_tls_and_any_cert_when_not_verifying() -> None:

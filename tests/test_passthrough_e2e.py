@@ -89,16 +89,21 @@ def tgt(info: dict[str, Any]) -> tuple[str, int, int, int]:
     return t["host"], t["imap"], t["pop3"], t["submission"]
 
 
-def stored_hash(info: dict[str, Any], address: str) -> str:
-    """The hash the store keeps for an account (the Account record never carries it)."""
+def stored_hash(info: dict[str, Any], address: str, timeout: float = 10.0) -> str:
+    """The hash the store keeps for an account (the Account record never carries it). The sidecar stores it
+    right after answering the login (sidecar/auth_policy.py, `defer`): wait for it, up to `timeout`."""
     url: str = info["store"]
     assert url.startswith("sqlite:///")
-    db = sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True)
-    try:
-        row = db.execute("SELECT password_hash FROM accounts WHERE address = ?", (address,)).fetchone()
-    finally:
-        db.close()
-    return str(row[0]) if row and row[0] else ""
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT password_hash FROM accounts WHERE address = ?", (address,)).fetchone()
+        finally:
+            db.close()
+        if (row and row[0]) or time.monotonic() > deadline:
+            return str(row[0]) if row and row[0] else ""
+        time.sleep(0.05)
 
 
 def legacy_mailbox(info: dict[str, Any], u: dict[str, str]) -> tuple[int, int]:
@@ -141,7 +146,6 @@ def test_first_imap_login_shows_the_legacy_mailbox_and_starts_the_migration(
     assert seen[1] > 0
     acct = pstore.get(address)
     assert acct is not None and acct.state is State.COPYING
-    assert acct.has_password
     pw_hash = stored_hash(plab, address)
     assert pw_hash.startswith("{ARGON2ID}$argon2id$")
     assert hash_accepts(pw_hash, u["password"])
@@ -211,6 +215,7 @@ def test_migrated_account_logs_in_natively_and_its_old_password_fails(plab: dict
     u = user(plab, 3)
     address, old = u["address"], u["password"]
     assert imap_result(host, imap, u["login"], old, source=CLIENT)[0] == "OK"  # first login: copying
+    assert stored_hash(plab, address)  # stored right after the answer
     migrate(pstore, address)
 
     # with the verified password, now natively: served by the target Dovecot (its empty Maildir: no copier
