@@ -282,6 +282,19 @@ def test_expect_mismatch_is_a_conflict(store: SqlStore) -> None:
     assert store.transition(a, State.COPYING, expect=State.DISCOVERED).state is State.COPYING
 
 
+def test_a_failed_account_taken_up_again_gets_a_fresh_series_of_attempts(store: SqlStore) -> None:
+    a = "frank@example.org"
+    store.transition(a, State.COPYING)
+    for n in range(3):
+        store.set_error(a, f"connection reset {n}")
+    store.transition(a, State.FAILED, reason="3 failures")
+    failed = store.get(a)
+    assert failed is not None and failed.attempts == 3
+    retried = store.transition(a, State.COPYING, expect=State.FAILED, reason="autoport migrate")
+    # the job runner gives up after limits.copy_attempts: counting on from 3 would fail it again at once
+    assert retried.attempts == 0 and retried.last_error == "connection reset 2"
+
+
 def test_thirty_threads_creating_the_same_account_one_wins(backend: Backend, store: SqlStore) -> None:
     nodes = [store, backend.open()]  # two "nodes", fifteen threads each
     a = "race@example.org"

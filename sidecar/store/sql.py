@@ -275,8 +275,10 @@ class SqlStore(Store):
                 )
             else:
                 migrated = ", migrated_at = ?" if new is State.MIGRATED else ""
+                # leaving `failed` starts a new series of copy attempts (its last_error stays for the record)
+                retried = ", attempts = 0" if old is State.FAILED else ""
                 cur.execute(
-                    f"UPDATE accounts SET state = ?, updated_at = ?{migrated} WHERE address = ?",
+                    f"UPDATE accounts SET state = ?, updated_at = ?{migrated}{retried} WHERE address = ?",
                     (new.value, now, *((now,) if migrated else ()), address),
                 )
             self._event(cur, address, "transition", _transition_detail(old, new, reason), now)
