@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import imapclient
 
-from sidecar.lab.proc import free_port, read_pidfile, stop_pid, wait_port
+from sidecar.lab.proc import free_port, free_ports, read_pidfile, stop_pid, wait_port
 from sidecar.store.base import FolderMark
 
 PASSWORD = "Legacy-pw-1"  # lab only
@@ -131,7 +131,7 @@ def start_legacy(
         mail_location = "maildir:~/Maildir"
     else:
         raise ValueError(profile)
-    imap, pop3 = free_port(host), free_port(host)
+    imap, pop3 = free_ports(host, 2)
     conf = (
         _common_conf(root, host, imap, pop3)
         + f"""

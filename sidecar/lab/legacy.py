@@ -300,8 +300,8 @@ def start_legacy(
         os.chown(ldir / f, 0, _gid("dovecot"))
     _write(ldir / "mailboxes.json", json.dumps(expected, indent=1, ensure_ascii=False), 0o600)
 
-    ports = {k: proc.free_port(host) for k in ("imap", "imaps", "pop3", "pop3s", "smtp", "submission",
-                                                 "sieve", "lmtp")}  # fmt: skip
+    port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
+    ports = dict(zip(port_names, proc.free_ports(host, len(port_names)), strict=True))
     dh = Path("/usr/share/dovecot/dh.pem")
     _write(
         ldir / "dovecot.conf",

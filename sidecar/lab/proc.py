@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -36,11 +37,44 @@ class LabError(Exception):
     """Something in the lab failed to start or stop; the message says what and where its log is."""
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out to outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on host right now (bound and released)."""
+    """A TCP port free on host right now (bound and released), below the ephemeral range.
+
+    Binding port 0 would give an ephemeral port, which the kernel may hand to one of the many outgoing
+    connections the tests make before the server that was meant to listen there has bound it ("Address
+    already in use"). Ports below the range are never chosen for outgoing connections.
+    """
+    low = _ephemeral_low()
+    if low > 12000:
+        for _ in range(100):
+            port = random.randrange(10000, low)  # noqa: S311 - a port number, not a secret
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(host: str, n: int) -> list[int]:
+    """n distinct free ports on host (free_port alone may hand out the same port twice once it is released)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 def wait_port(host: str, port: int, timeout: float = 15.0, *, what: str = "", log: Path | None = None) -> None:

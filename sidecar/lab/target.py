@@ -125,16 +125,6 @@ def _mkdir(path: Path, mode: int = 0o755, owner: str | None = None) -> Path:
     return path
 
 
-def _ports(host: str, n: int) -> list[int]:
-    # distinct free ports (free_port can hand out the same port twice once it is released)
-    ports: list[int] = []
-    while len(ports) < n:
-        p = proc.free_port(host)
-        if p not in ports:
-            ports.append(p)
-    return ports
-
-
 def start_target(
     lab_dir: Path,
     *,
@@ -179,7 +169,7 @@ def start_target(
 
     ca = tlsgen.ensure_ca(lab_dir / "tls")
     cert = tlsgen.issue_cert(ca, TLS_NAME, ips=[host])
-    imap, pop3, smtp, submission, sieve, milter_port, dashboard_port = _ports(host, 7)
+    imap, pop3, smtp, submission, sieve, milter_port, dashboard_port = proc.free_ports(host, 7)
     store_url = store_url or f"sqlite:///{lab_dir / 'state.db'}"
     auth_socket = run_dir / "auth.sock"
     socketmap = f"unix:{run_dir / 'socketmap.sock'}"
