@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,13 @@ def secure_socket(path: str, group: str, mode: int) -> None:
         with contextlib.suppress(PermissionError):
             os.chown(path, -1, gid)
     os.chmod(path, mode)
+
+
+def _unix_path(address: str) -> str:
+    """The path of a `unix:/PATH` or `/PATH` listener in Postfix's notation ("" for inet:)."""
+    if address.startswith("unix:"):
+        return address[len("unix:") :]
+    return address if address.startswith("/") else ""
 
 
 def _prepare_unix_path(path: str) -> None:
@@ -109,7 +117,7 @@ class Daemon:
 
         routing = RoutingPolicy(cfg, self.store)
         sm = cfg.sockets.socketmap
-        sm_path = sm[len("unix:") :] if sm.startswith("unix:") else (sm if sm.startswith("/") else "")
+        sm_path = _unix_path(sm)
         if sm_path:
             _prepare_unix_path(sm_path)
             self.servers.append(await start_socketmap_server(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
@@ -127,8 +135,25 @@ class Daemon:
             log.info("job runner off (limits.copy_concurrency = 0): copy jobs wait for another node")
 
         if cfg.sockets.milter:
+            milter_path = _unix_path(cfg.sockets.milter)
+            if milter_path:
+                _prepare_unix_path(milter_path)
             self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)
             self.milter_thread.start()
+            if milter_path:
+                # libmilter creates the socket in its own thread, with the process umask: give it the
+                # group and mode Postfix needs as soon as it is there (Postfix's milter_default_action
+                # covers a connection in between)
+                await self._secure_when_created(milter_path, cfg.sockets.postfix_group)
+
+    async def _secure_when_created(self, path: str, group: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not Path(path).is_socket():
+            if time.monotonic() > deadline or not (self.milter_thread and self.milter_thread.is_alive()):
+                log.error("milter socket %s did not appear; Postfix accepts mail without the milter", path)
+                return
+            await asyncio.sleep(0.02)
+        secure_socket(path, group, self.cfg.sockets.mode)
 
     async def _start_dashboard(self) -> Any:
         """Start the dashboard on [dashboard] listen; its trouble is logged, never stops the mail path."""

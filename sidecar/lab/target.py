@@ -169,11 +169,11 @@ def start_target(
 
     ca = tlsgen.ensure_ca(lab_dir / "tls")
     cert = tlsgen.issue_cert(ca, TLS_NAME, ips=[host])
-    imap, pop3, smtp, submission, sieve, milter_port, dashboard_port = proc.free_ports(host, 7)
+    imap, pop3, smtp, submission, sieve, dashboard_port = proc.free_ports(host, 6)
     store_url = store_url or f"sqlite:///{lab_dir / 'state.db'}"
     auth_socket = run_dir / "auth.sock"
     socketmap = f"unix:{run_dir / 'socketmap.sock'}"
-    milter = f"inet:{host}:{milter_port}"
+    milter = f"unix:{run_dir / 'milter.sock'}"
 
     # the sidecar's configuration: validated by the schema, written with every key commented
     dashboard = (
@@ -303,8 +303,9 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
     log = stack.logs[name]
     log.parent.mkdir(parents=True, exist_ok=True)
     if name == SIDECAR:
-        sm = stack.socketmap
-        paths = [stack.auth_socket] + ([Path(sm[len("unix:") :])] if sm.startswith("unix:") else [])
+        # the sockets of the configuration the sidecar starts with (a test may have changed it)
+        sk = config.load(str(stack.config)).sockets
+        paths = [Path(sk.auth)] + [Path(a[len("unix:") :]) for a in (sk.socketmap, sk.milter) if a.startswith("unix:")]
         for stale in paths:  # a socket left by a killed sidecar would look ready
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -317,7 +318,8 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
         def ready() -> bool:
             if not proc.pid_alive(pid):
                 raise LabError(f"the sidecar exited during start-up; see {log}:\n{proc.log_tail(log)}")
-            return all(p.is_socket() for p in paths)
+            # the milter's socket gets its group and mode right after libmilter creates it
+            return all(p.is_socket() and p.stat().st_mode & 0o060 == 0o060 for p in paths)
 
         proc.wait_for(ready, 30, what=f"the sidecar's sockets {', '.join(map(str, paths))} (see {log})")
     elif name == DOVECOT:
