@@ -21,7 +21,7 @@ from conftest import running_lab
 from e2e_mail import legacy_count, message_id, migrate, postfix_config, queue, send, target_count, wait_for
 
 from sidecar import config, passwords
-from sidecar.lab import launcher, proc, target
+from sidecar.lab import launcher, target
 from sidecar.store import open_store
 from sidecar.store.base import MessageRecord, Store
 
