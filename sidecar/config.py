@@ -24,6 +24,13 @@ MAX_INT = 2**63 - 1  # what the store and C-level calls can hold
 REDACTED = "********"
 
 
+def unix_path(address: str) -> str:
+    """The path of a `unix:/PATH` or `/PATH` listener in Postfix's notation ("" for inet:HOST:PORT)."""
+    if address.startswith("unix:"):
+        return address[len("unix:") :]
+    return address if address.startswith("/") else ""
+
+
 class ConfigError(Exception):
     """A configuration mistake; the message names the file and the key."""
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Config
+from sidecar.config import Config, unix_path
 from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("autoport.daemon")
@@ -48,13 +48,6 @@ def secure_socket(path: str, group: str, mode: int) -> None:
         with contextlib.suppress(PermissionError):
             os.chown(path, -1, gid)
     os.chmod(path, mode)
-
-
-def _unix_path(address: str) -> str:
-    """The path of a `unix:/PATH` or `/PATH` listener in Postfix's notation ("" for inet:)."""
-    if address.startswith("unix:"):
-        return address[len("unix:") :]
-    return address if address.startswith("/") else ""
 
 
 def _prepare_unix_path(path: str) -> None:
@@ -117,7 +110,7 @@ class Daemon:
 
         routing = RoutingPolicy(cfg, self.store)
         sm = cfg.sockets.socketmap
-        sm_path = _unix_path(sm)
+        sm_path = unix_path(sm)
         if sm_path:
             _prepare_unix_path(sm_path)
             self.servers.append(await start_socketmap_server(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
@@ -135,7 +128,7 @@ class Daemon:
             log.info("job runner off (limits.copy_concurrency = 0): copy jobs wait for another node")
 
         if cfg.sockets.milter:
-            milter_path = _unix_path(cfg.sockets.milter)
+            milter_path = unix_path(cfg.sockets.milter)
             if milter_path:
                 _prepare_unix_path(milter_path)
             self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)

@@ -36,7 +36,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator
 
-from sidecar.config import Config
+from sidecar.config import Config, unix_path
 
 OK = "ok"
 PROBLEM = "PROBLEM"
@@ -65,14 +65,6 @@ def _bad(check: str, message: str, fix: str) -> Finding:
 
 
 # --- sockets -----------------------------------------------------------------------------------------------
-
-
-def _unix_path(value: str) -> str | None:
-    if value.startswith("unix:"):
-        return value[len("unix:") :]
-    if value.startswith("/"):
-        return value
-    return None
 
 
 def check_socket(name: str, path: str, group: str, mode: int, key: str) -> Iterator[Finding]:
@@ -132,10 +124,10 @@ def _group_name(gid: int) -> str:
 def check_sockets(cfg: Config) -> Iterator[Finding]:
     sk = cfg.sockets
     yield from check_socket("auth", sk.auth, sk.auth_group, sk.mode, "auth")
-    sm = _unix_path(sk.socketmap)
+    sm = unix_path(sk.socketmap)
     if sm:
         yield from check_socket("socketmap", sm, sk.postfix_group, sk.mode, "socketmap")
-    milter = _unix_path(sk.milter)
+    milter = unix_path(sk.milter)
     if milter:
         yield from check_socket("milter", milter, sk.postfix_group, sk.mode, "milter")
     if sk.sasl:

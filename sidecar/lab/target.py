@@ -305,7 +305,7 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
     if name == SIDECAR:
         # the sockets of the configuration the sidecar starts with (a test may have changed it)
         sk = config.load(str(stack.config)).sockets
-        paths = [Path(sk.auth)] + [Path(a[len("unix:") :]) for a in (sk.socketmap, sk.milter) if a.startswith("unix:")]
+        paths = [Path(sk.auth)] + [Path(p) for p in map(config.unix_path, (sk.socketmap, sk.milter)) if p]
         for stale in paths:  # a socket left by a killed sidecar would look ready
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
