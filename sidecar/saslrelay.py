@@ -38,13 +38,6 @@ def is_temporary_fail(line: bytes) -> bool:
     return any(f == b"temp" or f == b"code=temp_fail" for f in fields[2:])
 
 
-class RelayStats:
-    def __init__(self) -> None:
-        self.connections = 0
-        self.temporary_failures = 0
-        self.upstream_errors = 0
-
-
 async def _pump_client(reader: asyncio.StreamReader, upstream: asyncio.StreamWriter) -> None:
     """Postfix -> Dovecot, bytes as they come (requests carry credentials: never looked at, never logged)."""
     while data := await reader.read(65536):
@@ -54,11 +47,10 @@ async def _pump_client(reader: asyncio.StreamReader, upstream: asyncio.StreamWri
         upstream.write_eof()
 
 
-async def _pump_server(upstream: asyncio.StreamReader, client: asyncio.StreamWriter, stats: RelayStats) -> None:
+async def _pump_server(upstream: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
     """Dovecot -> Postfix, line by line; a temporary FAIL ends the connection instead of being passed on."""
     while line := await upstream.readline():
         if is_temporary_fail(line):
-            stats.temporary_failures += 1
             request_id = line.split(b"\t")[1].decode("ascii", "replace") if b"\t" in line else "?"
             log.info(
                 "sasl: temporary authentication failure (request %s): closing the connection so Postfix answers 454",
@@ -71,15 +63,12 @@ async def _pump_server(upstream: asyncio.StreamReader, client: asyncio.StreamWri
 
 async def start_sasl_relay(path: str, upstream_path: str, *, mode: int = 0o660) -> asyncio.AbstractServer:
     """Listen on UNIX socket `path`; each connection is relayed to Dovecot's auth socket `upstream_path`."""
-    stats = RelayStats()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        stats.connections += 1
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 up_reader, up_writer = await asyncio.open_unix_connection(upstream_path, limit=LINE_LIMIT)
         except (OSError, TimeoutError) as e:
-            stats.upstream_errors += 1
             # Postfix sees the connection close during its handshake: a temporary failure (454 or 421)
             log.error("sasl: cannot reach Dovecot's auth socket %s: %s", upstream_path, e)
             writer.close()
@@ -88,7 +77,7 @@ async def start_sasl_relay(path: str, upstream_path: str, *, mode: int = 0o660) 
             return
         tasks = [
             asyncio.ensure_future(_pump_client(reader, up_writer)),
-            asyncio.ensure_future(_pump_server(up_reader, writer, stats)),
+            asyncio.ensure_future(_pump_server(up_reader, writer)),
         ]
         try:
             # either side ending (EOF, an error, or a temporary FAIL) ends the relay: Postfix holds one
@@ -111,5 +100,4 @@ async def start_sasl_relay(path: str, upstream_path: str, *, mode: int = 0o660) 
 
     server = await asyncio.start_unix_server(handle, path=path, limit=LINE_LIMIT)
     os.chmod(path, mode)
-    server.stats = stats  # type: ignore[attr-defined]  # read by the dashboard's metrics
     return server
