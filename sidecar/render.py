@@ -449,9 +449,10 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
     else:
         driver, sqlite_file, pg = "pgsql", "", pgsql_connect(url)
     dovecot_dir = str(Path(cfg.target.dovecot_config).parent) if cfg.target.dovecot_config else "/etc/dovecot"
+    base_dir = "/run/dovecot"
     return {
         "listen": "*, ::",
-        "base_dir": "/run/dovecot",
+        "base_dir": base_dir,
         "instance_name": "dovecot",
         "state_dir": "/var/lib/dovecot",
         "dovecot_dir": dovecot_dir,
@@ -474,7 +475,7 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "managesieve_port": "4190",
         "lmtp_socket": lmtp_socket_path(cfg.target.local_transport, queue_directory),
         "auth_socket": f"{queue_directory.rstrip('/')}/private/auth",
-        "sasl_relay_upstream": dovecot_listener(cfg.sockets.dovecot_auth, "/run/dovecot") if cfg.sockets.sasl else "",
+        "sasl_relay_upstream": dovecot_listener(cfg.sockets.dovecot_auth, base_dir) if cfg.sockets.sasl else "",
         "postfix_user": "postfix",
         "postfix_group": "postfix",
         "login_trusted_networks": "",
