@@ -137,25 +137,7 @@ def lab_up(
             )
             domains = [srv.domain]
             user_list = [{"address": u.address, "login": u.login, "password": u.password} for u in srv.users]
-            legacy_cfg = {
-                "host": srv.host,
-                "imap_port": srv.imap,
-                "imap_tls": "starttls",
-                "pop3_port": srv.pop3,
-                "pop3_tls": "starttls",
-                "smtp_port": srv.smtp,
-                "smtp_tls": "none",
-                "submission_port": srv.submission,
-                "submission_tls": "starttls",
-                "sieve_port": srv.sieve,
-                "sieve_tls": "none",
-                "tls_verify": True,
-                "tls_server_name": srv.tls_name,
-                "ca_file": str(srv.ca_file),
-                "admin_user": srv.admin_user,
-                "admin_password": srv.admin_password,
-                "admin_mode": "master",
-            }
+            legacy_cfg = srv.legacy_config()
             legacy_info = {
                 "host": srv.host,
                 "imap": srv.imap,

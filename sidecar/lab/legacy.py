@@ -124,6 +124,28 @@ class LegacyServer:
         d["users"] = [LegacyUser(**u) for u in d["users"]]
         return cls(**d)
 
+    def legacy_config(self) -> dict[str, Any]:
+        """The target's [legacy] section for this server: its ports and TLS modes, its CA, its master login."""
+        return {
+            "host": self.host,
+            "imap_port": self.imap,
+            "imap_tls": "starttls",
+            "pop3_port": self.pop3,
+            "pop3_tls": "starttls",
+            "smtp_port": self.smtp,
+            "smtp_tls": "none",
+            "submission_port": self.submission,
+            "submission_tls": "starttls",
+            "sieve_port": self.sieve,
+            "sieve_tls": "none",
+            "tls_verify": True,
+            "tls_server_name": self.tls_name,
+            "ca_file": str(self.ca_file),
+            "admin_user": self.admin_user,
+            "admin_password": self.admin_password,
+            "admin_mode": "master",
+        }
+
     def user(self, name: str) -> LegacyUser:
         """A user by address, login or local part."""
         for u in self.users:
