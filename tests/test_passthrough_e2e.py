@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_lab_dir
+from conftest import running_lab
 from passthrough_helpers import (
     LogMark,
     hash_accepts,
@@ -44,21 +43,11 @@ from sidecar.store.base import Store
 CLIENT = "127.0.0.1"
 
 
-def _start(**kw: Any) -> Iterator[dict[str, Any]]:
-    d = make_lab_dir("ap-pt-")
-    info = launcher.lab_up(d, **kw)
-    try:
-        yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def plab() -> Iterator[dict[str, Any]]:
     # no copies on this node: accounts stay where the state machine puts them (the copier has its own tests)
-    yield from _start(users=8, settings={"limits": {"copy_concurrency": 0}})
+    with running_lab("ap-pt-", users=8, settings={"limits": {"copy_concurrency": 0}}) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,8 @@ def bare() -> Iterator[dict[str, Any]]:
         "auth_failures_per_client": 4,
         "auth_failure_window": 600.0,
     }
-    yield from _start(users=4, bare_logins=True, settings={"limits": limits})
+    with running_lab("ap-pt-", users=4, bare_logins=True, settings={"limits": limits}) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")

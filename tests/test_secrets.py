@@ -9,13 +9,12 @@ legacy server's passwd-file (its own user database, hashes only, but excluded on
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_lab_dir
+from conftest import running_lab
 from passthrough_helpers import imap_mailbox, imap_result, pop3_result, smtp_auth_result
 
 from sidecar import passwords
@@ -29,14 +28,8 @@ EXCLUDED_NAMES = {"lab-state.json", "lab-state.tmp"}
 
 @pytest.fixture(scope="module")
 def slab() -> Iterator[dict[str, Any]]:
-    d = make_lab_dir("ap-sec-")
-    info = launcher.lab_up(d, users=4, settings={"limits": {"copy_concurrency": 0}})
-    try:
+    with running_lab("ap-sec-", users=4, settings={"limits": {"copy_concurrency": 0}}) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
 
 
 def _exercise(info: dict[str, Any]) -> list[str]:
