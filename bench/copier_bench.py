@@ -201,7 +201,7 @@ def main() -> int:
             home.parent.mkdir(mode=0o755)
             os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
             r = run_measured(
-                [sys.executable, "-m", "sidecar.copier", "--host", host, "--imap-port", str(srv.imap),
+                [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
                  "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home)],
                 stdin=u.password + "\n",
             )  # fmt: skip
@@ -226,7 +226,8 @@ def main() -> int:
             home = root / "profiled" / "home"
             home.parent.mkdir(mode=0o755)
             r = run_measured(
-                [sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "sidecar.copier", "--host", host,
+                [sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "sidecar.migration.copier",
+                 "--host", host,
                  "--imap-port", str(srv.imap), "--user", u.login, "--home", str(home)],
                 stdin=u.password + "\n",
             )  # fmt: skip

@@ -13,7 +13,7 @@ Cases:
   legacy            (a) LOGIN on the legacy Dovecot directly, plain IMAP, like a client (SHA512-CRYPT hashes).
   legacy-starttls   what the sidecar's verifier and Dovecot's proxy each do per login: the same LOGIN after
                     STARTTLS (certificate verified against the lab CA); a component, not a goal.
-  verifier          the sidecar's own legacy check (sidecar.legacy_auth.LegacyVerifier.verify) called from the
+  verifier          the sidecar's own legacy check (sidecar.legacy.verify.LegacyVerifier.verify) called from the
                     bench process, as the sidecar runs it: on a connection kept ready (connected, STARTTLS
                     done; [legacy] ready_connections = 2), so ID, LOGIN, LOGOUT; a component, not a goal.
   verifier-cold     the same check with ready_connections = 0: connect, CAPABILITY, STARTTLS, ID, LOGIN, LOGOUT.
@@ -57,9 +57,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sidecar import config as config_mod  # noqa: E402
-from sidecar import passwords  # noqa: E402
+from sidecar.auth import passwords  # noqa: E402
 from sidecar.lab import launcher, proc  # noqa: E402
-from sidecar.legacy_auth import LegacyVerifier  # noqa: E402
+from sidecar.legacy.verify import LegacyVerifier  # noqa: E402
 from sidecar.states import State  # noqa: E402
 from sidecar.store import open_store  # noqa: E402
 

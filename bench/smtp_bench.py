@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import make_lab_dir
+from harness.labs import make_lab_dir
 
 from sidecar import config
 from sidecar.lab import launcher

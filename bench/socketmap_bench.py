@@ -21,9 +21,9 @@ import threading
 import time
 from pathlib import Path
 
+from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
-from sidecar.routing import RoutingPolicy
-from sidecar.socketmap import start_socketmap_server
+from sidecar.edge.socketmap import start_socketmap_server
 from sidecar.states import State
 
 
@@ -59,7 +59,7 @@ def pipelining_client(sock_path: str, keys_path: str, depth: int) -> int:
     """Send `depth` requests per write, read their replies, repeat; returns the number of replies."""
     import socket
 
-    from sidecar import netstring
+    from sidecar.wire import netstring
 
     keys = Path(keys_path).read_text().split()
     dec = netstring.Decoder()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sidecar import authproto, netstring
-from sidecar.authproto import Reply, Request
+from sidecar.wire import authproto, netstring
+from sidecar.wire.authproto import Reply, Request
 
 _EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -16,8 +16,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sidecar import authproto, checkpassword, config, netstring, socketmap
-from sidecar.copier import fetchparse
+from sidecar import config
+from sidecar.edge import checkpassword, socketmap
+from sidecar.wire import authproto, fetchparse, netstring
 
 Target = Callable[[bytes], None]
 

@@ -70,14 +70,14 @@ class Daemon:
         self.verifier: Any = None
 
     async def start(self) -> None:
-        from sidecar.auth_policy import AuthPolicy, CredentialCache
-        from sidecar.auth_server import start_auth_server
-        from sidecar.legacy_auth import LegacyVerifier
-        from sidecar.routing import RoutingPolicy
-        from sidecar.socketmap import start_socketmap_server
+        from sidecar.auth.policy import AuthPolicy, CredentialCache
+        from sidecar.auth.routing import RoutingPolicy
+        from sidecar.edge.auth_server import start_auth_server
+        from sidecar.edge.socketmap import start_socketmap_server
+        from sidecar.legacy.verify import LegacyVerifier
 
         cfg = self.cfg
-        from sidecar.jobs import JobRunner
+        from sidecar.migration.jobs import JobRunner
 
         self.credentials = CredentialCache()
         # one thread: verified passwords are hashed after the answer, in the order they were verified
@@ -100,7 +100,7 @@ class Daemon:
         log.info("auth socket listening on %s", cfg.sockets.auth)
 
         if cfg.sockets.sasl:
-            from sidecar.saslrelay import start_sasl_relay
+            from sidecar.edge.saslrelay import start_sasl_relay
 
             _prepare_unix_path(cfg.sockets.sasl)
             relay = await start_sasl_relay(cfg.sockets.sasl, cfg.sockets.dovecot_auth, mode=cfg.sockets.mode)
@@ -152,12 +152,12 @@ class Daemon:
         """Start the dashboard on [dashboard] listen; its trouble is logged, never stops the mail path."""
         if not self.cfg.dashboard.listen:
             return None
-        from sidecar.metrics import Sources
-        from sidecar.web import start_web_server
+        from sidecar.edge.metrics import Sources
+        from sidecar.edge.web import start_web_server
 
         sources = Sources(self.cfg, self.store, runner=self.runner)
         with contextlib.suppress(ImportError):  # pymilter missing: no milter counters
-            from sidecar.milter import stats as milter_stats
+            from sidecar.edge.milter import stats as milter_stats
 
             sources.milter = milter_stats.snapshot if self.cfg.sockets.milter else None
         try:
@@ -169,7 +169,7 @@ class Daemon:
         return sources
 
     def _run_milter(self) -> None:
-        from sidecar.milter import run_milter
+        from sidecar.edge.milter import run_milter
 
         try:
             run_milter(self.cfg, self.store, self.milter_stop)
@@ -190,7 +190,7 @@ class Daemon:
             await asyncio.to_thread(self.verifier.close)
         self.milter_stop.set()
         with contextlib.suppress(ImportError):
-            from sidecar.milter import stop_milter
+            from sidecar.edge.milter import stop_milter
 
             stop_milter()
         if self.milter_thread:

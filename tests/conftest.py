@@ -1,41 +1,29 @@
-"""Shared fixtures: real labs (legacy server + target stack + sidecar) on loopback.
+"""The one conftest: markers by folder and the shared lab fixtures.
 
-Lab directories live under /tmp with mode 0755 (not pytest's 0700 tmp_path): Dovecot's and Postfix's
-unprivileged processes must reach the sockets inside them, and UNIX socket paths must stay short.
+tests/unit  pure logic, codecs, fakes; no server started (PostgreSQL-backed cases carry the postgres marker).
+tests/e2e   real Postfix, Dovecot, legacy servers and the sidecar on loopback: every test gets the e2e marker.
+The harness (tests/harness) holds what both use: labs, mail clients, waiting on conditions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.labs import make_lab_dir
+
+_E2E_DIR = Path(__file__).parent / "e2e"
 
 
-def make_lab_dir(prefix: str = "ap-") -> Path:
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    os.chmod(d, 0o755)
-    return d
-
-
-@contextlib.contextmanager
-def running_lab(prefix: str = "ap-", **kw: Any) -> Iterator[dict[str, Any]]:
-    """A lab (launcher.lab_up keywords) in a fresh directory; stopped and removed afterwards
-    (kept when AUTOPORT_KEEP_LABS is set, for a look at its logs)."""
-    from sidecar.lab import launcher
-
-    d = make_lab_dir(prefix)
-    try:
-        yield launcher.lab_up(d, **kw)
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test under tests/e2e starts servers, and so does every PostgreSQL-backed case: mark both e2e."""
+    for item in items:
+        if _E2E_DIR in Path(item.path).parents or item.get_closest_marker("postgres"):
+            item.add_marker(pytest.mark.e2e)
 
 
 @pytest.fixture(scope="session")

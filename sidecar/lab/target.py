@@ -10,7 +10,7 @@
     stop_target(lab_dir)                        # stops the recorded pids; nothing is left running
     load_target(lab_dir)                        # the TargetStack saved in lab-state.json (key "target")
 
-The configuration files are rendered by sidecar.render from the same templates Ansible deploys, with lab
+The configuration files are rendered by sidecar.mta.render from the same templates Ansible deploys, with lab
 values: every service on `host` and free ports, the Postfix queue and Dovecot's base_dir inside lab_dir,
 logs in lab_dir/logs/, TLS from the lab CA (lab_dir/tls/), plain-text logins allowed without TLS (as the
 legacy lab allows them), the state store at lab_dir/state.db unless `store_url` says otherwise.
@@ -36,10 +36,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar import config, render
+from sidecar import config
 from sidecar.lab import proc, tlsgen
 from sidecar.lab.legacy import make_traversable
 from sidecar.lab.proc import LabError
+from sidecar.mta import render
 
 DOVECOT = "target-dovecot"
 POSTFIX = "target-postfix"

@@ -1,0 +1,542 @@
+"""The pass-through authentication decision: one login attempt in, OK (with Dovecot fields) / FAIL / TEMP out.
+
+AuthPolicy.decide() never touches a socket (the server does, sidecar.edge.auth_server). It is synchronous and
+thread-safe; the server runs it in a thread pool. What each outcome means on the wire:
+
+  FAIL  invalid login name; account already migrated (a second lock behind Dovecot's deny passdb);
+        a service that must not run on an unmigrated account; the legacy server said no; the answer is in the
+        negative cache; a failure budget (per account, per client address) is spent.
+  TEMP  legacy server unavailable; the state store unavailable; too many checks in flight; no legacy port for
+        the service; anything unexpected (a bug is our cause, so the client retries).
+  OK    legacy said yes. The account exists in state copying (or stays copying/cutover; failed goes back
+        to copying), its Dovecot hash is refreshed, the login recorded, a copy job queued, and the plaintext
+        handed to the in-memory CredentialCache for the copier. IMAP/POP3/ManageSieve get proxy fields to the
+        legacy server; SMTP AUTH (Postfix via Dovecot SASL) and Dovecot submission get a plain OK.
+
+Order of the store writes: transition, add_login, touch_login, enqueue, set_password_hash. Each is idempotent,
+so if the store fails half-way the reply is TEMP and the client's retry completes the rest.
+
+The hash: hashing costs ~40 ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
+daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
+is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
+store or the process fails in between), nothing breaks: until migration the account logs in through the
+legacy server anyway, and a migrated account without a hash is not in the deny view, so its first login
+verifies on the legacy server once and stores the hash then (_first_local_login). Without `defer` (unit tests)
+the hash is stored before the answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import logging
+import math
+import pwd
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from sidecar.auth import passwords
+from sidecar.auth.logins import InvalidLogin, account_address
+from sidecar.config import Config
+from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
+from sidecar.logsetup import SECRETS
+from sidecar.states import IllegalTransition, State
+from sidecar.store.base import Conflict, Store, StoreUnavailable
+from sidecar.wire.authproto import FAIL, OK, TEMP, Reply, Request
+
+log = logging.getLogger("sidecar.auth")
+
+PROXY_SERVICES = ("imap", "pop3", "sieve")  # Dovecot proxies these to the legacy server until migration
+PLAIN_OK_SERVICES = ("smtp", "submission")  # authentication only; mail goes through Postfix routing
+CREDENTIAL_TTL = 3600.0
+POSITIVE_TTL = 300.0  # seconds a verified password is answered without asking the legacy server again
+
+
+class Verifier(Protocol):
+    def verify(self, login: str, password: str, *, client_ip: str = "") -> str: ...
+
+
+# --- the plaintext for the copier ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Credential:
+    login: str
+    password: str = dataclasses.field(repr=False)
+    stored_at: float
+
+
+class CredentialCache:
+    """Verified passwords for the copy job runner, in memory only, each for ttl seconds."""
+
+    def __init__(self, ttl: float = CREDENTIAL_TTL, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: dict[str, Credential] = {}
+
+    def put(self, address: str, login: str, password: str) -> None:
+        with self._lock:
+            self._purge()
+            self._items[address] = Credential(login, password, self._clock())
+
+    def get(self, address: str) -> Credential | None:
+        with self._lock:
+            self._purge()
+            return self._items.get(address)
+
+    def pop(self, address: str) -> Credential | None:
+        with self._lock:
+            self._purge()
+            return self._items.pop(address, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._purge()
+            return len(self._items)
+
+    def _purge(self) -> None:
+        cutoff = self._clock() - self.ttl
+        for address in [a for a, c in self._items.items() if c.stored_at <= cutoff]:
+            del self._items[address]
+
+
+# --- rate limiting --------------------------------------------------------------------------------------
+
+
+def keyed_digest(key: bytes, login: str, password: str, *, person: bytes = b"") -> bytes:
+    """A salted (per-process key), length-prefixed digest of (login, password): what the caches keep instead
+    of the password."""
+    h = hashlib.blake2b(key=key, digest_size=32, person=person)
+    for part in (login, password):
+        raw = part.encode("utf-8", "surrogateescape")
+        h.update(len(raw).to_bytes(4, "big"))
+        h.update(raw)
+    return h.digest()
+
+
+class FailureBudget:
+    """Failures per key within a sliding window; over `limit`, the key is refused locally."""
+
+    def __init__(self, limit: int, window: float, *, clock: Callable[[], float], max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._fails: collections.OrderedDict[str, collections.deque[float]] = collections.OrderedDict()
+
+    def _trim(self, key: str, now: float) -> collections.deque[float] | None:
+        q = self._fails.get(key)
+        if q is None:
+            return None
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if not q:
+            del self._fails[key]
+            return None
+        return q
+
+    def exhausted(self, key: str) -> bool:
+        if not key or self.limit <= 0:
+            return False
+        with self._lock:
+            q = self._trim(key, self._clock())
+            return q is not None and len(q) >= self.limit
+
+    def add(self, key: str) -> None:
+        if not key:
+            return
+        with self._lock:
+            now = self._clock()
+            q = self._trim(key, now)
+            if q is None:
+                q = self._fails[key] = collections.deque(maxlen=max(self.limit, 1))
+            q.append(now)
+            self._fails.move_to_end(key)
+            while len(self._fails) > self.max_keys:  # bounded memory under a spray of keys
+                self._fails.popitem(last=False)
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._fails.pop(key, None)
+
+
+class NegativeCache:
+    """(login, password) pairs the legacy server refused, as BLAKE2b digests keyed per process."""
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float], max_items: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+
+    def _digest(self, login: str, password: str) -> bytes:
+        return keyed_digest(self._key, login, password)
+
+    def add(self, login: str, password: str) -> None:
+        if self.ttl <= 0:
+            return
+        d = self._digest(login, password)
+        with self._lock:
+            self._items[d] = self._clock() + self.ttl
+            self._items.move_to_end(d)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        d = self._digest(*item)
+        with self._lock:
+            until = self._items.get(d)
+            if until is None:
+                return False
+            if until <= self._clock():
+                del self._items[d]
+                return False
+            return True
+
+    def discard(self, login: str, password: str) -> None:
+        with self._lock:
+            self._items.pop(self._digest(login, password), None)
+
+
+class PositiveCache:
+    """The password the legacy server last accepted per login, as a keyed BLAKE2b digest, for ttl seconds.
+
+    A client opens several connections at once (Thunderbird: five); each runs checkpassword. With this
+    cache only the first is checked on the legacy server and hashed; the others are answered from here.
+    It never masks a state change: the policy reads the account's state from the store before asking it,
+    and only copying/cutover accounts are answered from it. One entry per login: a newly verified password
+    replaces the old one. Proxied sessions are checked by the legacy server again anyway (Dovecot sends it
+    the password); only SMTP AUTH relies on this alone, for at most ttl seconds.
+    """
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float], max_items: int = 100_000) -> None:
+        self.ttl = ttl
+        self.max_items = max_items
+        self._clock = clock
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[str, tuple[bytes, float]] = collections.OrderedDict()
+
+    def _digest(self, login: str, password: str) -> bytes:
+        return keyed_digest(self._key, login, password, person=b"autoport-pos")
+
+    def add(self, login: str, password: str) -> None:
+        if self.ttl <= 0:
+            return
+        d = self._digest(login, password)
+        with self._lock:
+            self._items[login] = (d, self._clock() + self.ttl)
+            self._items.move_to_end(login)
+            while len(self._items) > self.max_items:
+                self._items.popitem(last=False)
+
+    def __contains__(self, item: tuple[str, str]) -> bool:
+        login, password = item
+        with self._lock:
+            entry = self._items.get(login)
+        if entry is None:
+            return False
+        digest, until = entry
+        if until <= self._clock():
+            self.discard(login)
+            return False
+        return hmac.compare_digest(digest, self._digest(login, password))
+
+    def discard(self, login: str) -> None:
+        with self._lock:
+            self._items.pop(login, None)
+
+
+class _SingleFlight:
+    """One lock per key, created on demand and dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._lock:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                lock, users = self._locks[key]
+                if users <= 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+# --- the policy -----------------------------------------------------------------------------------------
+
+
+class _Decision(Exception):
+    """Internal: stop and answer this (outcome is the log word)."""
+
+    def __init__(self, status: str, outcome: str, *, address: str = "") -> None:
+        super().__init__(outcome)
+        self.status = status
+        self.outcome = outcome
+        self.address = address
+
+
+def _mail_ids(cfg: Config) -> tuple[int | None, int | None]:
+    uid, gid = cfg.target.mail_uid or None, cfg.target.mail_gid or None
+    if uid is None or gid is None:
+        try:
+            pw = pwd.getpwnam(cfg.target.mail_user)
+        except KeyError:
+            log.warning("mail user %r does not exist: replies carry no userdb_uid/userdb_gid", cfg.target.mail_user)
+            return uid, gid
+        uid = uid if uid is not None else pw.pw_uid
+        gid = gid if gid is not None else pw.pw_gid
+    return uid, gid
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class AuthPolicy:
+    """decide(request) -> Reply. See the module docstring for the rules."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        verifier: Verifier,
+        *,
+        credentials: CredentialCache | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        busy_wait: float = 2.0,
+        hasher: Callable[[str], str] | None = None,
+        positive_ttl: float = POSITIVE_TTL,
+        defer: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.verifier = verifier
+        self.credentials = credentials if credentials is not None else CredentialCache()
+        # called after a copy job was queued (or found queued) with fresh credentials: the job runner's wake-up
+        self.on_queued: Callable[[str], None] | None = None
+        self.busy_wait = busy_wait
+        self._clock = clock
+        limits = cfg.limits
+        self.account_failures = FailureBudget(limits.auth_failures_per_account, limits.auth_failure_window, clock=clock)
+        self.client_failures = FailureBudget(limits.auth_failures_per_client, limits.auth_failure_window, clock=clock)
+        self.negative = NegativeCache(limits.negative_cache_ttl, clock=clock)
+        self.positive = PositiveCache(positive_ttl, clock=clock)
+        self._checks = threading.BoundedSemaphore(max(1, limits.auth_concurrency))
+        self._flights = _SingleFlight()
+        self._hash = hasher or (lambda password: passwords.hash_password(password, cfg.hash))
+        self._defer = defer
+        self._uid, self._gid = _mail_ids(cfg)
+
+    # -- entry point --
+    def decide(self, req: Request) -> Reply:
+        started = time.monotonic()
+        address = ""
+        with SECRETS.registered(req.password):
+            try:
+                address = account_address(req.user, self.cfg)
+                reply, outcome = self._decide(req, address)
+            except InvalidLogin as e:
+                reply, outcome = Reply(FAIL), f"invalid-login ({e})"
+            except _Decision as d:
+                reply, outcome = Reply(d.status), d.outcome
+            except StoreUnavailable as e:
+                reply, outcome = Reply(TEMP), f"store-unavailable ({e})"
+            except Exception:
+                log.exception("auth: unexpected error for %r", req.user)
+                reply, outcome = Reply(TEMP), "internal-error"
+            log.info(
+                "auth %s account=%s login=%r service=%s client=%s status=%s duration_ms=%d",
+                outcome,
+                address or "-",
+                req.user,
+                req.service or "-",
+                req.remote_ip or "-",
+                reply.status,
+                (time.monotonic() - started) * 1000,
+            )
+        return reply
+
+    def _decide(self, req: Request, address: str) -> tuple[Reply, str]:
+        service = req.service.lower()
+        if service not in PROXY_SERVICES and service not in PLAIN_OK_SERVICES:
+            raise _Decision(FAIL, f"service-not-allowed ({service or 'none'})")
+        if service in PROXY_SERVICES and not self._legacy_port(service):
+            raise _Decision(TEMP, f"no-legacy-port ({service})")
+        self._check_budgets(req, address)
+        state = self._state(address)
+        if state is State.MIGRATED:
+            return self._first_local_login(req, address)
+        if self._cached_yes(req, address, state):
+            return Reply(OK, self._fields(service, req)), "ok-cached"
+
+        with self._flights.hold(address):
+            # concurrent attempts for this account queue here: look again at what the one before us learnt
+            self._check_budgets(req, address)
+            state = self._state(address)
+            if state is State.MIGRATED:
+                raise _Decision(FAIL, "migrated")
+            if self._cached_yes(req, address, state):
+                return Reply(OK, self._fields(service, req)), "ok-cached"
+            self._verify(req, address)
+            self._activate(address, req.user, req.password)
+            self.positive.add(req.user, req.password)
+        self.account_failures.clear(address)
+        return Reply(OK, self._fields(service, req)), "ok"
+
+    def _first_local_login(self, req: Request, address: str) -> tuple[Reply, str]:
+        """A migrated account reaches us only without a hash (dovecot_deny lists those with one): migrated in
+        bulk before its user ever logged in. Verify once on the legacy server, store the hash, answer without
+        proxy fields (the session is local); the next logins are native (sql passdb)."""
+        with self._flights.hold(address):
+            account = self.store.get(address)
+            if account is None or account.state is not State.MIGRATED or account.has_password:
+                raise _Decision(FAIL, "migrated")
+            self._verify(req, address)
+            self.store.set_password_hash(address, self._hash(req.password))
+            self.store.add_login(address, req.user)
+            self.store.touch_login(address)
+        self.account_failures.clear(address)
+        return Reply(OK, self._fields("", req)), "ok-first-local-login"
+
+    def _check_budgets(self, req: Request, address: str) -> None:
+        if self.client_failures.exhausted(req.remote_ip):
+            raise _Decision(FAIL, "rate-limited-client")
+        if self.account_failures.exhausted(address):
+            raise _Decision(FAIL, "rate-limited-account")
+        if (req.user, req.password) in self.negative:
+            raise _Decision(FAIL, "cached-no")
+
+    def _cached_yes(self, req: Request, address: str, state: State | None) -> bool:
+        """A password verified moments ago for an account still on the legacy side: no new check, no rehash."""
+        if state not in (State.COPYING, State.CUTOVER) or (req.user, req.password) not in self.positive:
+            return False
+        self.store.touch_login(address)
+        self.credentials.put(address, req.user, req.password)
+        self._queued(address)
+        log.debug("auth %r answered from the positive cache", req.user)
+        return True
+
+    def _state(self, address: str) -> State | None:
+        return self.store.state_of(address)
+
+    def _verify(self, req: Request, address: str) -> None:
+        if not self._checks.acquire(timeout=self.busy_wait):
+            raise _Decision(TEMP, "busy")
+        try:
+            proto = self.verifier.verify(req.user, req.password, client_ip=req.remote_ip)
+        except LegacyAuthError as e:
+            self.negative.add(req.user, req.password)
+            self.account_failures.add(address)
+            self.client_failures.add(req.remote_ip)
+            raise _Decision(FAIL, f"legacy-no ({e.protocol})") from None
+        except LegacyUnavailable as e:
+            if e.spent:
+                # the legacy server got the credentials but answered too late: it counted an attempt, so
+                # this account's budget does too (else slow "no"s would let a brute force through unbounded)
+                self.account_failures.add(address)
+            raise _Decision(TEMP, f"legacy-unavailable ({e})") from None
+        finally:
+            self._checks.release()
+        log.debug("legacy %s accepted %r", proto, req.user)
+
+    def _activate(self, address: str, login: str, password: str) -> State:
+        """Create or move the account to copying, record the login, queue the copy, store the hash."""
+        state = self._state(address)
+        for _attempt in range(3):
+            if state is State.MIGRATED:
+                raise _Decision(FAIL, "migrated")
+            if state in (State.COPYING, State.CUTOVER):
+                break
+            try:
+                state = self.store.transition(address, State.COPYING, expect=state, reason="first login").state
+                break
+            except (Conflict, IllegalTransition):
+                state = self._state(address)  # another node or thread moved it first: look again
+        else:
+            raise _Decision(TEMP, "state-conflict")
+        self.store.add_login(address, login)
+        self.store.touch_login(address)
+        # credentials first: a runner that leases the job at once must find them
+        self.credentials.put(address, login, password)
+        self.store.enqueue(address, "copy")
+        self._queued(address)
+        if self._defer is None:
+            self.store.set_password_hash(address, self._hash(password))
+        else:
+            self._defer(lambda: self._store_hash(address, password))
+        return state
+
+    def _store_hash(self, address: str, password: str) -> None:
+        """Deferred: hash the verified password and store it. Trouble is logged; see the module docstring."""
+        started = time.monotonic()
+        with SECRETS.registered(password):
+            try:
+                self.store.set_password_hash(address, self._hash(password))
+            except Exception as e:
+                log.warning("auth: storing the hash of %s failed (%s); its next login stores it", address, e)
+                return
+        log.debug("auth: hash of %s stored in %d ms", address, (time.monotonic() - started) * 1000)
+
+    def _queued(self, address: str) -> None:
+        """Tell on_queued (the job runner's wake-up); its trouble is logged, never the login's answer."""
+        if self.on_queued is None:
+            return
+        try:
+            self.on_queued(address)
+        except Exception:
+            log.exception("auth: waking the job runner for %s failed", address)
+
+    def _legacy_port(self, service: str) -> int:
+        legacy = self.cfg.legacy
+        return {"imap": legacy.imap_port, "pop3": legacy.pop3_port, "sieve": legacy.sieve_port}.get(service, 0)
+
+    def _fields(self, service: str, req: Request) -> dict[str, str]:
+        fields: dict[str, str] = {}
+        if service in PROXY_SERVICES:
+            legacy = self.cfg.legacy
+            tls = {"imap": legacy.imap_tls, "pop3": legacy.pop3_tls, "sieve": legacy.sieve_tls}[service]
+            fields["proxy"] = "y"
+            if legacy.tls_server_name and tls != "none" and _is_ip(legacy.host):
+                # Dovecot checks the certificate against `host`; `hostip` is where it connects
+                fields["host"] = legacy.tls_server_name
+                fields["hostip"] = legacy.host
+            else:
+                fields["host"] = legacy.host
+            fields["port"] = str(self._legacy_port(service))
+            verify = "yes" if legacy.tls_verify else "any-cert"
+            if tls == "implicit":
+                fields["ssl"] = verify
+            elif tls == "starttls":
+                fields["starttls"] = verify
+            fields["proxy_timeout"] = str(max(1, math.ceil(legacy.timeout)))
+            fields["destuser"] = req.user
+            fields["pass"] = req.password
+        if self._uid is not None:
+            fields["userdb_uid"] = str(self._uid)
+        if self._gid is not None:
+            fields["userdb_gid"] = str(self._gid)
+        return fields

@@ -1,0 +1,304 @@
+"""The legacy IMAP session: login (user; admin via SASL PLAIN authzid or master login), discovery, bulk fetch.
+
+Discovery and small commands go through imapclient. The bulk FETCH of message bodies is written to
+imapclient's underlying connection and read back with sidecar.wire.fetchparse (imapclient's own parser
+costs ~8x the CPU, see fetchparse). A raw fetch abandoned half-way leaves the session unusable: it is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import imapclient
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from sidecar.migration.copier.folders import LegacyFolder
+from sidecar.wire.fetchparse import (
+    DEFAULT_MEMORY_LIMIT,
+    FetchParseError,
+    FetchParser,
+    FetchResponse,
+    Tagged,
+)
+
+BODY_ITEMS = b"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])"
+READ_CHUNK = 1 << 16
+
+
+class SourceError(Exception):
+    """The legacy server refused or broke a command (permanent for this pass; the job runner retries)."""
+
+
+class SourceAuthError(SourceError):
+    """The legacy server rejected the credentials."""
+
+
+class SourceUnavailable(SourceError):
+    """The legacy server cannot be reached or dropped the connection (temporary)."""
+
+
+class SourceProtocolError(SourceUnavailable):
+    """The legacy server sent a response we cannot parse (malformed FETCH, bad literal).
+
+    Temporary: the pass stops, nothing partial is committed, the job runner retries (a broken proxy or a
+    truncated connection often explains it). Persisting, it points at the server: the message names the
+    folder and the UID range being fetched.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceParams:
+    """How to reach and log in to the legacy server for one account. Passwords never appear in repr()."""
+
+    host: str
+    user: str  # the account's legacy login name
+    password: str = dataclasses.field(default="", repr=False)  # the user's own password (user mode)
+    imap_port: int = 143
+    imap_tls: str = "none"  # none | starttls | implicit
+    pop3_port: int = 0  # 0: no POP3 UIDLs
+    pop3_tls: str = "none"
+    ssl_context: ssl.SSLContext | None = dataclasses.field(default=None, repr=False, compare=False)
+    timeout: float = 30.0
+    admin_user: str = ""  # non-empty: log in as admin on behalf of `user`
+    admin_password: str = dataclasses.field(default="", repr=False)
+    admin_mode: str = "authzid"  # authzid (SASL PLAIN authorization id) | master (user<sep>admin)
+    master_separator: str = "*"
+
+    @classmethod
+    def from_config(
+        cls, legacy: Any, user: str, password: str = "", *, use_admin: bool = False
+    ) -> SourceParams:
+        """From sidecar.config.LegacyConfig; use_admin selects the admin credentials (bulk migration)."""
+        ctx = None
+        if legacy.imap_tls != "none" or legacy.pop3_tls != "none":
+            from sidecar.legacy.verify import tls_context
+
+            # the same verification as the password check: CA file, and the legacy server's certificate name
+            # (tls_server_name) checked even though we connect to its new address
+            ctx = tls_context(legacy)
+        return cls(
+            host=legacy.host,
+            user=user,
+            password=password,
+            imap_port=legacy.imap_port,
+            imap_tls=legacy.imap_tls,
+            pop3_port=legacy.pop3_port,
+            pop3_tls=legacy.pop3_tls,
+            ssl_context=ctx,
+            timeout=legacy.timeout,
+            admin_user=legacy.admin_user if use_admin else "",
+            admin_password=legacy.admin_password if use_admin else "",
+            admin_mode=legacy.admin_mode,
+            master_separator=legacy.master_separator,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderStatus:
+    uidvalidity: int
+    uidnext: int
+    exists: int
+
+
+class LegacySource:
+    """One IMAP session on the legacy server for one account. Use as a context manager."""
+
+    def __init__(self, params: SourceParams) -> None:
+        self.params = params
+        self.client: imapclient.IMAPClient | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self._tags = itertools.count(1)
+        self._selected: str | None = None
+
+    # --- session -----------------------------------------------------------------------------------------
+    def __enter__(self) -> LegacySource:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        p = self.params
+        c = None
+        try:
+            c = imapclient.IMAPClient(
+                p.host,
+                port=p.imap_port,
+                ssl=p.imap_tls == "implicit",
+                ssl_context=p.ssl_context,
+                timeout=p.timeout,
+            )
+            if p.imap_tls == "starttls":
+                c.starttls(p.ssl_context or ssl.create_default_context())
+        except (OSError, IMAPClientError) as e:
+            if c is not None:  # STARTTLS refused or the handshake failed: drop the plaintext connection
+                with contextlib.suppress(Exception):
+                    c.shutdown()
+            raise SourceUnavailable(f"cannot connect to legacy IMAP {p.host}:{p.imap_port}: {e}") from None
+        self.client = c
+        try:
+            if p.admin_user and p.admin_mode == "master":
+                c.login(f"{p.user}{p.master_separator}{p.admin_user}", p.admin_password)
+            elif p.admin_user:
+                c.plain_login(p.admin_user, p.admin_password, authorization_identity=p.user)
+            else:
+                c.login(p.user, p.password)
+        except LoginError:
+            self.close()
+            who = f"{p.admin_user} for {p.user}" if p.admin_user else p.user
+            raise SourceAuthError(f"legacy IMAP login refused for {who}") from None
+        except (OSError, IMAPClientError) as e:
+            self.close()
+            raise SourceUnavailable(f"legacy IMAP login failed: {type(e).__name__}") from None
+        self.capabilities = frozenset(
+            x.decode("ascii", "replace").upper() if isinstance(x, bytes) else str(x).upper()
+            for x in c.capabilities()
+        )
+
+    def close(self) -> None:
+        c, self.client = self.client, None
+        if c is None:
+            return
+        try:
+            c.logout()
+        except Exception:  # best effort on the way out
+            with contextlib.suppress(Exception):
+                c.shutdown()
+
+    def _c(self) -> imapclient.IMAPClient:
+        if self.client is None:
+            raise SourceUnavailable("legacy IMAP session is closed")
+        return self.client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except (OSError, imapclient.exceptions.AbortError) as e:
+            self.client = None
+            raise SourceUnavailable(f"legacy IMAP {what}: {type(e).__name__}: {e}") from None
+        except IMAPClientError as e:
+            raise SourceError(f"legacy IMAP {what}: {e}") from None
+
+    # --- discovery ---------------------------------------------------------------------------------------
+    def namespace(self) -> tuple[str, str | None]:
+        """(prefix, separator) of the personal namespace (NAMESPACE, else LIST "" "")."""
+        c = self._c()
+        if "NAMESPACE" in self.capabilities:
+            ns = self._call("NAMESPACE", c.namespace)
+            if ns.personal:
+                prefix, sep = ns.personal[0]
+                return _s(prefix), _s(sep) if sep is not None else None
+        raw = self._call("LIST", c._imap.list, '""', '""')
+        sep = None
+        if raw[0] == "OK" and raw[1] and raw[1][0]:
+            parts = raw[1][0].split(b'"')
+            if len(parts) >= 3:
+                sep = parts[1].decode()
+        return "", sep
+
+    def list_folders(self) -> list[LegacyFolder]:
+        """All folders with their LIST flags (special-use flags included where the server sends them)."""
+        c = self._c()
+        if "XLIST" in self.capabilities and "SPECIAL-USE" not in self.capabilities:
+            rows = self._call("XLIST", c.xlist_folders)
+        else:
+            rows = self._call("LIST", c.list_folders)
+        out = []
+        for flags, delim, name in rows:
+            out.append(
+                LegacyFolder(_s(name), _s(delim) if delim is not None else None, tuple(_s(f) for f in flags))
+            )
+        return out
+
+    def subscribed(self) -> list[str]:
+        c = self._c()
+        return [_s(name) for _flags, _delim, name in self._call("LSUB", c.list_sub_folders)]
+
+    def examine(self, folder: str) -> FolderStatus:
+        c = self._c()
+        info = self._call(f"EXAMINE {folder}", c.select_folder, folder, readonly=True)
+        self._selected = folder
+        uidvalidity = int(info.get(b"UIDVALIDITY", 0))
+        if not uidvalidity:
+            raise SourceError(f"legacy folder {folder!r} has no UIDVALIDITY")
+        exists = int(info.get(b"EXISTS", 0))
+        uidnext = int(info.get(b"UIDNEXT", 0))
+        return FolderStatus(uidvalidity, uidnext, exists)
+
+    def status(self, folder: str) -> FolderStatus:
+        c = self._c()
+        st = self._call(f"STATUS {folder}", c.folder_status, folder, ["MESSAGES", "UIDNEXT", "UIDVALIDITY"])
+        return FolderStatus(
+            int(st.get(b"UIDVALIDITY", 0)), int(st.get(b"UIDNEXT", 0)), int(st.get(b"MESSAGES", 0))
+        )
+
+    # --- raw fetch ---------------------------------------------------------------------------------------
+    def fetch(
+        self,
+        uid_set: str,
+        items: bytes = BODY_ITEMS,
+        *,
+        spool_dir: Path | None = None,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+    ) -> Iterator[FetchResponse]:
+        """`UID FETCH uid_set items` on the selected folder, streamed; abandoning it ends the session."""
+        c = self._c()
+        imap = c._imap
+        tag = b"AP%d" % next(self._tags)
+        parser = FetchParser(spool_dir=spool_dir, memory_limit=memory_limit)
+        finished = False
+        try:
+            imap.send(tag + b" UID FETCH " + uid_set.encode("ascii") + b" " + items + b"\r\n")
+            reader = imap.file
+            while not parser.done:
+                data = reader.read1(READ_CHUNK) if hasattr(reader, "read1") else reader.read(READ_CHUNK)
+                if not data:
+                    raise SourceUnavailable("legacy IMAP closed the connection during FETCH")
+                for ev in parser.feed(data):
+                    if isinstance(ev, FetchResponse):
+                        yield ev
+                    elif isinstance(ev, Tagged):
+                        if ev.tag != tag:
+                            raise SourceError(f"unexpected tagged reply {ev.tag!r}")
+                        if ev.status != "OK":
+                            raise SourceError(f"legacy UID FETCH failed: {ev.status} {ev.text}")
+            finished = True
+        except (TimeoutError, OSError) as e:
+            raise SourceUnavailable(f"legacy IMAP FETCH: {type(e).__name__}: {e}") from None
+        except FetchParseError as e:
+            where = f" in {self._selected!r}" if self._selected else ""
+            raise SourceProtocolError(
+                f"legacy IMAP sent a malformed FETCH response{where} (UID {uid_set}): {e}"
+            ) from None
+        finally:
+            if not finished:
+                parser.abort()
+                self._drop()
+
+    def _drop(self) -> None:
+        """The connection is mid-response: it cannot be reused."""
+        c, self.client = self.client, None
+        if c is not None:
+            with contextlib.suppress(Exception):
+                c.shutdown()
+
+    def uid_flags(self, uid_set: str = "1:*") -> dict[int, tuple[str, ...]]:
+        """UID -> flags for the selected folder (raw fetch: cheap even for large folders)."""
+        out: dict[int, tuple[str, ...]] = {}
+        for r in self.fetch(uid_set, b"(UID FLAGS)"):
+            if r.uid is not None:
+                out[r.uid] = r.flags or ()
+        return out
+
+
+def _s(x: Any) -> str:
+    if isinstance(x, bytes):
+        return x.decode("utf-8", "surrogateescape")
+    return str(x)

@@ -1,0 +1,1 @@
+"""Moving one account: job runner, copier, held-mail release, Sieve copy."""

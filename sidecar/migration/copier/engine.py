@@ -1,0 +1,431 @@
+"""copy_account: one account from the legacy server into the target Maildir, initial or delta, resumable.
+
+Per folder (in LIST order, INBOX first):
+1. EXAMINE on the legacy side: UIDVALIDITY, UIDNEXT. When it differs from the target folder's uidlist (or the
+   store's watermark), the target folder is emptied and copied again under the new UIDVALIDITY.
+2. If the target folder already holds messages (a resumed or a delta pass): `UID FETCH 1:* (UID FLAGS)`, then
+   expunge on the target what the legacy side no longer has and give every message the legacy flags/keywords.
+3. `UID FETCH <last+1>:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])`, streamed into tmp/, committed in
+   batches (fsync, rename into cur/, uidlist); after each commit the store's watermark (FolderMark) is set.
+Then subscriptions, POP3 UIDLs for INBOX, and (delta mode) removal of target folders the legacy side no longer
+has. The resume point is the target's own uidlist (what is durable on disk), so a crash anywhere, including
+between a commit and its watermark, neither loses nor duplicates a message.
+
+The copier owns the target mailbox exclusively in those two modes (account state copying/cutover): UIDs are
+the legacy UIDs.
+
+Append mode (after cutover, Dovecot owns the mailbox; the trailing sweep): per legacy folder, the messages
+that are not on the target yet are appended with NEW UIDs under Dovecot's uidlist lock (maildir.py); nothing
+already there is touched (flags, expunges, subscriptions and folders are the user's now). "Not on the target
+yet" is decided by the legacy (UIDVALIDITY, UID), never by looking for the message on the target:
+- the store's watermark (FolderMark: legacy UIDVALIDITY, last legacy UID copied) says what earlier passes
+  brought over, so a message the user deleted on the target after cutover is not brought back;
+- every appended file's base name carries its legacy (UIDVALIDITY, UID) (`...L<uv>x<uid>.`), so a crash
+  between an append and its watermark does not append it twice: the watermark is raised to the highest tag
+  found in the folder before fetching.
+Message-ID + size is only the fallback for a legacy folder the store holds no watermark for under its current
+UIDVALIDITY (a store lost, a folder recreated on the legacy side): Message-IDs repeat (a message filed twice,
+resent) or are missing, and a size can differ when a server rewrites headers, so matching by them can both
+drop and duplicate; it is used only where there is nothing better, and reported (FolderResult.matched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pwd
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal, Protocol
+
+from sidecar.legacy.imap import LegacySource, SourceParams
+from sidecar.legacy.pop3 import LegacyPop3, header_hash, match
+from sidecar.migration.copier.folders import LAYOUT, FolderMapper, FolderPlan, TargetLayout
+from sidecar.migration.copier.maildir import MaildirAccount, MaildirFolder, Owner
+from sidecar.store.base import FolderMark
+
+log = logging.getLogger("autoport.copier")
+
+Mode = Literal["initial", "delta", "append"]
+
+
+class CopyStore(Protocol):
+    """The part of sidecar.store.base.Store the copier uses (any Store satisfies it)."""
+
+    def folder_marks(self, address: str) -> dict[str, FolderMark]: ...
+
+    def set_folder_mark(self, address: str, mark: FolderMark) -> None: ...
+
+    def clear_folder_marks(self, address: str, folder: str | None = None) -> None: ...
+
+    def set_progress(
+        self,
+        address: str,
+        *,
+        total: int | None = None,
+        copied: int | None = None,
+        bytes_copied: int | None = None,
+    ) -> None: ...
+
+
+@dataclasses.dataclass
+class Progress:
+    address: str
+    folder: str  # legacy folder name
+    messages_done: int  # this pass, all folders
+    messages_total: int  # legacy message count, all folders (at the start of the pass)
+    bytes_done: int
+
+
+@dataclasses.dataclass
+class FolderResult:
+    legacy: str
+    target: str
+    uidvalidity: int = 0
+    copied: int = 0
+    bytes: int = 0
+    expunged: int = 0
+    flags_updated: int = 0
+    recopied: bool = False  # UIDVALIDITY changed: folder copied again from scratch
+    messages: int = 0  # messages in the target folder after the pass
+    appended_uids: list[int] = dataclasses.field(default_factory=list)  # append mode: new target UIDs
+    matched: int = 0  # append mode, fallback: legacy messages found on the target by Message-ID + size
+
+
+@dataclasses.dataclass
+class CopyResult:
+    address: str
+    mode: str
+    folders: list[FolderResult] = dataclasses.field(default_factory=list)
+    subscriptions: list[str] = dataclasses.field(default_factory=list)  # target names
+    removed_folders: list[str] = dataclasses.field(default_factory=list)
+    pop3_matched: int = 0
+    pop3_unmatched: list[str] = dataclasses.field(default_factory=list)  # legacy UIDLs not placed
+    lost_keywords: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # folder -> kw -> msgs
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # legacy folder -> why
+    seconds: float = 0.0
+
+    @property
+    def messages_copied(self) -> int:
+        return sum(f.copied for f in self.folders)
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(f.bytes for f in self.folders)
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyOptions:
+    layout: TargetLayout = LAYOUT
+    owner: Owner | Literal["vmail"] = "vmail"  # (uid, gid), None (leave as created), or a user name
+    folder_overrides: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    batch_messages: int = 200  # commit (fsync + uidlist + watermark) after this many messages
+    batch_bytes: int = 32 << 20  # ... or this many bytes
+    memory_limit: int = 1 << 20  # bodies above this are spooled to the target folder's tmp/
+    lock_timeout: float = 30.0  # append mode: longest wait for Dovecot's uidlist lock (then MaildirLocked)
+
+
+def _owner(o: Owner | str) -> Owner:
+    if o is None or isinstance(o, tuple):
+        return o
+    pw = pwd.getpwnam(o)
+    return pw.pw_uid, pw.pw_gid
+
+
+def copy_account(
+    source_params: SourceParams,
+    target_home: Path,
+    store: CopyStore,
+    address: str,
+    *,
+    mode: Mode = "initial",
+    progress: ProgressCallback | None = None,
+    options: CopyOptions | None = None,
+) -> CopyResult:
+    """Copy (initial) or update (delta) one account (module doc). Raises SourceError and subclasses."""
+    opts = options or CopyOptions()
+    started = time.monotonic()
+    result = CopyResult(address, mode)
+    account = MaildirAccount(target_home, owner=_owner(opts.owner), layout=opts.layout)
+    with LegacySource(source_params) as src:
+        account.ensure()
+        prefix, sep = src.namespace()
+        listing = src.list_folders()
+        mapper = FolderMapper(
+            sep or (listing[0].delimiter if listing else None), prefix, opts.folder_overrides, opts.layout
+        )
+        plans = mapper.plan(listing)
+        plans.sort(key=lambda p: (p.target != "INBOX",))
+        for f in listing:
+            if not f.selectable:
+                result.skipped[f.name] = "not selectable"
+        marks = store.folder_marks(address)
+        total = 0
+        for plan in plans:
+            total += src.status(plan.legacy).exists
+        store.set_progress(address, total=total)
+        counters = {"done": 0, "bytes": 0}
+
+        def tick(folder: str) -> None:
+            if progress is not None:
+                progress(Progress(address, folder, counters["done"], total, counters["bytes"]))
+
+        inbox: MaildirFolder | None = None
+        for plan in plans:
+            copy_one = _append_folder if mode == "append" else _copy_folder
+            fres, folder = copy_one(
+                src, account, plan, marks.get(plan.legacy), store, address, opts, counters, tick
+            )
+            result.folders.append(fres)
+            if folder.lost_keywords:
+                result.lost_keywords[plan.target] = dict(folder.lost_keywords)
+            if plan.target == "INBOX":
+                inbox = folder
+
+        by_legacy = {p.legacy: p.target for p in plans}
+        # append mode: subscriptions and folders belong to the user now
+        # subscriptions: legacy LSUB mapped through the same plan (unknown names mapped by name)
+        subs = []
+        for name in src.subscribed() if mode != "append" else []:
+            target = by_legacy.get(name)
+            if target is None:
+                try:
+                    target = mapper.plain_target(name)
+                except ValueError:
+                    continue
+            subs.append(target)
+        if mode != "append":
+            account.write_subscriptions(subs)
+            result.subscriptions = sorted(set(subs))
+
+        if mode == "delta":
+            # folders gone from the legacy side go from the target too; the special folders stay (Dovecot
+            # creates them itself, auto = subscribe)
+            wanted = {p.target for p in plans} | {"INBOX"} | {name for _use, name in opts.layout.special}
+            for target in account.folders():
+                if target not in wanted:
+                    account.remove_folder(target)
+                    result.removed_folders.append(target)
+            for legacy_name in marks:
+                if legacy_name not in by_legacy:
+                    store.clear_folder_marks(address, legacy_name)
+
+    if source_params.pop3_port and inbox is not None and mode != "append":
+        matched, unmatched = _pop3_uidls(source_params, inbox)
+        result.pop3_matched, result.pop3_unmatched = matched, unmatched
+    store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+    result.seconds = time.monotonic() - started
+    log.info(
+        "%s: %s pass copied %d messages (%d bytes) in %.1fs",
+        address,
+        mode,
+        result.messages_copied,
+        result.bytes_copied,
+        result.seconds,
+    )
+    return result
+
+
+def _copy_folder(
+    src: LegacySource,
+    account: MaildirAccount,
+    plan: FolderPlan,
+    mark: FolderMark | None,
+    store: CopyStore,
+    address: str,
+    opts: CopyOptions,
+    counters: dict[str, int],
+    tick: Callable[[str], None],
+) -> tuple[FolderResult, MaildirFolder]:
+    status = src.examine(plan.legacy)
+    fres = FolderResult(plan.legacy, plan.target, status.uidvalidity)
+    folder = account.folder(plan.target).open()
+    stale_mark = mark is not None and mark.uidvalidity != status.uidvalidity
+    if (folder.uidvalidity and folder.uidvalidity != status.uidvalidity) or stale_mark:
+        log.warning(
+            "%s: %s UIDVALIDITY changed (%s -> %d): copying it again",
+            address,
+            plan.legacy,
+            folder.uidvalidity or (mark.uidvalidity if mark else 0),
+            status.uidvalidity,
+        )
+        store.clear_folder_marks(address, plan.legacy)
+        folder.reset(status.uidvalidity, status.uidnext)
+        fres.recopied = True
+    folder.set_header(status.uidvalidity, status.uidnext)
+
+    def set_mark() -> None:
+        store.set_folder_mark(
+            address, FolderMark(plan.legacy, status.uidvalidity, folder.last_uid, len(folder.records))
+        )
+
+    # flags and expunges for what is already on the target
+    legacy_flags = src.uid_flags("1:*") if folder.records and status.exists else {}
+    if folder.records:
+        for uid in sorted(folder.records):
+            if uid not in legacy_flags:
+                folder.expunge(uid)
+                fres.expunged += 1
+            elif folder.set_flags(uid, legacy_flags[uid]):
+                fres.flags_updated += 1
+    folder.commit()
+    set_mark()
+
+    # new messages
+    last = folder.last_uid
+    if status.exists and (status.uidnext == 0 or status.uidnext > last + 1):
+        try:
+            _fetch_new(src, folder, plan, last, fres, store, address, opts, counters, tick, set_mark)
+        except BaseException:
+            folder.abort()  # nothing staged becomes visible; committed batches stay (resume point)
+            raise
+    fres.messages = len(folder.records)
+    return fres, folder
+
+
+def _fetch_new(
+    src: LegacySource,
+    folder: MaildirFolder,
+    plan: FolderPlan,
+    last: int,
+    fres: FolderResult,
+    store: CopyStore,
+    address: str,
+    opts: CopyOptions,
+    counters: dict[str, int],
+    tick: Callable[[str], None],
+    set_mark: Callable[[], None],
+) -> None:
+    batch_bytes = 0
+    for msg in src.fetch(f"{last + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit):
+        if msg.uid is None or msg.uid <= last or msg.body is None:
+            if msg.body is not None:
+                msg.body.discard()
+            continue  # "N:*" also answers the highest UID when it is below N
+        size = folder.stage(msg.uid, msg.body, msg.flags or (), msg.internaldate)
+        last = msg.uid
+        fres.copied += 1
+        fres.bytes += size
+        batch_bytes += size
+        counters["done"] += 1
+        counters["bytes"] += size
+        if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
+            folder.commit()
+            set_mark()
+            store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+            batch_bytes = 0
+        tick(plan.legacy)
+    folder.commit()
+    set_mark()
+
+
+def _append_folder(
+    src: LegacySource,
+    account: MaildirAccount,
+    plan: FolderPlan,
+    mark: FolderMark | None,
+    store: CopyStore,
+    address: str,
+    opts: CopyOptions,
+    counters: dict[str, int],
+    tick: Callable[[str], None],
+) -> tuple[FolderResult, MaildirFolder]:
+    """Append mode for one folder (module doc): legacy messages above the watermark, new UIDs, under lock."""
+    status = src.examine(plan.legacy)
+    fres = FolderResult(plan.legacy, plan.target, status.uidvalidity)
+    folder = account.folder(plan.target).open_shared()
+    known: set[tuple[str, int]] | None = None
+    if mark is not None and mark.uidvalidity == status.uidvalidity:
+        watermark = mark.last_uid
+    else:
+        watermark = 0
+        known = {
+            _identity(folder.read_header(uid), folder.file_vsize(uid))
+            for uid, rec in folder.records.items()
+            if rec.subdir  # a file Dovecot is just expunging has none
+        }
+        known.discard(("", 0))
+    tags = folder.legacy_tags(status.uidvalidity)
+    watermark = max(watermark, max(tags, default=0))
+    last = watermark
+
+    def commit() -> None:
+        fres.appended_uids += folder.commit_append(status.uidvalidity, opts.lock_timeout)
+        store.set_folder_mark(
+            address, FolderMark(plan.legacy, status.uidvalidity, last, len(folder.records))
+        )
+
+    if status.exists and (status.uidnext == 0 or status.uidnext > watermark + 1):
+        try:
+            batch_bytes = 0
+            for msg in src.fetch(
+                f"{watermark + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit
+            ):
+                if msg.uid is None or msg.uid <= watermark or msg.body is None:
+                    if msg.body is not None:
+                        msg.body.discard()
+                    continue
+                if known is not None:
+                    ident = _identity(msg.body.head(1 << 18), msg.body.vsize)
+                    if ident in known:
+                        msg.body.discard()
+                        fres.matched += 1
+                        last = msg.uid
+                        continue
+                size = folder.stage_append(
+                    msg.body, msg.flags or (), msg.internaldate, (status.uidvalidity, msg.uid)
+                )
+                last = msg.uid
+                fres.copied += 1
+                fres.bytes += size
+                batch_bytes += size
+                counters["done"] += 1
+                counters["bytes"] += size
+                if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
+                    commit()
+                    batch_bytes = 0
+                tick(plan.legacy)
+            commit()
+        except BaseException:
+            folder.abort()
+            raise
+    elif mark is None or mark.uidvalidity != status.uidvalidity or mark.last_uid != last:
+        store.set_folder_mark(address, FolderMark(plan.legacy, status.uidvalidity, last, len(folder.records)))
+    fres.messages = len(folder.records)
+    return fres, folder
+
+
+_MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+def _identity(header: bytes, size: int) -> tuple[str, int]:
+    """(Message-ID, size with CRLF line ends) for the append-mode fallback; ("", 0) without a Message-ID."""
+    end = header.find(b"\r\n\r\n")
+    if end < 0:
+        end = header.find(b"\n\n")
+    m = _MESSAGE_ID.search(header if end < 0 else header[:end])
+    if not m:
+        return "", 0
+    return " ".join(m.group(1).decode("utf-8", "replace").split()), size
+
+
+def _pop3_uidls(params: SourceParams, inbox: MaildirFolder) -> tuple[int, list[str]]:
+    """Give INBOX messages without a P field the legacy POP3 UIDL; returns (matched now, unmatched UIDLs)."""
+    known = {r.pop3_uidl for r in inbox.records.values() if r.pop3_uidl}
+    todo = {uid: inbox.read_header(uid) for uid, r in inbox.records.items() if not r.pop3_uidl}
+    if not todo:
+        return 0, []
+    imap_hashes = {uid: header_hash(h) for uid, h in todo.items()}
+    with LegacyPop3(params) as pop:
+        msgs = [m for m in pop.messages() if m.uidl not in known]
+        pop_hashes = [(m.uidl, pop.header_hash(m.number)) for m in msgs]
+    res = match(pop_hashes, imap_hashes)
+    for uid, uidl in res.uidls.items():
+        inbox.set_pop3_uidl(uid, uidl)
+    inbox.commit()
+    return len(res.uidls), res.unmatched_pop3

@@ -1,0 +1,373 @@
+"""The job runner: leases copy jobs from the store and walks each account along its path.
+
+    copying  --initial copy-->  cutover (mail held)  --final delta-->  migrated (held mail released,
+                                                                        proxied sessions kicked)
+
+Leases: a job is leased for `limits.lease_seconds` and renewed while it runs; a node that dies loses its
+lease and another node (or this one after a restart) takes the job over. Every step is idempotent: the
+copier resumes from what is durable in the target, a transition that already happened is not repeated.
+
+Credentials live only in memory (sidecar.auth.policy.CredentialCache, filled by the pass-through login). A
+job without them waits for the user's next login, unless legacy admin credentials are configured.
+
+Failures: a temporary failure (legacy unreachable, store trouble, malformed response) is retried with
+exponential backoff; after `limits.copy_attempts` failures the account becomes `failed`: the user keeps
+working on the legacy server and the failure is reported. Wrong credentials (the password changed on the
+legacy server since the login) drop the cached credentials: the job waits for the next login.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sidecar.config import Config
+from sidecar.states import IllegalTransition, State
+from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
+
+if TYPE_CHECKING:
+    from sidecar.migration.copier import CopyResult
+
+log = logging.getLogger("sidecar.migration.jobs")
+
+# how long a job without credentials waits before it looks again (a login re-queues it at once)
+CREDENTIAL_WAIT = 300.0
+POLL_INTERVAL = 1.0
+BACKOFF_BASE = 30.0
+BACKOFF_MAX = 3600.0
+KINDS = ("copy", "sweep")
+
+
+class Credentials(Protocol):
+    def get(self, address: str) -> Any: ...
+
+    def pop(self, address: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the runner does around the copy; replaceable in tests."""
+
+    release_held: Callable[[str], int]  # deliver the held mail of an account that left cutover
+    after_migrated: Callable[[str, list[str]], None]  # kick proxied sessions, warm indexes
+
+
+class WaitForCredentials(Exception):
+    """No password in memory and no admin credentials: the job waits for the user's next login."""
+
+
+def backoff(failures: int) -> float:
+    """Seconds before the next attempt after `failures` consecutive failures (30 s, 60 s, ... 1 h)."""
+    return float(min(BACKOFF_MAX, BACKOFF_BASE * (2 ** max(0, failures - 1))))
+
+
+def default_hooks(cfg: Config, store: Store) -> Hooks:
+    def release(address: str) -> int:
+        try:
+            from sidecar.migration.release import release_held
+
+            return int(release_held(cfg, store, address))
+        except Exception as e:  # held mail is still delivered at the next queue run
+            log.warning("releasing held mail of %s failed (%s); it goes out at the next queue run", address, e)
+            return 0
+
+    def after(address: str, logins: list[str]) -> None:
+        doveadm = [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+        for login in sorted(set(logins) | {address}):
+            # proxied sessions of this user reconnect, now to the local mailbox
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run([*doveadm, "proxy", "kick", login], capture_output=True, timeout=10, check=False)
+        # warm Dovecot's index so the first local login does not pay for it
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run([*doveadm, "index", "-u", address, "*"], capture_output=True, timeout=120, check=False)
+
+    return Hooks(release_held=release, after_migrated=after)
+
+
+class JobRunner:
+    """Leases copy jobs and runs them on a bounded pool of threads."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        credentials: Credentials,
+        *,
+        owner: str = "",
+        hooks: Hooks | None = None,
+        copy: Callable[..., Any] | None = None,
+        clock: Callable[[], float] = time.time,
+        sieve: Callable[[str, Any], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.credentials = credentials
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
+        self.hooks = hooks or default_hooks(cfg, store)
+        self._copy = copy
+        # Sieve scripts (sidecar.migration.sieve) after the initial copy; an injected `copy` (tests) runs without them
+        self._sieve = sieve if sieve is not None else (None if copy is not None else self._copy_sieve)
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.limits.copy_concurrency), thread_name_prefix="copy")
+        self.running: dict[int, Future[None]] = {}
+        self.thread: threading.Thread | None = None
+        self.stats = {"started": 0, "migrated": 0, "retried": 0, "failed": 0, "waiting": 0}
+
+    # --- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="jobs", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        if self.thread:
+            self.thread.join(timeout)
+        # running copies see `stopping` at their next message and hand their job back (retry at once)
+        futures.wait(list(self.running.values()), timeout=timeout)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def poke(self) -> None:
+        """A job was queued: look now instead of at the next poll."""
+        self.wakeup.set()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.running = {k: f for k, f in self.running.items() if not f.done()}
+            leased = False
+            if len(self.running) < max(1, self.cfg.limits.copy_concurrency):
+                try:
+                    job = self.store.lease(self.owner, kinds=KINDS, seconds=self.cfg.limits.lease_seconds)
+                except StoreError as e:
+                    log.warning("job lease failed: %s", e)
+                    job = None
+                if job is not None:
+                    leased = True
+                    self.running[job.id] = self.pool.submit(self._run_guarded, job)
+            if not leased:
+                self.wakeup.wait(POLL_INTERVAL)
+                self.wakeup.clear()
+
+    # --- one job ------------------------------------------------------------------------------------------
+    def _run_guarded(self, job: Job) -> None:
+        renewer = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(job, renewer), daemon=True)
+        heart.start()
+        try:
+            self.run_job(job)
+        except Exception:
+            log.exception("job %d for %s crashed", job.id, job.address)
+            with contextlib.suppress(StoreError):
+                self.store.finish(job.id, self.owner, error="internal error", retry_at=self.clock() + BACKOFF_BASE)
+        finally:
+            renewer.set()
+
+    def _heartbeat(self, job: Job, done: threading.Event) -> None:
+        interval = max(1.0, self.cfg.limits.lease_seconds / 3)
+        while not done.wait(interval):
+            with contextlib.suppress(StoreError):
+                if not self.store.renew(job.id, self.owner, seconds=self.cfg.limits.lease_seconds):
+                    log.warning("lost the lease of job %d (%s)", job.id, job.address)
+                    return
+
+    def _source(self, address: str) -> Any:
+        from sidecar.migration.copier import SourceParams
+
+        cred = self.credentials.get(address)
+        if cred is not None:
+            return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password)
+        if self.cfg.legacy.admin_user and self.cfg.legacy.admin_password:
+            account = self.store.get(address)
+            login = address
+            if account is not None and account.logins:
+                # the legacy server knows the user by the name they log in with there
+                others = [x for x in account.logins if x != address]
+                login = others[0] if others else address
+            return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
+        raise WaitForCredentials(address)
+
+    def _copy_pass(self, address: str, mode: str, source: Any) -> CopyResult:
+        from sidecar.migration.copier import Progress, copy_account, target_home
+
+        copy: Callable[..., Any] = self._copy or copy_account
+        home = target_home(self.cfg.target.mail_root, address)
+
+        def progress(p: Progress) -> None:
+            if self.stopping.is_set():
+                raise InterruptedError("sidecar stopping")
+            if p.messages_done % 200 == 0 or p.messages_done == p.messages_total:
+                with contextlib.suppress(StoreError):
+                    self.store.set_progress(address, copied=p.messages_done, bytes_copied=p.bytes_done)
+
+        result: CopyResult = copy(source, home, self.store, address, mode=mode, progress=progress)
+        log.info("copy %s of %s: %d new messages in %.1f s", mode, address, result.messages_copied, result.seconds)
+        return result
+
+    def _copy_sieve(self, address: str, source: Any) -> None:
+        from sidecar.migration.sieve import copy_for_account
+
+        copy_for_account(self.cfg, self.store, address, source)
+
+    def run_job(self, job: Job) -> None:
+        if job.kind == "sweep":
+            self.run_sweep(job)
+        else:
+            self.run_copy(job)
+
+    def run_sweep(self, job: Job) -> None:
+        """Trailing sweep: append mail that still lands in a migrated account's legacy mailbox (legacy-side
+        aliases, lists, forwards, its queue) to the target, once; every hit is recorded for the report."""
+        from sidecar.migration.copier import SourceError
+
+        address = job.address
+        account = self.store.get(address)
+        if account is None or account.state is not State.MIGRATED:
+            self.store.finish(job.id, self.owner)
+            return
+        try:
+            source = self._source(address)
+        except WaitForCredentials:
+            # no password in memory any more and no admin credentials: nothing more we can sweep
+            log.info("trailing sweep of %s stops: no credentials (configure legacy admin credentials)", address)
+            self.store.finish(job.id, self.owner)
+            return
+        try:
+            result = self._copy_pass(address, "append", source)
+        except (SourceError, OSError) as e:
+            self.store.finish(job.id, self.owner, error=str(e), retry_at=self.clock() + self.cfg.limits.sweep_interval)
+            return
+        hits = result.messages_copied
+        if hits:
+            where = ", ".join(f"{f.target}: {f.copied}" for f in result.folders if f.copied)
+            self.store.record_event(address, "sweep-hit", f"{hits} message(s) arrived on the legacy server after "
+                                    f"cutover ({where}); a legacy-side rule or queue still delivers there")
+            log.warning("trailing sweep of %s found %d message(s) on the legacy server (%s)", address, hits, where)
+        # the same job goes back to the queue in one statement: if the store fails here, the lease expires and
+        # the sweep runs again; sweeps never stop silently
+        if self._sweeping(account.migrated_at):
+            self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
+        else:
+            self.store.finish(job.id, self.owner)
+
+    def _sweeping(self, migrated_at: float | None) -> bool:
+        window = self.cfg.limits.sweep_window
+        return not (window and migrated_at and self.clock() > migrated_at + window)
+
+    def _schedule_sweep(self, address: str, migrated_at: float | None) -> None:
+        if self._sweeping(migrated_at):
+            self.store.enqueue(address, "sweep", not_before=self.clock() + self.cfg.limits.sweep_interval)
+
+    def run_copy(self, job: Job) -> None:
+        from sidecar.migration.copier import SourceAuthError, SourceError
+
+        address = job.address
+        started = time.monotonic()
+        self.stats["started"] += 1
+        try:
+            account = self.store.get(address)
+            if account is not None and account.state is State.MIGRATED:
+                # a node died after the switch but before the steps after it: they are idempotent, redo them
+                self.hooks.release_held(address)
+                self.hooks.after_migrated(address, list(account.logins))
+                self._schedule_sweep(address, account.migrated_at)
+                self.store.finish(job.id, self.owner)
+                return
+            if account is None or account.state is State.DISCOVERED:
+                self.store.finish(job.id, self.owner)
+                return
+            if account.state is State.FAILED:
+                self.store.transition(address, State.COPYING, expect=State.FAILED, reason="retry")
+                account = self.store.get(address)
+                assert account is not None
+            try:
+                # taken once: the credentials must not expire between the initial copy and the final delta
+                source = self._source(address)
+            except WaitForCredentials:
+                if account.state is State.CUTOVER:
+                    # resumed after a restart with the password gone: fail toward legacy, never hold mail forever
+                    self.store.transition(address, State.FAILED, expect=State.CUTOVER, reason="credentials lost")
+                    self.hooks.release_held(address)
+                    self.store.finish(job.id, self.owner, error="credentials lost during cutover")
+                    log.warning("%s: credentials lost during cutover; back on the legacy server until next login",
+                                address)
+                    return
+                raise
+            copied_bytes = account.bytes_copied
+            if account.state is State.COPYING:
+                initial = self._copy_pass(address, "initial", source)
+                copied_bytes = sum(f.bytes for f in initial.folders)
+                if self._sieve is not None and self.cfg.legacy.sieve_port:
+                    self._sieve(address, source)
+                self.store.transition(address, State.CUTOVER, expect=State.COPYING, reason="initial copy done")
+                self.store.record_event(address, "cutover", "mail held while the final delta runs")
+                # mail already handed to the legacy relay before the switch lands there; let it settle
+                self.stopping.wait(self.cfg.limits.cutover_grace)
+            self._copy_pass(address, "delta", source)
+            account = self.store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
+            self.store.set_progress(address, copied=account.messages_total, bytes_copied=copied_bytes)
+            self.store.set_error(address, "")
+            released = self.hooks.release_held(address)
+            self.hooks.after_migrated(address, list(account.logins))
+            self.store.record_event(address, "migrated", f"{released} held message(s) released")
+            # the first sweep is queued before the copy job closes: a failure in between re-runs the job
+            self._schedule_sweep(address, account.migrated_at)
+            self.store.finish(job.id, self.owner)
+            self.stats["migrated"] += 1
+            took = time.monotonic() - started
+            log.info("%s migrated in %.1f s; %d held message(s) released", address, took, released)
+        except WaitForCredentials:
+            self.stats["waiting"] += 1
+            log.info("copy of %s waits for the user's next login (no credentials in memory)", address)
+            retry = self.clock() + CREDENTIAL_WAIT
+            self.store.finish(job.id, self.owner, error="waiting for credentials", retry_at=retry)
+        except SourceAuthError:
+            self.credentials.pop(address)
+            log.warning("legacy server refused the stored credentials of %s; waiting for the next login", address)
+            self.store.finish(job.id, self.owner, error="credentials refused", retry_at=self.clock() + CREDENTIAL_WAIT)
+        except InterruptedError:
+            self.store.finish(job.id, self.owner, error="interrupted", retry_at=self.clock())
+        except (Conflict, IllegalTransition) as e:
+            # another node moved the account: it owns the rest of the path
+            log.info("%s: %s; leaving it to whoever moved it", address, e)
+            with contextlib.suppress(StoreError):
+                self.store.finish(job.id, self.owner)
+        except (SourceError, OSError, StoreUnavailable) as e:
+            self._failure(job, f"{type(e).__name__}: {e}")
+
+    def _failure(self, job: Job, reason: str) -> None:
+        address = job.address
+        with contextlib.suppress(StoreError):
+            self.store.set_error(address, reason)
+        account = None
+        with contextlib.suppress(StoreError):
+            account = self.store.get(address)
+        failures = account.attempts if account else 1
+        if account is not None and failures >= self.cfg.limits.copy_attempts:
+            self.stats["failed"] += 1
+            log.error("copy of %s failed %d times, giving up: %s (user stays on the legacy server)", address,
+                      failures, reason)
+            was_held = account.state is State.CUTOVER
+            with contextlib.suppress(StoreError, IllegalTransition):
+                self.store.transition(address, State.FAILED, reason=reason)
+            if was_held:  # held mail goes back to the legacy relay now
+                self.hooks.release_held(address)
+            with contextlib.suppress(StoreError):
+                self.store.finish(job.id, self.owner, error=reason)
+            return
+        self.stats["retried"] += 1
+        delay = backoff(failures)
+        log.warning("copy of %s failed (%s); retry %d in %.0f s", address, reason, failures, delay)
+        with contextlib.suppress(StoreError):
+            self.store.finish(job.id, self.owner, error=reason, retry_at=self.clock() + delay)

@@ -1,0 +1,1 @@
+"""Postfix and Dovecot: rendered configuration and every command run against them."""

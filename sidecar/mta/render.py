@@ -1,0 +1,486 @@
+"""Render the Postfix and Dovecot fragments (postfix/*.j2, dovecot/*.j2) and validate the result.
+
+The templates are the ones Ansible deploys; they use plain ``{{ variable }}`` substitutions and simple
+``{% if %}`` only, so both renderers agree. Here they are rendered with jinja2 and StrictUndefined: a missing
+variable is an error, never an empty string.
+
+    pf = postfix_vars(cfg) | {...overrides...};  render_postfix(Path("/etc/postfix"), pf)
+    dv = dovecot_vars(cfg) | {...};              render_dovecot(Path("/etc/dovecot"), dv)
+
+Both render into a staging directory, validate there (``postfix -c DIR check`` plus ``postconf -n``
+warnings; ``doveconf -c FILE -n``), and only then replace the live files, each atomically (write, fsync,
+rename). A failed validation leaves the live configuration untouched and raises RenderError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import re
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import jinja2
+
+from sidecar.config import Config, sqlite_path
+
+# The repository (or installed share directory) that holds postfix/ and dovecot/.
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARE_DIR = Path("/usr/share/autoport")
+
+POSTFIX_TEMPLATES = {"main.cf": "main.cf.j2", "master.cf": "master.cf.j2"}
+
+# Postfix diagnostics worth failing on even when `postfix check` exits 0.
+_POSTFIX_WARNING = re.compile(r"\b(warning|fatal|error):", re.IGNORECASE)
+
+
+class RenderError(Exception):
+    """A template could not be rendered, or the rendered configuration failed validation."""
+
+
+def fragments_root() -> Path:
+    """Where postfix/ and dovecot/ are: $AUTOPORT_FRAGMENTS, the source tree, or /usr/share/autoport."""
+    env = os.environ.get("AUTOPORT_FRAGMENTS")
+    if env:
+        return Path(env)
+    if (_REPO_ROOT / "postfix" / "main.cf.j2").exists():
+        return _REPO_ROOT
+    return SHARE_DIR
+
+
+def _environment(root: Path) -> jinja2.Environment:
+    # trim_blocks as Ansible's template module does, so `{% if %}` lines leave no blank line either way.
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(root)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,  # noqa: S701 - config files, not HTML
+    )
+
+
+def render_template(name: str, variables: Mapping[str, object], *, root: Path | None = None) -> str:
+    """One template (path relative to the fragments root) rendered with `variables`."""
+    env = _environment(root or fragments_root())
+    try:
+        return env.get_template(name).render(**variables)
+    except jinja2.UndefinedError as e:
+        raise RenderError(f"{name}: {e.message}") from None
+    except jinja2.TemplateError as e:
+        raise RenderError(f"{name}: {e}") from None
+
+
+def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
+    """Replace `path` with `data`: write a temporary file beside it, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def run_tty(argv: Sequence[str], *, timeout: float = 60.0) -> tuple[int, str]:
+    """Run a command with stdout/stderr on a pseudo-terminal; (exit status, output).
+
+    Postfix commands print their diagnostics only when stderr is a terminal (otherwise to syslog, which a
+    lab or a container may not have), so validation needs a terminal to see why `postfix check` failed.
+    """
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    except OSError as e:
+        os.close(master)
+        os.close(slave)
+        raise RenderError(f"cannot run {argv[0]}: {e.strerror}") from None
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every holder of the terminal has closed it
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+                continue
+            # nothing to read: done once the command has exited (daemons it started may keep the terminal)
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RenderError(f"{argv[0]} did not finish within {timeout:.0f}s")
+    finally:
+        os.close(master)
+    rc = proc.wait()
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    return rc, text
+
+
+# --- Postfix ----------------------------------------------------------------------------------------------
+
+
+def check_postfix(config_dir: Path) -> list[str]:
+    """Validate a Postfix configuration directory; the warnings it printed. RenderError when it is broken.
+
+    `postfix check` also creates missing queue directories with their proper owners and modes.
+    """
+    rc, out = run_tty(["postfix", "-c", str(config_dir), "check"])
+    if rc != 0:
+        raise RenderError(f"postfix -c {config_dir} check failed ({rc}): {out.strip()[-2000:]}")
+    warnings = [line for line in out.splitlines() if _POSTFIX_WARNING.search(line)]
+    # postconf reports unknown or unused parameters (a typo in a name) that `postfix check` lets pass
+    p = subprocess.run(
+        ["postconf", "-c", str(config_dir), "-n"], capture_output=True, text=True, check=False, timeout=60
+    )
+    if p.returncode != 0:
+        raise RenderError(f"postconf -c {config_dir} -n failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    warnings += [line for line in p.stderr.splitlines() if line.strip()]
+    p = subprocess.run(
+        ["postconf", "-c", str(config_dir), "-M"], capture_output=True, text=True, check=False, timeout=60
+    )
+    if p.returncode != 0:
+        raise RenderError(f"postconf -c {config_dir} -M failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    warnings += [line for line in p.stderr.splitlines() if line.strip()]
+    return warnings
+
+
+def render_postfix(
+    config_dir: Path, variables: Mapping[str, object], *, root: Path | None = None, validate: bool = True
+) -> list[str]:
+    """Render main.cf and master.cf into config_dir (validated first); the validation warnings."""
+    texts = {
+        dest: render_template(f"postfix/{src}", variables, root=root)
+        for dest, src in POSTFIX_TEMPLATES.items()
+    }
+    warnings: list[str] = []
+    if validate:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".autoport-staging-", dir=config_dir))
+        try:
+            for dest, text in texts.items():
+                write_atomic(staging / dest, text)
+            warnings = check_postfix(staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for dest, text in texts.items():
+        write_atomic(config_dir / dest, text)
+    save_variables(config_dir, variables)
+    return warnings
+
+
+# --- Dovecot ----------------------------------------------------------------------------------------------
+
+
+def dovecot_templates(sql_driver: str, *, root: Path | None = None) -> dict[str, str]:
+    """Rendered file (relative to the Dovecot config dir) -> template (relative to the fragments root)."""
+    if sql_driver not in ("sqlite", "pgsql"):
+        raise RenderError(f"sql_driver must be sqlite or pgsql, not {sql_driver!r}")
+    base = (root or fragments_root()) / "dovecot"
+    out = {
+        "dovecot.conf": "dovecot/dovecot.conf.j2",
+        "dovecot-sql.conf.ext": "dovecot/dovecot-sql.conf.ext.j2",
+        "dovecot-sql-deny.conf.ext": "dovecot/dovecot-sql-deny.conf.ext.j2",
+        # the driver and connection, included by both SQL files above
+        "dovecot-sql-connect.conf.ext": f"dovecot/dovecot-sql-{sql_driver}.conf.ext.j2",
+    }
+    for t in sorted((base / "conf.d").glob("*.conf.j2")):
+        out[f"conf.d/{t.name.removesuffix('.j2')}"] = f"dovecot/conf.d/{t.name}"
+    return out
+
+
+def check_dovecot(conf_file: Path) -> tuple[str, list[str]]:
+    """`doveconf -c FILE -n`: (the effective non-default settings, warnings). RenderError when broken."""
+    p = subprocess.run(
+        ["doveconf", "-c", str(conf_file), "-n"], capture_output=True, text=True, check=False, timeout=60
+    )
+    if p.returncode != 0:
+        raise RenderError(f"doveconf -c {conf_file} -n failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
+    return p.stdout, [line for line in p.stderr.splitlines() if line.strip()]
+
+
+def render_dovecot(
+    config_dir: Path, variables: Mapping[str, object], *, root: Path | None = None, validate: bool = True
+) -> list[str]:
+    """Render dovecot.conf, conf.d/ and the SQL files into config_dir (validated first); the warnings.
+
+    Files under config_dir/conf.d that no template produces are left alone but would be included too: render
+    into a directory of our own.
+    """
+    driver = str(variables.get("sql_driver", ""))
+    templates = dovecot_templates(driver, root=root)
+    texts = {dest: render_template(src, variables, root=root) for dest, src in templates.items()}
+    # the SQL files may name a PostgreSQL passfile but never hold a secret; still, only Dovecot reads them
+    modes = {dest: (0o640 if dest.endswith(".conf.ext") else 0o644) for dest in texts}
+    warnings: list[str] = []
+    if validate:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".autoport-staging-", dir=config_dir))
+        try:
+            for dest, text in texts.items():
+                write_atomic(staging / dest, text, modes[dest])
+            _, warnings = check_dovecot(staging / "dovecot.conf")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for dest, text in texts.items():
+        write_atomic(config_dir / dest, text, modes[dest])
+        if dest.endswith(".conf.ext"):
+            _chgrp(config_dir / dest, "dovecot")
+    save_variables(config_dir, variables)
+    return warnings
+
+
+VARIABLES_FILE = ".autoport-render.json"
+
+
+def save_variables(config_dir: Path, variables: Mapping[str, object]) -> None:
+    """Record the variables a configuration was rendered with (config_dir/.autoport-render.json, 0600), so
+    `autoport finalize` can render the same files again with only the sidecar switched off. No secrets:
+    the templates never receive any."""
+    import json
+
+    write_atomic(config_dir / VARIABLES_FILE, json.dumps(dict(variables), indent=1, sort_keys=True) + "\n", 0o600)
+
+
+def load_variables(config_dir: Path) -> dict[str, object] | None:
+    """The variables recorded by the last render into config_dir, or None when there is no record."""
+    import json
+
+    try:
+        data = json.loads((config_dir / VARIABLES_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise RenderError(f"{config_dir / VARIABLES_FILE}: unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise RenderError(f"{config_dir / VARIABLES_FILE}: not a JSON object")
+    return data
+
+
+def _chgrp(path: Path, group: str) -> None:
+    # Dovecot's auth processes (dovecot user) read the SQL files; fine to skip when not root (tests as user)
+    with contextlib.suppress(KeyError, PermissionError):
+        shutil.chown(path, group=group)
+
+
+# --- variables from the autoport configuration -------------------------------------------------------------
+
+
+def pgsql_connect(url: str, *, passfile: str = "") -> str:
+    """A libpq connection string (host=... dbname=... user=...) from a postgresql:// URL, without password."""
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("postgresql", "postgres"):
+        raise RenderError(f"not a postgresql:// URL: {url!r}")
+    if u.password:
+        raise RenderError("the store URL must not carry a password (use a passfile)")
+    params: dict[str, str] = {}
+    query = dict(urllib.parse.parse_qsl(u.query))
+    host = urllib.parse.unquote(u.hostname or "") or query.pop("host", "")
+    if host:
+        params["host"] = host
+    if u.port:
+        params["port"] = str(u.port)
+    dbname = urllib.parse.unquote(u.path.lstrip("/"))
+    if dbname:
+        params["dbname"] = dbname
+    if u.username:
+        params["user"] = urllib.parse.unquote(u.username)
+    for key in ("port", "sslmode", "sslrootcert", "connect_timeout"):
+        if key in query:
+            params[key] = query[key]
+    if passfile:
+        params["passfile"] = passfile
+    return " ".join(f"{k}={_libpq_quote(v)}" for k, v in params.items())
+
+
+def _libpq_quote(value: str) -> str:
+    if value and not re.search(r"[\s'\\]", value):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def postfix_socketmap(value: str) -> str:
+    """Postfix notation of the sidecar's socketmap endpoint: unix:/PATH or inet:HOST:PORT."""
+    if value.startswith(("unix:", "inet:")):
+        return value
+    if value.startswith("/"):
+        return f"unix:{value}"
+    return f"inet:{value}"
+
+
+def legacy_smtp_tls(cfg: Config) -> tuple[str, str]:
+    """(smtp_tls_security_level, smtp_tls_wrappermode) of the legacy relay transport."""
+    lg = cfg.legacy
+    if lg.smtp_tls == "none":
+        return "none", "no"
+    level = "secure" if lg.tls_verify else "encrypt"
+    return level, ("yes" if lg.smtp_tls == "implicit" else "no")
+
+
+def world_executable(path: str | os.PathLike[str]) -> bool:
+    """Whether any user (Dovecot's auth process runs as `dovecot`) can execute `path`: the file after all
+    symlinks has o+x and every directory above it o+x. os.access cannot tell: it answers for root."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.is_file() or not real.stat().st_mode & stat.S_IXOTH:
+            return False
+        return all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
+    except OSError:
+        return False
+
+
+def shim_interpreter() -> str:
+    """A Python the dovecot user may run: ours, else the system's (the shim needs no site-packages).
+
+    A virtualenv's python is often a symlink into a private directory (pyenv under /root): Dovecot then
+    fails with "execv(...) failed: Permission denied" and every pass-through login is a temporary failure.
+    """
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        if candidate and world_executable(candidate):
+            return candidate
+    raise RenderError(
+        f"no Python interpreter the dovecot user can execute ({sys.executable} resolves to "
+        f"{os.path.realpath(sys.executable)}; /usr/bin/python3 missing)"
+    )
+
+
+def checkpassword_command(auth_socket: str) -> str:
+    """Dovecot's checkpassword `args`: the shim run as a file under `python -I -S` (cheapest start).
+
+    Dovecot splits args on spaces, so none of the paths may contain one; Dovecot appends the path of its
+    checkpassword-reply program.
+    """
+    shim = Path(__file__).resolve().parents[1] / "edge" / "checkpassword.py"
+    cmd = f"{shim_interpreter()} -I -S {shim} --socket {auth_socket}"
+    if len(cmd.split()) != 6:
+        raise RenderError(f"checkpassword command must not contain spaces inside paths: {cmd!r}")
+    return cmd
+
+
+def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str]:
+    """Production variables for postfix/*.j2 from the autoport configuration (Debian paths)."""
+    level, wrapper = legacy_smtp_tls(cfg)
+    lg = cfg.legacy
+    return {
+        "myhostname": myhostname,
+        "queue_directory": "/var/spool/postfix",
+        "data_directory": "/var/lib/postfix",
+        "inet_interfaces": "all",
+        "inet_protocols": "all",
+        "smtp_bind_address": "",
+        "mynetworks": "127.0.0.0/8 [::1]/128",
+        "smtpd_peername_lookup": "yes",
+        "virtual_mailbox_domains": " ".join(cfg.mail.domains),
+        "virtual_transport": f"{cfg.target.legacy_transport}:[{lg.host}]:{lg.smtp_port}",
+        "recipient_delimiter": "+",
+        "relayhost": "",
+        "socketmap": postfix_socketmap(cfg.sockets.socketmap),
+        "milter": cfg.sockets.milter,
+        "legacy_concurrency": str(max(1, cfg.limits.legacy_connections)),
+        "sasl_path": "private/auth",
+        "sasl_relay": cfg.sockets.sasl,  # empty: smtpd talks to Dovecot's socket directly
+        "smtpd_tls_auth_only": "yes",
+        "smtpd_tls_security_level": "may",
+        "submission_tls_security_level": "encrypt",
+        "tls_cert_file": "",
+        "tls_key_file": "",
+        "maillog_file": "",
+        "maillog_file_prefixes": "/var, /dev/stdout",
+        "syslog_name": "postfix",
+        "smtp_listen": "smtp",
+        "submission_listen": "submission",
+        "legacy_tls_security_level": level,
+        "legacy_tls_wrappermode": wrapper,
+        "legacy_tls_ca_file": lg.ca_file,
+        "legacy_tls_server_name": lg.tls_server_name,
+        # `autoport finalize` (sidecar/ops/finalize.py) renders again with "yes" here and writes these two maps
+        "autoport_finalized": "",
+        "final_mailbox_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-mailboxes",
+        "final_alias_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-aliases",
+    }
+
+
+def dovecot_listener(path: str, base_dir: str) -> str:
+    """A unix_listener name for `path`: relative when inside base_dir (doveconf warns about the prefix)."""
+    prefix = base_dir.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
+
+
+def lmtp_socket_path(local_transport: str, queue_directory: str) -> str:
+    """Where Dovecot must listen for Postfix's `lmtp:unix:PATH` (PATH relative to the queue directory)."""
+    prefix = "lmtp:unix:"
+    if not local_transport.startswith(prefix):
+        raise RenderError(f"target.local_transport must be lmtp:unix:PATH, not {local_transport!r}")
+    path = local_transport[len(prefix) :]
+    return path if path.startswith("/") else f"{queue_directory.rstrip('/')}/{path}"
+
+
+def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") -> dict[str, str]:
+    """Production variables for dovecot/*.j2 from the autoport configuration (Debian paths)."""
+    url = cfg.store.url
+    if url.startswith("sqlite:///"):
+        driver, sqlite_file, pg = "sqlite", sqlite_path(url), ""
+    else:
+        driver, sqlite_file, pg = "pgsql", "", pgsql_connect(url)
+    dovecot_dir = str(Path(cfg.target.dovecot_config).parent) if cfg.target.dovecot_config else "/etc/dovecot"
+    base_dir = "/run/dovecot"
+    return {
+        "listen": "*, ::",
+        "base_dir": base_dir,
+        "instance_name": "dovecot",
+        "state_dir": "/var/lib/dovecot",
+        "dovecot_dir": dovecot_dir,
+        "auth_default_realm": "",
+        "disable_plaintext_auth": "yes",
+        "checkpassword_args": checkpassword_command(cfg.sockets.auth),
+        "mail_root": cfg.target.mail_root,
+        "mail_user": cfg.target.mail_user,
+        "mail_group": cfg.target.mail_user,
+        "recipient_delimiter": "+",
+        "log_path": "syslog",
+        "ssl": "required",
+        "ssl_cert": "/etc/dovecot/private/dovecot.pem",
+        "ssl_key": "/etc/dovecot/private/dovecot.key",
+        "ssl_client_ca_file": cfg.legacy.ca_file,
+        "imap_port": "143",
+        "imaps_port": "993",
+        "pop3_port": "110",
+        "pop3s_port": "995",
+        "managesieve_port": "4190",
+        "lmtp_socket": lmtp_socket_path(cfg.target.local_transport, queue_directory),
+        "auth_socket": f"{queue_directory.rstrip('/')}/private/auth",
+        "sasl_relay_upstream": dovecot_listener(cfg.sockets.dovecot_auth, base_dir) if cfg.sockets.sasl else "",
+        "postfix_user": "postfix",
+        "postfix_group": "postfix",
+        "login_trusted_networks": "",
+        "sql_driver": driver,
+        "sqlite_path": sqlite_file,
+        "pgsql_connect": pg,
+        "autoport_finalized": "",  # "yes" after `autoport finalize`: the store's sql passdb only
+    }

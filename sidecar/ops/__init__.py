@@ -1,0 +1,1 @@
+"""The operator's side: the CLI, report, doctor, finalize and bulk actions."""

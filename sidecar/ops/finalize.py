@@ -1,0 +1,287 @@
+"""`autoport finalize`: Postfix and Dovecot without the sidecar, once nothing is left on the legacy server.
+
+    autoport finalize --check                      # only say whether it may run, and why not
+    autoport finalize [--exclude ADDRESS ...] [--quiet-days N]
+
+Refuses, listing every reason, while (leaving out the --exclude'd addresses):
+  - accounts are not migrated (discovered, copying, cutover, failed);
+  - migrated accounts have no password hash (after finalize only the store checks passwords: set one with
+    `autoport passwd` / `autoport import-hashes`);
+  - mail was relayed to the legacy server in the last N days (the milter's message log);
+  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit).
+
+Otherwise it writes the final configuration, from the same templates (variable `autoport_finalized`) and the
+variables the running configuration was rendered with (render.VARIABLES_FILE beside it):
+  Postfix   no socketmap, no milter, no recipient verification toward the legacy server: every address of our
+            domains goes to local LMTP (virtual_transport); unknown local users are rejected at RCPT through
+            virtual_mailbox_maps; aliases from the store as virtual_alias_maps. Both maps are generated files
+            (texthash:, read by Postfix at (re)load, no postmap step) in the Postfix config directory, so Postfix
+            needs no access to the store (PostgreSQL passwords, SQLite file modes). Run `autoport finalize`
+            again after adding accounts or aliases: it rewrites them and reloads.
+  Dovecot   passdb: the store's sql only (no deny step, no checkpassword); userdb unchanged.
+Then it validates both (`postfix check`, `doveconf -n`, before anything live is replaced), reloads them
+(`postfix -c DIR reload`, `doveadm -c FILE reload`) and records an event of kind "finalized" (address "") that
+`finalized_at()` reads. The sidecar can be stopped afterwards; excluded accounts that never migrated are
+rejected like unknown users from then on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sidecar.config import Config
+from sidecar.states import State
+
+if TYPE_CHECKING:
+    from sidecar.store.base import Store
+
+DAY = 86400.0
+MAILBOX_MAP = "autoport-mailboxes"
+ALIAS_MAP = "autoport-aliases"
+EVENT = "finalized"
+SHOW = 20  # addresses listed per reason
+
+
+class FinalizeError(Exception):
+    """Finalize could not write, validate or reload the configuration (the message says what to do)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    reasons: tuple[str, ...]
+    mailboxes: tuple[str, ...]  # addresses that will exist after finalize
+
+    @property
+    def ready(self) -> bool:
+        return not self.reasons
+
+
+def _listing(addresses: list[str]) -> str:
+    shown = ", ".join(addresses[:SHOW])
+    return shown + (f" and {len(addresses) - SHOW} more" if len(addresses) > SHOW else "")
+
+
+def _base(address: str, delimiter: str = "+") -> str:
+    local, at, domain = address.lower().rpartition("@")
+    if delimiter and delimiter in local:
+        local = local.split(delimiter, 1)[0]
+    return f"{local}{at}{domain}"
+
+
+def is_legacy_route(route: str, cfg: Config) -> bool:
+    t = cfg.target.legacy_transport
+    return route == t or route.startswith(t + ":")
+
+
+def check(
+    cfg: Config, store: Store, *, exclude: frozenset[str] = frozenset(), quiet_days: float = 7, now: float = 0.0
+) -> Verdict:
+    """Whether finalize may run, and every reason why not."""
+    now = now or time.time()
+    since = now - quiet_days * DAY
+    excluded = {a.lower() for a in exclude}
+    accounts = list(store.accounts())
+    reasons: list[str] = []
+
+    pending = [a for a in accounts if a.state is not State.MIGRATED and a.address not in excluded]
+    if pending:
+        detail = _listing([f"{a.address} ({a.state.value})" for a in pending])
+        reasons.append(
+            f"{len(pending)} account(s) not migrated: {detail}. Migrate them (`autoport migrate ADDRESS`) or leave "
+            "them behind with --exclude ADDRESS"
+        )
+    hashless = [a.address for a in accounts if a.state is State.MIGRATED and not a.has_password
+                and a.address not in excluded]  # fmt: skip
+    if hashless:
+        reasons.append(
+            f"{len(hashless)} migrated account(s) have no password hash, so nobody could log in to them after "
+            f"finalize: {_listing(hashless)}. Set one (`autoport passwd`, `autoport import-hashes`) or --exclude them"
+        )
+
+    aliases = {a.alias.lower(): a for a in store.aliases()}
+    relayed: dict[str, int] = {}
+    for r in store.message_log_since(since):
+        if not is_legacy_route(r.route, cfg):
+            continue
+        rcpt = r.recipient.lower()
+        if _base(rcpt) in excluded or rcpt in excluded:
+            continue
+        alias = aliases.get(rcpt) or aliases.get(_base(rcpt))
+        if alias is not None and r.at >= alias.created_at:
+            continue  # recreated here since; Postfix expands it locally now
+        relayed[rcpt] = relayed.get(rcpt, 0) + 1
+    if relayed:
+        n = sum(relayed.values())
+        reasons.append(
+            f"{n} message(s) were relayed to the legacy server in the last {quiet_days:g} day(s), for "
+            f"{_listing(sorted(relayed))}. Migrate or alias those addresses (`autoport report`), then wait "
+            f"until no mail has gone there for {quiet_days:g} day(s) (or lower --quiet-days)"
+        )
+
+    hits: list[str] = []
+    for a in accounts:
+        if a.address in excluded or a.state is not State.MIGRATED:
+            continue
+        if any(e.kind == "sweep-hit" and e.at >= since for e in store.events(a.address, limit=500)):
+            hits.append(a.address)
+    if hits:
+        reasons.append(
+            f"trailing sweeps still found mail in the legacy mailbox of {_listing(hits)} in the last "
+            f"{quiet_days:g} day(s): a rule or queue on the legacy server still delivers there; remove it "
+            "(`autoport report`, section auto_rules) and wait"
+        )
+
+    mailboxes = sorted({a.address for a in accounts if a.state is State.MIGRATED})
+    return Verdict(tuple(reasons), tuple(mailboxes))
+
+
+def finalized_at(store: Store) -> float | None:
+    """When finalize last ran (None: never)."""
+    for e in store.events("", limit=50):
+        if e.kind == EVENT:
+            return e.at
+    return None
+
+
+# --- writing the final configuration -----------------------------------------------------------------------
+
+
+def _postfix_dir(cfg: Config) -> Path:
+    return Path(cfg.target.postfix_config or "/etc/postfix")
+
+
+def _dovecot_conf(cfg: Config) -> Path:
+    return Path(cfg.target.dovecot_config or "/etc/dovecot/dovecot.conf")
+
+
+def _map_line(key: str, value: str) -> str:
+    if any(c.isspace() for c in key) or any(c in value for c in "\r\n"):
+        raise FinalizeError(f"address {key!r} cannot be written to a Postfix map")
+    return f"{key}\t{value}\n"
+
+
+def mailbox_map(cfg: Config, store: Store, mailboxes: tuple[str, ...]) -> str:
+    """virtual_mailbox_maps: each migrated address, and each login name of it that is an address here."""
+    domains = {d.lower() for d in cfg.mail.domains}
+    keys = set(mailboxes)
+    for address in mailboxes:
+        account = store.get(address)
+        for login in account.logins if account else ():
+            if "@" in login and login.rpartition("@")[2] in domains:
+                keys.add(login)
+    head = "# generated by `autoport finalize` from the state store; rerun it after adding accounts\n"
+    return head + "".join(_map_line(k, "OK") for k in sorted(keys))
+
+
+def alias_map(store: Store) -> str:
+    head = "# generated by `autoport finalize` from the state store (`autoport alias`); rerun it after changes\n"
+    return head + "".join(_map_line(a.alias.lower(), ", ".join(a.targets)) for a in store.aliases())
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise FinalizeError(f"{what}: cannot run {argv[0]}: {e}") from None
+    if p.returncode != 0:
+        raise FinalizeError(f"{what} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-1000:]}")
+
+
+def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -> list[str]:
+    """Write, validate and reload the final configuration; what was done, one line each."""
+    from sidecar.mta import render
+
+    pf_dir, dv_conf = _postfix_dir(cfg), _dovecot_conf(cfg)
+    dv_dir = dv_conf.parent
+    try:
+        pf_vars, dv_vars = render.load_variables(pf_dir), render.load_variables(dv_dir)
+    except render.RenderError as e:
+        raise FinalizeError(str(e)) from None
+    missing = [str(d / render.VARIABLES_FILE) for d, v in ((pf_dir, pf_vars), (dv_dir, dv_vars)) if v is None]
+    if missing or pf_vars is None or dv_vars is None:
+        raise FinalizeError(
+            f"no record of how the configuration was rendered ({', '.join(missing)}): it was not written by "
+            "autoport. Render it with autoport_finalized set (Ansible: postfix/dovecot role variable), or "
+            "re-render it with autoport first"
+        )
+    done: list[str] = []
+    mailboxes_file, aliases_file = pf_dir / MAILBOX_MAP, pf_dir / ALIAS_MAP
+    render.write_atomic(mailboxes_file, mailbox_map(cfg, store, verdict.mailboxes), 0o644)
+    render.write_atomic(aliases_file, alias_map(store), 0o644)
+    done.append(f"wrote {mailboxes_file} ({len(verdict.mailboxes)} account(s)) and {aliases_file}")
+    pf_final = {
+        **pf_vars,
+        "autoport_finalized": "yes",
+        "virtual_transport": cfg.target.local_transport,
+        "final_mailbox_maps": f"texthash:{mailboxes_file}",
+        "final_alias_maps": f"texthash:{aliases_file}",
+        "sasl_relay": "",  # SMTP AUTH straight to Dovecot's socket: the sidecar's relay retires with it
+    }
+    dv_final = {**dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
+    try:
+        warnings = render.render_postfix(pf_dir, pf_final)
+        done.append(f"wrote {pf_dir}/main.cf and master.cf (validated: postfix check)")
+        warnings += render.render_dovecot(dv_dir, dv_final)
+        done.append(f"wrote {dv_conf} and {dv_dir}/conf.d (validated: doveconf -n)")
+    except render.RenderError as e:
+        raise FinalizeError(f"the final configuration did not validate; nothing live was replaced: {e}") from None
+    done += [f"warning: {w}" for w in warnings]
+    if reload:
+        _run(["postfix", "-c", str(pf_dir), "reload"], f"postfix -c {pf_dir} reload")
+        doveadm = cfg.target.doveadm or "doveadm"
+        _run([doveadm, "-c", str(dv_conf), "reload"], f"doveadm -c {dv_conf} reload")
+        done.append("reloaded Postfix and Dovecot")
+    store.record_event(
+        "", EVENT, f"final configuration without the sidecar: {len(verdict.mailboxes)} account(s), "
+        f"{len(store.aliases())} alias(es)"
+    )  # fmt: skip
+    done.append("recorded (event 'finalized'); the sidecar (`autoport serve`) may be stopped now")
+    return done
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("finalize", help="final Postfix/Dovecot configuration without the sidecar (refuses if early)")
+    s.add_argument("--check", action="store_true", help="only report whether finalize may run, and why not")
+    s.add_argument("--exclude", nargs="+", default=[], metavar="ADDRESS",
+                   help="accounts left behind (not waited for; rejected afterwards if never migrated)")  # fmt: skip
+    s.add_argument("--quiet-days", type=float, default=7.0, metavar="N",
+                   help="days without mail relayed to the legacy server or found by sweeps (default 7)")  # fmt: skip
+    s.set_defaults(func=cmd_finalize)
+
+
+def cmd_finalize(args: argparse.Namespace) -> int:
+    import os
+
+    from sidecar import config as config_mod
+    from sidecar.store import open_store
+
+    cfg = config_mod.load(args.config or os.environ.get("AUTOPORT_CONFIG") or config_mod.DEFAULT_PATH)
+    store = open_store(cfg.store.url, dovecot_group=cfg.store.dovecot_group, dovecot_role=cfg.store.dovecot_role)
+    try:
+        verdict = check(cfg, store, exclude=frozenset(args.exclude), quiet_days=args.quiet_days)
+        if not verdict.ready:
+            print("autoport finalize: not yet:" if not args.check else "finalize would refuse:")
+            for r in verdict.reasons:
+                print(f"  - {r}")
+            return 1
+        if args.check:
+            print(f"finalize may run: {len(verdict.mailboxes)} migrated account(s), nothing left on the legacy server")
+            return 0
+        try:
+            for line in apply(cfg, store, verdict):
+                print(line)
+        except FinalizeError as e:
+            print(f"autoport finalize: {e}", file=sys.stderr)
+            return 1
+    finally:
+        store.close()
+    return 0

@@ -1,0 +1,1 @@
+"""Wire codecs: bytes in, typed values out, no I/O."""

@@ -1,0 +1,275 @@
+"""The job runner's path for an account, on a real SQLite store with the copier replaced (pure logic).
+
+The copier itself is proven against real servers in test_copier_*.py; the whole path with real servers is in
+test_migration_e2e.py. Here: which transitions happen, when mail is released, what happens without
+credentials, with failures, and after a crash.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import config
+from sidecar.auth.policy import CredentialCache
+from sidecar.migration.copier import CopyResult, SourceAuthError, SourceUnavailable
+from sidecar.migration.jobs import CREDENTIAL_WAIT, Hooks, JobRunner, backoff
+from sidecar.states import State
+from sidecar.store import open_store
+from sidecar.store.base import Store
+
+A = "alice@example.test"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.released: list[str] = []
+        self.kicked: list[str] = []
+        self.copies: list[tuple[str, str]] = []
+        self.fail_with: list[Exception] = []
+
+    def hooks(self) -> Hooks:
+        return Hooks(release_held=self.release, after_migrated=self.after)
+
+    def release(self, address: str) -> int:
+        self.released.append(address)
+        return 2
+
+    def after(self, address: str, logins: list[str]) -> None:
+        self.kicked.append(address)
+
+    def copy(self, source: Any, home: Path, store: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+        self.copies.append((address, mode))
+        if self.fail_with:
+            raise self.fail_with.pop(0)
+        return CopyResult(address, mode)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = open_store(f"sqlite:///{tmp_path / 'state.db'}")
+    s.init()
+    yield s
+    s.close()
+
+
+def make_runner(store: Store, tmp_path: Path, rec: Recorder, creds: CredentialCache, **limits: Any) -> JobRunner:
+    cfg = config.from_dict(
+        {
+            "target": {"mail_root": str(tmp_path / "mail")},
+            "limits": {"cutover_grace": 0.0, "copy_attempts": 3, **limits},
+        }
+    )
+    return JobRunner(cfg, store, creds, owner="test", hooks=rec.hooks(), copy=rec.copy)
+
+
+def first_login(store: Store, creds: CredentialCache | None) -> None:
+    store.transition(A, State.COPYING, reason="first login")
+    if creds is not None:
+        creds.put(A, A, "pw")
+    store.enqueue(A, "copy")
+
+
+def run_one(runner: JobRunner, store: Store) -> None:
+    job = store.lease(runner.owner, seconds=60)
+    assert job is not None
+    runner.run_job(job)
+
+
+def test_happy_path_copies_holds_then_releases(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED
+    assert rec.copies == [(A, "initial"), (A, "delta")]
+    assert rec.released == [A] and rec.kicked == [A]
+    assert [j.status for j in store.jobs(A) if j.kind == "copy"] == ["done"]
+    kinds = [e.detail for e in store.events(A) if e.kind == "transition"]
+    assert kinds == ["cutover -> migrated: final delta done", "copying -> cutover: initial copy done",
+                     "(none) -> copying: first login"]
+
+
+def test_without_credentials_the_job_waits_for_the_next_login(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, None)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.COPYING  # the user keeps working on legacy
+    (job,) = store.jobs(A)
+    assert job.kind == "copy" and job.status == "queued" and job.not_before > time.time() + CREDENTIAL_WAIT - 10
+    assert store.lease("test") is None  # not runnable yet
+    # the next login brings credentials and wakes the job
+    creds.put(A, A, "pw")
+    assert store.wake(A, "copy")
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED
+
+
+def test_temporary_failures_retry_with_backoff_then_fail_toward_legacy(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    rec.fail_with = [SourceUnavailable("legacy down")] * 3
+    for attempt in (1, 2):
+        run_one(runner, store)
+        account = store.get(A)
+        assert account is not None and account.state is State.COPYING and account.attempts == attempt
+        (job,) = [j for j in store.jobs(A) if j.status == "queued"]
+        assert job.not_before == pytest.approx(time.time() + backoff(attempt), abs=5)
+        store.wake(A)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.FAILED
+    assert "legacy down" in account.last_error
+    assert rec.released == []  # nothing was held in copying
+
+
+def test_failure_during_cutover_releases_held_mail_back_to_legacy(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, copy_attempts=1)
+    first_login(store, creds)
+
+    def copy(source: Any, home: Path, st: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+        rec.copies.append((address, mode))
+        if mode == "delta":
+            raise SourceUnavailable("connection cut")
+        return CopyResult(address, mode)
+
+    runner._copy = copy
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.FAILED
+    assert rec.released == [A]  # held mail goes back to the legacy relay
+
+
+def test_wrong_credentials_drop_the_password_and_wait(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    rec.fail_with = [SourceAuthError("NO [AUTHENTICATIONFAILED]")]
+    run_one(runner, store)
+    assert creds.get(A) is None
+    account = store.get(A)
+    assert account is not None and account.state is State.COPYING and account.attempts == 0
+
+
+def test_resume_in_cutover_after_a_crash(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    store.transition(A, State.CUTOVER)  # the crashed node got this far
+    run_one(runner, store)
+    assert rec.copies == [(A, "delta")]
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED and rec.released == [A]
+
+
+def test_cutover_with_credentials_lost_fails_toward_legacy(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, None)
+    store.transition(A, State.CUTOVER)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.FAILED  # never hold mail indefinitely
+    assert rec.released == [A] and rec.copies == []
+
+
+def test_expired_lease_is_taken_over_by_another_node(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    first_login(store, creds)
+    dead = store.lease("node-a", seconds=0.2)
+    assert dead is not None
+    assert store.lease("node-b", seconds=60) is None  # still leased
+    time.sleep(0.3)
+    runner = make_runner(store, tmp_path, rec, creds)
+    runner.owner = "node-b"
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED
+
+
+def test_the_running_loop_picks_up_work_when_poked(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    runner.start()
+    try:
+        first_login(store, creds)
+        runner.poke()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            account = store.get(A)
+            if account is not None and account.state is State.MIGRATED:
+                break
+            time.sleep(0.05)
+        assert account is not None and account.state is State.MIGRATED
+    finally:
+        runner.stop()
+    assert not [t for t in threading.enumerate() if t.name == "jobs" and t.is_alive()]
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert [backoff(n) for n in (1, 2, 3)] == [30.0, 60.0, 120.0]
+    assert backoff(50) == 3600.0
+
+
+def test_trailing_sweeps_after_migration_record_hits(store: Store, tmp_path: Path) -> None:
+    from sidecar.migration.copier.engine import FolderResult
+
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, sweep_interval=60.0, sweep_window=3600.0)
+    first_login(store, creds)
+    run_one(runner, store)
+    (sweep,) = [j for j in store.jobs(A) if j.kind == "sweep"]
+    assert sweep.status == "queued" and sweep.not_before == pytest.approx(time.time() + 60, abs=5)
+    assert store.lease("test", kinds=("copy", "sweep")) is None  # not due yet
+
+    def append(source: Any, home: Path, st: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+        assert mode == "append"
+        return CopyResult(address, mode, folders=[FolderResult("INBOX", "INBOX", copied=2)])
+
+    runner._copy = append
+    store.wake(A, "sweep")
+    job = store.lease("test", kinds=("copy", "sweep"))
+    assert job is not None and job.kind == "sweep"
+    runner.run_job(job)
+    hits = [e for e in store.events(A) if e.kind == "sweep-hit"]
+    assert len(hits) == 1 and "2 message(s)" in hits[0].detail
+    queued = [j for j in store.jobs(A) if j.kind == "sweep" and j.status == "queued"]
+    assert len(queued) == 1  # the next sweep
+
+
+def test_sweeps_stop_without_credentials(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, sweep_interval=0.0)
+    first_login(store, creds)
+    run_one(runner, store)
+    creds.pop(A)  # the password expired from memory; no admin credentials configured
+    job = store.lease("test", kinds=("sweep",))
+    assert job is not None
+    runner.run_job(job)
+    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["done"]
+
+
+def test_job_resumed_after_the_switch_releases_mail_and_schedules_sweeps(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    job = store.lease("dead-node", seconds=0.1)
+    assert job is not None
+    store.transition(A, State.CUTOVER)
+    store.transition(A, State.MIGRATED)  # the node died right after the switch, before releasing held mail
+    time.sleep(0.2)
+    run_one(runner, store)
+    assert rec.released == [A] and rec.kicked == [A] and rec.copies == []
+    assert [j.status for j in store.jobs(A) if j.kind == "copy"] == ["done"]
+    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["queued"]

@@ -1,0 +1,120 @@
+"""The Maildir writer on its own: file names, dovecot-uidlist and dovecot-keywords lines, crash leftovers.
+
+(That Dovecot serves what it writes is shown end to end in test_copier_e2e.py.)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar.migration.copier.maildir import MaildirAccount, MaildirError, MaildirFolder
+from sidecar.wire.fetchparse import Body
+
+WHEN = dt.datetime(2023, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+MSG = b"Subject: a\n\nbody\n"
+
+
+def folder(tmp_path: Path, name: str = "Sent") -> MaildirFolder:
+    acc = MaildirAccount(tmp_path / "home")
+    acc.ensure()
+    f = acc.folder(name).open()
+    f.set_header(1234, 1)
+    return f
+
+
+def test_commit_writes_files_uidlist_and_keywords(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    f.stage(3, MSG, ["\\Seen", "\\Flagged", "$Label1", "\\Recent"], WHEN, pop3_uidl="UIDL-3")
+    f.stage(7, b"x\r\n", ["Zeta", "$Label1", "\\Answered", "\\Draft", "\\Deleted"], None)
+    assert list((f.path / "cur").iterdir()) == []  # nothing visible before commit
+    f.commit()
+    names = sorted(os.listdir(f.path / "cur"))
+    assert names[0].endswith(f",S={len(MSG)},W={len(MSG) + 3}:2,FSa")
+    assert names[1].endswith(",S=3,W=3:2,DRTab")
+    lines = (f.path / "dovecot-uidlist").read_text().splitlines()
+    assert lines[0] == "3 V1234 N8"
+    assert lines[1] == "3 PUIDL-3 :" + names[0].split(":")[0]
+    assert lines[2] == "7 :" + names[1].split(":")[0]
+    assert (f.path / "dovecot-keywords").read_text() == "0 $Label1\n1 Zeta\n"
+    assert os.stat(f.path / "cur" / names[0]).st_mtime == WHEN.timestamp()
+    assert (f.path / "maildirfolder").exists() and not list((f.path / "tmp").iterdir())
+    # read back by a fresh instance
+    g = MaildirFolder(f.path).open()
+    assert (g.uidvalidity, g.next_uid, sorted(g.records)) == (1234, 8, [3, 7])
+    assert g.flags(7) == {"Zeta", "$Label1", "\\Answered", "\\Draft", "\\Deleted"}
+    assert g.records[3].pop3_uidl == "UIDL-3"
+
+
+def test_spooled_body_is_moved_not_copied(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    body = Body(100, 10, f.tmp_dir)
+    body.write(b"y" * 100)
+    body.finish()
+    spool = body.path
+    assert spool is not None
+    f.stage(1, body, [], None)
+    f.commit()
+    assert not spool.exists()
+    assert f.file_path(1).read_bytes() == b"y" * 100
+
+
+def test_more_than_26_keywords_are_counted_as_lost(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    for uid in range(1, 31):
+        f.stage(uid, MSG, [f"kw{uid}", "common"], None)
+    f.commit()
+    assert len(f.keywords) == 26
+    assert f.lost_keywords == {f"kw{uid}": 1 for uid in range(26, 31)}
+    assert "common" in f.keywords
+
+
+def test_uids_must_ascend(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    f.stage(5, MSG, [], None)
+    with pytest.raises(MaildirError):
+        f.stage(5, MSG, [], None)
+    f.commit()
+    with pytest.raises(MaildirError):
+        f.stage(2, MSG, [], None)
+
+
+def test_leftovers_of_an_interrupted_pass_are_removed(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    f.stage(1, MSG, [], None)
+    f.commit()
+    f.stage(2, MSG, [], None)  # staged, never committed
+    (f.path / "cur" / "123.orphan,S=1,W=1:2,S").write_bytes(b"x")  # renamed, uidlist not yet written
+    g = MaildirFolder(f.path).open()
+    assert sorted(g.records) == [1]
+    assert os.listdir(g.path / "cur") == [g.records[1].filename]
+    assert not list((g.path / "tmp").iterdir())
+
+
+def test_flags_expunge_and_reset(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    for uid in (1, 2, 3):
+        f.stage(uid, MSG, ["\\Seen"], None)
+    f.commit()
+    assert f.set_flags(1, ["\\Flagged", "New"])
+    assert not f.set_flags(2, ["\\Seen"])
+    f.expunge(3)
+    f.commit()
+    g = MaildirFolder(f.path).open()
+    assert sorted(g.records) == [1, 2] and g.flags(1) == {"\\Flagged", "New"}
+    assert g.next_uid == 4  # UIDs are never reused
+    g.reset(999, 1)
+    g.commit()
+    h = MaildirFolder(f.path).open()
+    assert (h.uidvalidity, h.records, os.listdir(h.path / "cur")) == (999, {}, [])
+
+
+def test_subscriptions_file_format(tmp_path: Path) -> None:
+    acc = MaildirAccount(tmp_path / "home")
+    acc.ensure()
+    acc.write_subscriptions(["INBOX", "Ärger/sub", "INBOX"])
+    assert (acc.root / "subscriptions").read_text() == "V\t2\n\nINBOX\n&AMQ-rger\tsub\n"
+    assert acc.read_subscriptions() == ["INBOX", "Ärger/sub"]

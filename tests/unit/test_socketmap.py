@@ -1,0 +1,357 @@
+"""The socketmap server on a real UNIX socket, asked by Postfix's own client (`postmap -q`) and by raw clients
+that pipeline, break framing, send oversize requests or go silent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from sidecar.auth.routing import RoutingPolicy
+from sidecar.config import Config
+from sidecar.edge.socketmap import SocketmapServer, parse_address, start_socketmap_server
+from sidecar.states import State
+from sidecar.store.base import Store, StoreUnavailable
+from sidecar.wire import netstring
+
+LMTP = "lmtp:unix:private/dovecot-lmtp"
+RELAY = "legacy:[192.0.2.25]:25"
+HOLD = "retry:4.3.2 mailbox migration in progress"
+STATES = {"ann@example.org": State.MIGRATED, "bob@example.org": State.CUTOVER, "cy@example.org": State.COPYING}
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.down = False
+        self.block: threading.Event | None = None
+
+    def state_of(self, address: str) -> State | None:
+        if self.block is not None:
+            self.block.wait(10)
+        if self.down:
+            raise StoreUnavailable("down")
+        return STATES.get(address)
+
+
+class Running:
+    def __init__(self, tmp: Path, store: FakeStore, **kw: Any) -> None:
+        self.tmp = tmp
+        self.path = str(tmp / "sm.sock")
+        self.store = store
+        cfg = Config()
+        cfg.mail.domains = ["example.org"]
+        cfg.legacy.host = "192.0.2.25"
+        self.policy = RoutingPolicy(cfg, cast(Store, store))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: SocketmapServer = self.call(start_socketmap_server(f"unix:{self.path}", self.policy, **kw))
+        self.clients: list[socket.socket] = []
+        (tmp / "pf").mkdir(exist_ok=True)
+        main_cf = tmp / "pf" / "main.cf"
+        main_cf.write_text("")
+        # Postfix re-reads a config file whose mtime is this second (0.3 s sleeps): make it old
+        os.utime(main_cf, (time.time() - 60, time.time() - 60))
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+
+        async def _stop() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.call(_stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def postmap(self, key: str, map_name: str = "transport") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["postmap", "-c", str(self.tmp / "pf"), "-q", key, f"socketmap:unix:{self.path}:{map_name}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    def connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.clients.append(s)
+        s.settimeout(5)
+        s.connect(self.path)
+        return s
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+    tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
+
+    def start(**kw: Any) -> Running:
+        r = Running(tmp, FakeStore(), **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ask(s: socket.socket, *requests: bytes) -> list[bytes]:
+    """Send all requests in one write (pipelined), read exactly as many replies."""
+    s.sendall(b"".join(netstring.encode(r) for r in requests))
+    return read_replies(s, len(requests))
+
+
+def read_replies(s: socket.socket, n: int) -> list[bytes]:
+    dec = netstring.Decoder()
+    got: list[bytes] = []
+    while len(got) < n:
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed after {len(got)} replies")
+        got += dec.feed(data)
+    return got
+
+
+def is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+# --- Postfix's own client -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "map_name", "expected"),
+    [
+        ("ann@example.org", "transport", LMTP),
+        ("bob@example.org", "transport", HOLD),
+        ("bob@example.org", "verify", RELAY),
+        ("cy@example.org", "transport", RELAY),
+        ("nobody-yet@example.org", "transport", RELAY),
+        ("Ann+tag@Example.ORG", "transport", LMTP),
+    ],
+)
+def test_postmap_gets_the_route(serve: Callable[..., Running], key: str, map_name: str, expected: str) -> None:
+    r = serve()
+    out = r.postmap(key, map_name)
+    assert (out.returncode, out.stdout.strip()) == (0, expected), out.stderr
+
+
+def test_postmap_notfound_for_other_domains(serve: Callable[..., Running]) -> None:
+    out = serve().postmap("someone@elsewhere.test")
+    assert (out.returncode, out.stdout) == (1, "")  # postmap: exit 1 = not found
+    assert "error" not in out.stderr
+
+
+def test_postmap_store_down_is_temporary(serve: Callable[..., Running]) -> None:
+    r = serve()
+    r.store.down = True
+    out = r.postmap("ann@example.org")
+    assert out.returncode != 0
+    assert "temporary error" in out.stderr
+    r.store.down = False
+    assert r.postmap("ann@example.org").stdout.strip() == LMTP  # and it recovers
+
+
+def test_postmap_many_keys_on_one_connection(serve: Callable[..., Running]) -> None:
+    r = serve()
+    keys = ["ann@example.org", "bob@example.org", "x@elsewhere.test", "cy@example.org"] * 50
+    out = subprocess.run(
+        ["postmap", "-c", str(r.tmp / "pf"), "-q", "-", f"socketmap:unix:{r.path}:transport"],
+        input="\n".join(keys) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    expected = [f"{k}\t{v}" for k, v in zip(keys, [LMTP, HOLD, None, RELAY] * 50, strict=True) if v]
+    assert out.stdout.splitlines() == expected, out.stderr
+    assert r.server.stats.requests == len(keys)
+
+
+# --- raw clients ----------------------------------------------------------------------------------------------
+def test_pipelined_replies_in_order(serve: Callable[..., Running]) -> None:
+    r = serve()
+    keys = ["ann@example.org", "x@elsewhere.test", "bob@example.org", "cy@example.org", "bad"] * 40
+    replies = ask(r.connect(), *[b"transport " + k.encode() for k in keys])
+    expected = {
+        "ann@example.org": b"OK " + LMTP.encode(),
+        "x@elsewhere.test": b"NOTFOUND ",
+        "bob@example.org": b"OK " + HOLD.encode(),
+        "cy@example.org": b"OK " + RELAY.encode(),
+        "bad": b"NOTFOUND ",
+    }
+    assert replies == [expected[k] for k in keys]
+
+
+def test_pipelined_order_kept_with_cache_hits_behind_a_miss(serve: Callable[..., Running]) -> None:
+    r = serve(cache_ttl=30)
+    s = r.connect()
+    assert ask(s, b"transport ann@example.org") == [b"OK " + LMTP.encode()]  # now cached
+    r.store.block = threading.Event()  # the next store read waits
+    s.sendall(netstring.encode(b"transport cy@example.org") + netstring.encode(b"transport ann@example.org"))
+    time.sleep(0.3)
+    r.store.block.set()
+    assert read_replies(s, 2) == [b"OK " + RELAY.encode(), b"OK " + LMTP.encode()]
+    assert r.server.stats.cache_hits == 1
+
+
+def test_request_split_across_writes(serve: Callable[..., Running]) -> None:
+    s = serve().connect()
+    wire = netstring.encode(b"transport ann@example.org")
+    for byte in wire[:-1]:
+        s.sendall(bytes([byte]))
+    time.sleep(0.05)
+    s.sendall(wire[-1:])
+    assert read_replies(s, 1) == [b"OK " + LMTP.encode()]
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"hello\n", b"GET / HTTP/1.0\r\n\r\n", b"05:hello,", b"5:helloX", b"99999999:", b"3000:"],
+    ids=["line", "http", "leading-zero", "no-comma", "huge-prefix", "over-cap"],
+)
+def test_broken_framing_closes_connection_server_keeps_serving(serve: Callable[..., Running], garbage: bytes) -> None:
+    r = serve()
+    bad = r.connect()
+    bad.sendall(garbage)
+    assert is_closed(bad)
+    assert r.server.stats.malformed == 1
+    assert ask(r.connect(), b"transport ann@example.org") == [b"OK " + LMTP.encode()]
+    assert r.postmap("ann@example.org").stdout.strip() == LMTP
+
+
+def test_good_requests_before_garbage_are_answered(serve: Callable[..., Running]) -> None:
+    s = serve().connect()
+    s.sendall(netstring.encode(b"transport ann@example.org") + b"junk")
+    assert read_replies(s, 1) == [b"OK " + LMTP.encode()]
+    assert is_closed(s)
+
+
+def test_oversize_request_refused_at_its_prefix(serve: Callable[..., Running]) -> None:
+    r = serve(max_request=100)
+    s = r.connect()
+    s.sendall(b"101:")  # nothing else: refused on the declared length alone
+    assert is_closed(s)
+
+
+@pytest.mark.parametrize("payload", [b"transport", b"transport\xff@example.org", b" ann@example.org"])
+def test_malformed_request_is_perm_connection_stays(serve: Callable[..., Running], payload: bytes) -> None:
+    s = serve().connect()
+    assert ask(s, payload)[0].startswith(b"PERM ")
+    assert ask(s, b"transport ann@example.org") == [b"OK " + LMTP.encode()]
+
+
+def test_idle_connection_closed(serve: Callable[..., Running]) -> None:
+    r = serve(idle_timeout=0.3)
+    idle, partial = r.connect(), r.connect()
+    partial.sendall(b"30:transport ann")  # a request that never completes
+    t0 = time.monotonic()
+    assert is_closed(idle)
+    assert is_closed(partial)
+    assert time.monotonic() - t0 < 3
+    assert ask(r.connect(), b"transport ann@example.org") == [b"OK " + LMTP.encode()]
+
+
+def test_stuck_store_answers_timeout_then_recovers(serve: Callable[..., Running]) -> None:
+    r = serve(request_timeout=0.4)
+    r.store.block = threading.Event()
+    s = r.connect()
+    t0 = time.monotonic()
+    assert (
+        ask(s, b"transport ann@example.org", b"transport cy@example.org") == [b"TIMEOUT state store not answering"] * 2
+    )
+    assert time.monotonic() - t0 < 3
+    # while the lookup is still stuck, new requests are answered at once instead of queueing
+    assert ask(r.connect(), b"verify ann@example.org") == [b"TIMEOUT state store not answering"]
+    r.store.block.set()
+    r.store.block = None
+    deadline = time.monotonic() + 5
+    while True:
+        reply = ask(r.connect(), b"transport ann@example.org")
+        if reply == [b"OK " + LMTP.encode()] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert reply == [b"OK " + LMTP.encode()]
+
+
+def test_many_concurrent_clients(serve: Callable[..., Running]) -> None:
+    r = serve()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            s = r.connect()
+            for _ in range(50):
+                assert ask(s, b"transport bob@example.org") == [b"OK " + HOLD.encode()]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=client) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert r.server.stats.requests == 1000
+
+
+def test_close_removes_socket_file(serve: Callable[..., Running]) -> None:
+    r = serve()
+    assert Path(r.path).is_socket()
+    r.stop()
+    r.stop = lambda: None  # type: ignore[method-assign]
+    assert not Path(r.path).exists()
+
+
+def test_inet_listener() -> None:
+    async def run() -> bytes:
+        cfg = Config()
+        cfg.mail.domains = ["example.org"]
+        server = await start_socketmap_server("inet:127.0.0.1:0", RoutingPolicy(cfg, cast(Store, FakeStore())))
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(netstring.encode(b"transport ann@example.org"))
+        data = await reader.readuntil(b",")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return data
+
+    assert asyncio.run(run()) == netstring.encode(b"OK " + LMTP.encode())
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [
+        ("unix:/run/autoport/sm.sock", ("unix", "/run/autoport/sm.sock", 0)),
+        ("/run/autoport/sm.sock", ("unix", "/run/autoport/sm.sock", 0)),
+        ("inet:127.0.0.1:10027", ("inet", "127.0.0.1", 10027)),
+        ("inet:[::1]:10027", ("inet", "::1", 10027)),
+    ],
+)
+def test_parse_address(address: str, parsed: tuple[str, str, int]) -> None:
+    assert parse_address(address) == parsed
+
+
+@pytest.mark.parametrize("address", ["unix:relative", "inet:host", "inet:host:99999", "tcp:1.2.3.4:5"])
+def test_parse_address_refuses(address: str) -> None:
+    with pytest.raises(ValueError, match="socketmap address"):
+        parse_address(address)
