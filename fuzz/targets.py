@@ -5,7 +5,7 @@ checks what the decoder promises: it raises only its own error type, it never ho
 what it accepts re-encodes to the same bytes. Any other exception, a broken invariant (AssertionError) or a
 hang (the runner's alarm) is a finding.
 
-The targets are used by ``python -m fuzz.run`` (mutation fuzzing or atheris) and by tests/test_fuzz.py
+The targets are used by ``python -m fuzz.run`` (mutation fuzzing or atheris) and by tests/unit/test_fuzz.py
 (hypothesis, short runs in ``make test``).
 """
 
