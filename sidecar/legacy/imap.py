@@ -18,7 +18,7 @@ from typing import Any
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from sidecar.migration.copier.folders import LegacyFolder
+from sidecar.legacy.folder import LegacyFolder
 from sidecar.wire.fetchparse import (
     DEFAULT_MEMORY_LIMIT,
     FetchParseError,

@@ -320,7 +320,7 @@ def test_deployed_files_equal_render(deployed: Deployment) -> None:
     for dest, src in render.POSTFIX_TEMPLATES.items():
         expected = render.render_template(f"postfix/{src}", pf, root=deployed.repo)
         assert (deployed.prefix / "etc/postfix" / dest).read_text() == expected, dest
-    shim = deployed.prefix / "usr/local/lib/autoport/sidecar/checkpassword.py"
+    shim = deployed.prefix / "usr/local/lib/autoport/sidecar/edge/checkpassword.py"
     dv = render.dovecot_vars(cfg, queue_directory=str(queue)) | {
         "base_dir": str(deployed.prefix / "run/dovecot"),
         "state_dir": str(deployed.prefix / "var/lib/dovecot"),

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 from imapclient import imap_utf7
 
-SPECIAL_USES = ("\\Drafts", "\\Sent", "\\Trash", "\\Junk", "\\Archive")
+from sidecar.legacy.folder import LegacyFolder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,28 +122,6 @@ LOCALIZED_NAMES: dict[str, str] = {
 
 class FolderError(ValueError):
     """A folder name that cannot be mapped (empty component, undecodable)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LegacyFolder:
-    """A folder as the legacy server lists it: decoded name (unicode), its delimiter and LIST flags."""
-
-    name: str
-    delimiter: str | None
-    flags: tuple[str, ...] = ()
-
-    @property
-    def selectable(self) -> bool:
-        lowered = {f.lower() for f in self.flags}
-        return "\\noselect" not in lowered and "\\nonexistent" not in lowered
-
-    @property
-    def special_use(self) -> str | None:
-        for f in self.flags:
-            for use in SPECIAL_USES:
-                if f.lower() == use.lower():
-                    return use
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
