@@ -1,8 +1,9 @@
 """`autoport serve`: the sidecar daemon.
 
-It owns the sockets Postfix and Dovecot call (the checkpassword auth socket, the socketmap, the milter) and
-the job runner, all sharing one store and one account-state module. It tells systemd when it is ready
-(sd_notify READY=1, for `Type=notify` units) and stops cleanly on SIGTERM/SIGINT.
+It owns the sockets Postfix and Dovecot call (the checkpassword auth socket, the SASL relay, the socketmap) and
+the job runner, all sharing one store and one account-state module; the milter runs in a child process it
+supervises. It tells systemd when it is ready (sd_notify READY=1, for `Type=notify` units) and stops cleanly on
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import grp
+import importlib.util
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -57,13 +62,82 @@ def _prepare_unix_path(path: str) -> None:
         p.unlink()
 
 
+MILTER_COUNTERS = ("messages", "records", "dropped", "errors")
+
+
+class MilterProcess:
+    """The milter (sidecar.edge.milter) in a child process, restarted with backoff whenever it dies.
+
+    A process of its own: in the daemon's interpreter the milter's callbacks competed with the socketmap and
+    the auth socket for the GIL and Postfix accepted half as much mail (bench/results/routing.md). The child
+    reads the same config file and opens its own store connection; its counters arrive as JSON lines on its
+    stdout and are summed over restarts. While it is down, Postfix's milter_default_action lets mail through.
+    """
+
+    def __init__(self, config_path: str) -> None:
+        self.config_path = config_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._done = dict.fromkeys(MILTER_COUNTERS, 0)  # counters of children that ended
+        self._current = dict.fromkeys(MILTER_COUNTERS, 0)
+        self._thread = threading.Thread(target=self._supervise, name="milter-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: self._done[k] + self._current[k] for k in MILTER_COUNTERS}
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            argv = [sys.executable, "-m", "sidecar.edge.milter", "--config", self.config_path]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    counts = json.loads(line)
+                    with self._lock:
+                        self._current = {k: int(counts.get(k, 0)) for k in MILTER_COUNTERS}
+            code = self.proc.wait()
+            with self._lock:
+                for k in MILTER_COUNTERS:
+                    self._done[k] += self._current[k]
+                self._current = dict.fromkeys(MILTER_COUNTERS, 0)
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0
+            self.restarts += 1
+            log.error("milter process exited (status %s); starting it again in %.0f s", code, backoff)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to the child (libmilter stops, queued records are written), SIGKILL after timeout."""
+        self._stopping.set()
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
 class Daemon:
     def __init__(self, cfg: Config, store: Store) -> None:
         self.cfg = cfg
         self.store = store
         self.stopping = asyncio.Event()
-        self.milter_thread: threading.Thread | None = None
-        self.milter_stop = threading.Event()
+        self.milter: MilterProcess | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.runner: Any = None
         self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
@@ -85,6 +159,13 @@ class Daemon:
         self.verifier = LegacyVerifier(cfg.legacy)
         auth_policy = AuthPolicy(cfg, self.store, self.verifier, credentials=self.credentials, defer=self.hasher.submit)
         self.runner = JobRunner(cfg, self.store, self.credentials)
+        if cfg.sockets.milter:
+            if importlib.util.find_spec("Milter") is None:
+                log.error("[sockets] milter is set but pymilter is not installed (the `milter` extra): no milter")
+            elif not cfg.path:
+                log.error("the milter process needs the daemon's config file; started without one: no milter")
+            else:
+                self.milter = MilterProcess(cfg.path)
         # the dashboard first: once the mail sockets exist it is up too; it sees the rest as they start
         sources = await self._start_dashboard()
 
@@ -127,22 +208,22 @@ class Daemon:
         else:
             log.info("job runner off (limits.copy_concurrency = 0): copy jobs wait for another node")
 
-        if cfg.sockets.milter:
+        if self.milter is not None:
             milter_path = unix_path(cfg.sockets.milter)
             if milter_path:
                 _prepare_unix_path(milter_path)
-            self.milter_thread = threading.Thread(target=self._run_milter, name="milter", daemon=True)
-            self.milter_thread.start()
+            self.milter.start()
             if milter_path:
-                # libmilter creates the socket in its own thread, with the process umask: give it the
-                # group and mode Postfix needs as soon as it is there (Postfix's milter_default_action
-                # covers a connection in between)
+                # libmilter creates the socket in the child, with the process umask: give it the group and
+                # mode Postfix needs as soon as it is there (Postfix's milter_default_action covers a
+                # connection in between)
                 await self._secure_when_created(milter_path, cfg.sockets.postfix_group)
 
-    async def _secure_when_created(self, path: str, group: str, timeout: float = 10.0) -> None:
+    async def _secure_when_created(self, path: str, group: str, timeout: float = 15.0) -> None:
+        """Wait (bounded) for the milter child's socket; the child secures it too, after every restart."""
         deadline = time.monotonic() + timeout
         while not Path(path).is_socket():
-            if time.monotonic() > deadline or not (self.milter_thread and self.milter_thread.is_alive()):
+            if time.monotonic() > deadline:
                 log.error("milter socket %s did not appear; Postfix accepts mail without the milter", path)
                 return
             await asyncio.sleep(0.02)
@@ -156,10 +237,7 @@ class Daemon:
         from sidecar.edge.web import start_web_server
 
         sources = Sources(self.cfg, self.store, runner=self.runner)
-        with contextlib.suppress(ImportError):  # pymilter missing: no milter counters
-            from sidecar.edge.milter import stats as milter_stats
-
-            sources.milter = milter_stats.snapshot if self.cfg.sockets.milter else None
+        sources.milter = self.milter.snapshot if self.milter else None
         try:
             self.servers.append(await start_web_server(self.cfg.dashboard.listen, self.cfg.dashboard.token, sources))
         except (OSError, ValueError) as e:
@@ -167,14 +245,6 @@ class Daemon:
             return None
         log.info("dashboard listening on http://%s/", self.cfg.dashboard.listen)
         return sources
-
-    def _run_milter(self) -> None:
-        from sidecar.edge.milter import run_milter
-
-        try:
-            run_milter(self.cfg, self.store, self.milter_stop)
-        except Exception:
-            log.exception("milter stopped with an error; Postfix accepts mail without it (milter_default_action)")
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -188,13 +258,8 @@ class Daemon:
             await asyncio.to_thread(self.hasher.shutdown, wait=True)
         if self.verifier is not None:  # its connections kept ready toward the legacy server
             await asyncio.to_thread(self.verifier.close)
-        self.milter_stop.set()
-        with contextlib.suppress(ImportError):
-            from sidecar.edge.milter import stop_milter
-
-            stop_milter()
-        if self.milter_thread:
-            await asyncio.to_thread(self.milter_thread.join, 5)
+        if self.milter is not None:
+            await asyncio.to_thread(self.milter.stop)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

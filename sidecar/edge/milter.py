@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import socket
 import threading
@@ -363,3 +364,57 @@ def stop_milter() -> None:
     """Ask a running milter to stop (libmilter smfi_stop); run_milter() then returns."""
     with contextlib.suppress(Exception):
         Milter.stop()
+
+
+STATS_INTERVAL = 1.0  # seconds between the counter lines a milter process writes for its daemon
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """`python -m sidecar.edge.milter --config FILE`: the milter in a process of its own, as `autoport serve` runs it.
+
+    Its own interpreter keeps libmilter's callbacks off the daemon's GIL (bench/results/routing.md). The counters
+    go to stdout, one JSON line a second, for the daemon's dashboard. SIGTERM stops it (libmilter handles it).
+    """
+    import argparse
+    import json
+
+    from sidecar import config as config_mod
+    from sidecar.logsetup import setup_logging
+    from sidecar.store import open_store
+
+    parser = argparse.ArgumentParser(prog="python -m sidecar.edge.milter")
+    parser.add_argument("--config", required=True)
+    cfg = config_mod.load(parser.parse_args(argv).config)
+    setup_logging(cfg)
+    store = open_store(cfg.store.url, dovecot_group=cfg.store.dovecot_group, dovecot_role=cfg.store.dovecot_role)
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(STATS_INTERVAL):
+            print(json.dumps(stats.snapshot()), flush=True)
+
+    def secure() -> None:  # libmilter creates the socket with the umask; Postfix needs its group and mode
+        from sidecar.config import unix_path
+        from sidecar.daemon import secure_socket
+
+        path = unix_path(cfg.sockets.milter)
+        deadline = time.monotonic() + 30
+        while path and not stop.is_set() and time.monotonic() < deadline:
+            if os.path.exists(path):
+                secure_socket(path, cfg.sockets.postfix_group, cfg.sockets.mode)
+                return
+            time.sleep(0.02)
+
+    threading.Thread(target=report, name="milter-stats", daemon=True).start()
+    threading.Thread(target=secure, name="milter-socket", daemon=True).start()
+    try:
+        run_milter(cfg, store, stop)
+    finally:
+        stop.set()
+        print(json.dumps(stats.snapshot()), flush=True)
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main())

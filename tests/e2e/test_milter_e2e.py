@@ -11,6 +11,7 @@ Decisions tested here:
 from __future__ import annotations
 
 import smtplib
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,57 @@ def test_milter_down_mail_still_flows_unlogged(lab: dict[str, Any], store: Store
     mid = message_id()
     send(lab["target"]["host"], lab["target"]["smtp"], ["dave" + D], mid)
     wait_row(store, "dave" + D, mid)  # logging again
+
+
+def _milter_child(sidecar_pid: int) -> int | None:
+    """The pid of the sidecar's milter process (a child running sidecar.edge.milter), or None."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == sidecar_pid and b"sidecar.edge.milter" in cmdline:
+            return int(d.name)
+    return None
+
+
+def test_milter_runs_in_its_own_process_and_comes_back_after_a_crash(lab: dict[str, Any], store: Store) -> None:
+    """SIGKILL the milter process: mail still flows meanwhile; the daemon starts it again, with the socket
+    mode Postfix needs, and it logs again."""
+    import os
+    import signal
+    import stat as stat_mod
+
+    sidecar_pid = int(launcher.lab_info(Path(lab["dir"]))["pids"]["sidecar"])
+    child = wait_for(lambda: _milter_child(sidecar_pid), 15, "the milter process")
+    assert child != sidecar_pid
+    os.kill(child, signal.SIGKILL)
+    mid = message_id()
+    replies, data = send(lab["target"]["host"], lab["target"]["smtp"], ["bob" + D], mid)
+    assert replies["bob" + D][0] == 250 and data is not None and data[0] == 250
+    wait_for(lambda: legacy_count(lab, "bob" + D, mid) == 1, what="the message at bob on legacy")
+    again = wait_for(lambda: (c := _milter_child(sidecar_pid)) not in (None, child) and c, 30, "a new milter")
+    milter = config.load(lab["config"]).sockets.milter
+    sock = Path(milter[len("unix:") :])
+    cfg = config.load(lab["config"])
+
+    def listening() -> bool:  # the killed child's socket file stays behind until the new one replaces it
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(sock))
+            except OSError:
+                return False
+        return stat_mod.S_IMODE(sock.stat().st_mode) == cfg.sockets.mode
+
+    wait_for(listening, 15, "the new milter listening on its socket, with its mode")
+    assert again != child
+    mid = message_id()
+    send(lab["target"]["host"], lab["target"]["smtp"], ["bob" + D], mid)
+    wait_row(store, "bob" + D, mid)  # logging again
 
 
 def test_sidecar_down_defers_never_bounces(lab: dict[str, Any], store: Store) -> None:
