@@ -591,7 +591,8 @@ class SqlStore(Store):
                 cur.execute("DELETE FROM inventory WHERE source = ? AND kind = ? AND name = ?", (source, kind, name))
             for name, detail in wanted.items():
                 cur.execute(
-                    "INSERT INTO inventory (kind, name, source, detail, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO inventory (kind, name, source, detail, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (kind, name, source) DO UPDATE SET detail = excluded.detail, "
                     "last_seen = excluded.last_seen",
                     (kind, name, source, detail, now, now),
