@@ -8,6 +8,7 @@ nowhere else: errors carry ldap3's result description, never the password or the
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -39,15 +40,16 @@ def search(cfg: Config) -> Iterator[tuple[str, str]]:
         from ldap3.core.exceptions import LDAPException
     except ImportError:
         raise OpsError("LDAP needs the ldap3 package: pip install 'autoport[ldap]'") from None
+    timeout = max(1, math.ceil(lc.timeout))  # ldap3 packs socket timeouts as integers
     uses_tls = lc.url.startswith("ldaps://") or lc.starttls
-    server = ldap3.Server(lc.url, connect_timeout=lc.timeout, tls=_tls(cfg) if uses_tls else None,
+    server = ldap3.Server(lc.url, connect_timeout=timeout, tls=_tls(cfg) if uses_tls else None,
                           get_info=ldap3.NONE)  # fmt: skip
     conn = ldap3.Connection(
         server,
         user=lc.bind_dn or None,
         password=lc.bind_password or None,
         authentication=ldap3.SIMPLE if lc.bind_dn else ldap3.ANONYMOUS,
-        receive_timeout=lc.timeout,
+        receive_timeout=timeout,
         raise_exceptions=False,
         read_only=True,
     )
@@ -79,7 +81,7 @@ def search(cfg: Config) -> Iterator[tuple[str, str]]:
             if result.get("result", 0) not in (0,):
                 raise OpsError(f"LDAP search of {lc.base_dn} failed: {result.get('description', 'error')} "
                                f"{result.get('message', '')}".rstrip())  # fmt: skip
-        except LDAPException as e:
+        except (LDAPException, OSError) as e:
             raise OpsError(f"LDAP {lc.url}: {type(e).__name__}: {e}") from None
     finally:
         conn.unbind()
