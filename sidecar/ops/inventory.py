@@ -110,7 +110,8 @@ def account_name(entry: str, prefix: str, separator: str | None) -> str | None:
 
 def list_legacy(cfg: Config) -> Listing:
     """The other-users namespace of the legacy server, listed by the admin (module doc)."""
-    from sidecar.legacy.imap import LegacySource, SourceError, SourceParams
+    from sidecar.migration.copier import SourceError, SourceParams  # first: it imports sidecar.legacy.imap
+    from sidecar.migration.copier.engine import LegacySource
 
     if not (cfg.legacy.admin_user and cfg.legacy.admin_password):
         raise OpsError(
