@@ -423,8 +423,9 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
         yield Finding(NOTE, "admin", "admin credentials not checked: the store has no account to log in as yet")
         return
     # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
+    import sidecar.migration.copier  # noqa: F401
+    from sidecar.legacy.imap import LegacySource
     from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
-    from sidecar.migration.copier.engine import LegacySource
 
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))

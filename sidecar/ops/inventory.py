@@ -110,8 +110,10 @@ def account_name(entry: str, prefix: str, separator: str | None) -> str | None:
 
 def list_legacy(cfg: Config) -> Listing:
     """The other-users namespace of the legacy server, listed by the admin (module doc)."""
-    from sidecar.migration.copier import SourceError, SourceParams  # first: it imports sidecar.legacy.imap
-    from sidecar.migration.copier.engine import LegacySource
+    # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
+    import sidecar.migration.copier  # noqa: F401
+    from sidecar.legacy.imap import LegacySource
+    from sidecar.migration.copier import SourceError, SourceParams
 
     if not (cfg.legacy.admin_user and cfg.legacy.admin_password):
         raise OpsError(
