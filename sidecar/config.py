@@ -196,6 +196,7 @@ class LdapConfig:
     starttls: bool = _f(True, "StartTLS on an ldap:// URL before binding (ldaps:// is TLS from the start)")
     tls_verify: bool = _f(True, "verify the directory's certificate")
     ca_file: str = _f("", "CA bundle for the directory's certificate (empty: system store)")
+    tls_server_name: str = _f("", "name expected in the directory's certificate (empty: the URL's host)")
     bind_dn: str = _f("", "DN to bind as (AD: also user@domain); empty: anonymous bind")
     bind_password: str = _f("", "password of bind_dn", secret=True)
     base_dn: str = _f("", "where to search, e.g. ou=people,dc=example,dc=org")

@@ -5,7 +5,9 @@
         d.url, d.bind_dn, d.bind_password      # a read-only service account; anonymous binds see nothing
 
 slapd runs in the foreground (`-d 0`, its own session) from a generated slapd.conf (`-f`), an mdb database in
-work_dir, listening on ldap://HOST:PORT only; stop() ends it by pid. The service account may read people's
+work_dir, listening on ldap://HOST:PORT (StartTLS offered) and ldaps://HOST:TLS_PORT with a certificate for
+TLS_NAME from the lab CA (d.ca_file), like a directory reached by a name that is not its address; simple binds
+need TLS (`security simple_bind=128`). stop() ends it by pid. The service account may read people's
 entries; the anonymous user may only bind, so a wrong or missing bind shows as an empty or refused search.
 Entries are loaded with slapadd before slapd starts (offline, no rootpw needed).
 """
@@ -18,11 +20,12 @@ import subprocess
 from pathlib import Path
 from types import TracebackType
 
-from sidecar.lab import proc
+from sidecar.lab import proc, tlsgen
 from sidecar.lab.proc import LabError
 
 SCHEMAS = ("core", "cosine", "inetorgperson")
 SERVICE_CN = "autoport"
+TLS_NAME = "ldap.lab.test"
 
 
 def _ssha(password: str) -> str:
@@ -39,7 +42,9 @@ class Slapd:
         self.host = host
         self.suffix = suffix
         self.port = 0
+        self.tls_port = 0
         self.pid = 0
+        self.ca_file = work_dir / "tls" / "ca.pem"
         self.bind_dn = f"cn={SERVICE_CN},ou=services,{suffix}"
         self.bind_password = secrets.token_urlsafe(12)
         self.people: list[tuple[str, str]] = []
@@ -48,6 +53,10 @@ class Slapd:
     @property
     def url(self) -> str:
         return f"ldap://{self.host}:{self.port}"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://{self.host}:{self.tls_port}"
 
     @property
     def people_dn(self) -> str:
@@ -64,6 +73,9 @@ class Slapd:
             f'suffix "{self.suffix}"\n'
             f"directory {d}/db\n"
             "maxsize 10485760\n"
+            f"TLSCACertificateFile {self.ca_file}\n"
+            f"TLSCertificateFile {d}/tls/{TLS_NAME}.pem\nTLSCertificateKeyFile {d}/tls/{TLS_NAME}.key\n"
+            "security simple_bind=128\n"
             f'access to * by dn.exact="{self.bind_dn}" read by anonymous auth by * none\n'
         )
 
@@ -88,6 +100,9 @@ class Slapd:
         """Load the entries and start slapd."""
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "db").mkdir(mode=0o700, exist_ok=True)
+        ca = tlsgen.ensure_ca(self.dir / "tls")
+        tlsgen.issue_cert(ca, TLS_NAME)
+        self.ca_file = ca.cert_file
         conf = self.dir / "slapd.conf"
         conf.write_text(self._conf())
         os.chmod(conf, 0o600)
@@ -95,9 +110,10 @@ class Slapd:
         ldif.write_text(self._ldif(people, no_mail=no_mail))
         proc.run(["slapadd", "-f", str(conf), "-l", str(ldif)], what="slapadd")
         self.people = list(people)
-        self.port = proc.free_port(self.host)
-        self.pid = proc.spawn(["slapd", "-d", "0", "-f", str(conf), "-h", self.url + "/"], self.log)
-        proc.wait_service(self.host, self.port, self.pid, what="slapd", log=self.log)
+        self.port, self.tls_port = proc.free_ports(self.host, 2)
+        self.pid = proc.spawn(["slapd", "-d", "0", "-f", str(conf), "-h", f"{self.url}/ {self.ldaps_url}/"], self.log)
+        for port in (self.port, self.tls_port):
+            proc.wait_service(self.host, port, self.pid, what="slapd", log=self.log)
 
     def stop(self) -> None:
         if self.pid:

@@ -20,10 +20,13 @@ from sidecar.ops.actions import OpsError
 def _tls(cfg: Config) -> Any:
     from ldap3 import Tls
 
+    name = cfg.ldap.tls_server_name
     return Tls(
         validate=ssl.CERT_REQUIRED if cfg.ldap.tls_verify else ssl.CERT_NONE,
         ca_certs_file=cfg.ldap.ca_file or None,
         version=ssl.PROTOCOL_TLS_CLIENT,
+        valid_names=[name] if name else None,  # checked besides the URL's host (ldap3 tries both)
+        sni=name or None,
     )
 
 

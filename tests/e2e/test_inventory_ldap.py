@@ -12,7 +12,7 @@ import pytest
 from harness.labs import make_lab_dir
 
 from sidecar import config
-from sidecar.lab.slapd import Slapd
+from sidecar.lab.slapd import TLS_NAME, Slapd
 from sidecar.states import State
 from sidecar.store import open_store
 
@@ -37,12 +37,14 @@ def directory() -> Iterator[Slapd]:
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
-def write_config(tmp_path: Path, d: Slapd, *, password: str | None = None) -> Path:
+def write_config(tmp_path: Path, d: Slapd, *, password: str | None = None, url: str = "", name: str = TLS_NAME,
+                 starttls: bool = True) -> Path:  # fmt: skip
     p = tmp_path / "autoport.toml"
     p.write_text(
         f'[store]\nurl = "sqlite:///{tmp_path}/store/state.db"\n'
         '[mail]\ndomains = ["example.test"]\n'
-        f'[ldap]\nurl = "{d.url}"\nstarttls = false\nbind_dn = "{d.bind_dn}"\n'
+        f'[ldap]\nurl = "{url or d.url}"\nstarttls = {"true" if starttls else "false"}\n'
+        f'ca_file = "{d.ca_file}"\ntls_server_name = "{name}"\nbind_dn = "{d.bind_dn}"\n'
         f'bind_password = "{password or d.bind_password}"\nbase_dn = "{d.people_dn}"\n'
     )
     return p
@@ -100,3 +102,24 @@ def test_wrong_bind_is_refused_without_showing_the_password(directory: Slapd, tm
     assert directory.bind_password not in p.stdout + p.stderr
     p = autoport(cfg_path, "config")
     assert wrong not in p.stdout and "********" in p.stdout
+
+
+def test_ldaps_and_starttls_verify_the_directory_certificate(directory: Slapd, tmp_path: Path) -> None:
+    for n, url in enumerate((directory.url, directory.ldaps_url)):
+        d = tmp_path / str(n)
+        d.mkdir()
+        cfg_path = write_config(d, directory, url=url)
+        open_store(config.load(cfg_path).store.url).init()
+        p = autoport(cfg_path, "inventory", "--from", "ldap")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "ldap: 3 account(s)" in p.stdout
+        # the certificate names ldap.lab.test, not another name: refused before any bind
+        cfg_path = write_config(d, directory, url=url, name="other.lab.test")
+        p = autoport(cfg_path, "inventory", "--from", "ldap")
+        assert p.returncode == 1 and "certificate" in p.stderr.lower(), p.stdout + p.stderr
+    # without TLS the directory refuses the simple bind (it requires TLS for it)
+    cfg_path = write_config(tmp_path, directory, starttls=False)
+    open_store(config.load(cfg_path).store.url).init()
+    p = autoport(cfg_path, "inventory", "--from", "ldap")
+    assert p.returncode == 1 and "confidentiality" in p.stderr.lower(), p.stderr
+
