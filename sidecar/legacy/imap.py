@@ -181,7 +181,7 @@ class LegacySource:
                 c.login(p.user, p.password)
         except LoginError:
             self.close()
-            who = f"{p.admin_user} for {p.user}" if p.admin_user else p.user
+            who = (f"{p.admin_user} for {p.user}" if p.user else p.admin_user) if p.admin_user else p.user
             raise SourceAuthError(f"legacy IMAP login refused for {who}") from None
         except (OSError, IMAPClientError) as e:
             self.close()

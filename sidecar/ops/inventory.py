@@ -142,7 +142,10 @@ def list_legacy(cfg: Config) -> Listing:
                         _add(listing, name, entry, cfg)
             for prefix, _sep in spaces.shared:
                 for entry in src.list_names(prefix + "*"):
-                    listing.shared_folders.setdefault(entry, "shared namespace " + (prefix or '""'))
+                    # Cyrus' shared namespace has the empty prefix: "*" lists the personal and other-users
+                    # namespaces too
+                    if spaces.foreign(entry) == "shared":
+                        listing.shared_folders.setdefault(entry, "shared namespace " + (prefix or '""'))
     except SourceError as e:
         raise OpsError(f"listing the legacy accounts failed: {e}") from None
     return listing
