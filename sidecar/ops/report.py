@@ -416,15 +416,19 @@ def build_report(
     if unmigrated:
         detail = ", ".join(f"{n} {s}" for s, n in unmigrated.items())
         reasons.append(f"{sum(unmigrated.values())} account(s) not migrated ({detail})")
-    unknown = [d for d in dormant if not d.state]
+    unknown = [d for d in dormant if not d.state and d.address not in excluded_set]
     if unknown:
         reasons.append(f"{len(unknown)} address(es) receive mail but have no account here (dormant: migrate them)")
-    if failures:
-        reasons.append(f"{len(failures)} account(s) with copy failures")
-    if legacy_traffic:
-        n = sum(x.messages for x in legacy_traffic)
+    blocking_failures = [f for f in failures if f.address not in excluded_set]
+    if blocking_failures:
+        reasons.append(f"{len(blocking_failures)} account(s) with copy failures")
+    blocking_traffic = [x for x in legacy_traffic if x.recipient not in excluded_set
+                        and _base(x.recipient, accounts) not in excluded_set]  # fmt: skip
+    if blocking_traffic:
+        n = sum(x.messages for x in blocking_traffic)
         reasons.append(
-            f"{n} message(s) to {len(legacy_traffic)} recipient(s) went to the legacy server in the last {days} day(s)"
+            f"{n} message(s) to {len(blocking_traffic)} recipient(s) went to the legacy server in the last "
+            f"{days} day(s)"
         )
     if suspected:
         reasons.append(f"{len(suspected)} suspected alias(es) or list(s) not recreated (autoport alias add)")

@@ -206,3 +206,20 @@ def test_ldap_section_is_checked(tmp_path: Path) -> None:
     p.write_text('[ldap]\nurl = "ldap://127.0.0.1"\nbind_password = "s3cret-bind"\n')
     cfg = config_mod.load(p)
     assert "s3cret-bind" not in config_mod.render(cfg) and "s3cret-bind" in config_mod.secrets(cfg)
+
+
+def test_report_readiness_leaves_excluded_accounts_out_like_finalize(cfg_path: Path, store: Store) -> None:
+    cfg = config_mod.load(cfg_path)
+    store.set_inventory("legacy", "account", ["ghost@example.org", "dave@example.org"])
+    store.log_messages([row("ghost@example.org", LEGACY, ago=60)])  # mail, no account: dormant
+    for s in (State.COPYING, State.FAILED):
+        store.transition("dave@example.org", s)
+    assert not build_report(cfg, store).readiness.ready
+    assert not finalize.check(cfg, store).ready
+    store.set_exclusion("ghost@example.org", "role mailbox, nobody reads it")
+    store.set_exclusion("dave@example.org", "corrupt mailbox, restored from backup elsewhere")
+    rep = build_report(cfg, store)
+    assert rep.readiness.ready, rep.readiness.reasons
+    assert [d.address for d in rep.dormant] == ["ghost@example.org"]  # still shown, no longer blocking
+    assert finalize.check(cfg, store).ready
+
