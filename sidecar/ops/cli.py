@@ -352,9 +352,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             else:
                 addresses = ops.known_addresses(cfg, store)
                 print(
-                    f"legacy user list: no --from FILE, so the inventory (`autoport inventory`), the store's accounts "
-                    f"and the recipients in the message log ({len(addresses)} addresses; suspected aliases and "
-                    "lists and excluded accounts left out)"
+                    f"legacy user list: no --from FILE, so the store's accounts and the recipients in the message "
+                    f"log, and the inventory (`autoport inventory`) ({len(addresses)} addresses; suspected aliases "
+                    "and lists and excluded accounts left out)"
                 )
         elif args.dormant:
             from sidecar.ops.report import build_report
