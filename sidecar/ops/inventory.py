@@ -7,7 +7,8 @@ verdict (`autoport report`, `autoport finalize --check`) is taken against an inv
     autoport inventory --from legacy          # IMAP with the admin credentials: the other-users namespace
     autoport inventory --from ldap            # the [ldap] section: a directory (OpenLDAP, Active Directory)
     autoport inventory --from file FILE       # one address (or login) a line, `#` comments; a Dovecot
-                                              #   passwd-file (user:{SCHEME}hash:...) works as it is
+                                              #   passwd-file (user:{SCHEME}hash:...) or the output of
+                                              #   `doveadm user '*'` works as it is
     autoport inventory [--json]               # what the inventory holds, per source
 
 Each run replaces what that source listed before (an account deleted on the legacy server stops counting), keeps
@@ -113,7 +114,7 @@ def list_legacy(cfg: Config) -> Listing:
     # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
     import sidecar.migration.copier  # noqa: F401
     from sidecar.legacy.imap import LegacySource
-    from sidecar.migration.copier import SourceError, SourceParams
+    from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
 
     if not (cfg.legacy.admin_user and cfg.legacy.admin_password):
         raise OpsError(
@@ -146,6 +147,14 @@ def list_legacy(cfg: Config) -> Listing:
                     # namespaces too
                     if spaces.foreign(entry) == "shared":
                         listing.shared_folders.setdefault(entry, "shared namespace " + (prefix or '""'))
+    except SourceAuthError as e:
+        hint = ""
+        if cfg.legacy.admin_mode == "master":
+            hint = (
+                ". A Dovecot master user often cannot log in as itself: list the accounts on the legacy host "
+                "(`doveadm user '*' > users.txt`, or its passwd-file) and use `autoport inventory --from file FILE`"
+            )
+        raise OpsError(f"listing the legacy accounts failed: {e}{hint}") from None
     except SourceError as e:
         raise OpsError(f"listing the legacy accounts failed: {e}") from None
     return listing
