@@ -120,6 +120,8 @@ def test_finalize_refuses_until_every_legacy_account_is_migrated_or_excluded(
     shared = {(f["folder"], f["source"]) for f in report["shared_folders"]}
     assert ("Public/Announcements", f"mailbox:{alice['address']}") in shared
     assert (f"user/{bob['login']}/Archive", f"mailbox:{alice['address']}") in shared
+    assert {f for f, src in shared if src == f"mailbox:{alice['address']}"} == {
+        "Public/Announcements", f"user/{bob['login']}/Archive"}  # fmt: skip
     # the legacy server does show alice those folders (what the copier left out)
     lg = lab["legacy"]
     c = imaplib.IMAP4(lg["host"], lg["imap"], timeout=30)

@@ -163,7 +163,7 @@ def copy_account(
             where = spaces.foreign(f.name)
             if where is None:
                 listing.append(f)
-            else:
+            elif f.selectable:  # (a namespace's own \Noselect levels, "user" or "Public", are not folders)
                 result.skipped[f.name] = f"{where} namespace: not the user's own mailbox"
         mapper = FolderMapper(
             sep or (listing[0].delimiter if listing else None), prefix, opts.folder_overrides, opts.layout
