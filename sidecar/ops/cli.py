@@ -159,6 +159,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             bare_logins=args.bare_logins,
             seed=args.seed,
             nodes=args.nodes,
+            legacy_shared=args.legacy_shared,
         )
         if args.json:
             print(json.dumps(info, indent=2))
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bare-logins", action="store_true", help="legacy users log in with bare local parts")
     s.add_argument("--seed", type=int, default=1, help="mailbox generator seed")
     s.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="front-end nodes (2 needs --store postgresql)")
+    s.add_argument("--legacy-shared", action="store_true",
+                   help="legacy server with a public folder and a folder shared between two users")  # fmt: skip
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")
