@@ -15,6 +15,8 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     # Postfix must not ask questions or configure the host's own instance.
     echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    # slapd (LDAP inventory tests) must not configure or start a system directory: tests run their own.
+    echo "slapd slapd/no_configuration boolean true" | $SUDO debconf-set-selections
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi

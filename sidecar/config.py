@@ -189,6 +189,28 @@ class DashboardConfig:
 
 
 @dataclass
+class LdapConfig:
+    """A directory listing the mail accounts (OpenLDAP, Active Directory): `autoport inventory --from ldap`."""
+
+    url: str = _f("", "ldap://HOST[:PORT] or ldaps://HOST[:PORT] (empty: no directory)")
+    starttls: bool = _f(True, "StartTLS on an ldap:// URL before binding (ldaps:// is TLS from the start)")
+    tls_verify: bool = _f(True, "verify the directory's certificate")
+    ca_file: str = _f("", "CA bundle for the directory's certificate (empty: system store)")
+    tls_server_name: str = _f("", "name expected in the directory's certificate (empty: the URL's host)")
+    bind_dn: str = _f("", "DN to bind as (AD: also user@domain); empty: anonymous bind")
+    bind_password: str = _f("", "password of bind_dn", secret=True)
+    base_dn: str = _f("", "where to search, e.g. ou=people,dc=example,dc=org")
+    filter: str = _f(
+        "(mail=*)",
+        "entries that are mail accounts (AD: (&(objectCategory=person)(objectClass=user)(mail=*)"
+        "(!(userAccountControl:1.2.840.113556.1.4.803:=2))) leaves out disabled accounts)",
+    )
+    mail_attribute: str = _f("mail", "attribute holding the account's address")
+    timeout: float = _f(10.0, "seconds for connecting and for each LDAP operation")
+    page_size: int = _f(500, "entries per page of the search (AD returns at most 1000 without paging)")
+
+
+@dataclass
 class Config:
     legacy: LegacyConfig = field(default_factory=LegacyConfig)
     mail: MailConfig = field(default_factory=MailConfig)
@@ -199,6 +221,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    ldap: LdapConfig = field(default_factory=LdapConfig)
     # where this configuration was read from ("" for defaults)
     path: str = field(default="", metadata={"internal": True})
 
@@ -287,6 +310,8 @@ def _check_semantics(cfg: Config, path: str) -> None:
     dest = cfg.log.destination
     if dest not in ("stderr", "syslog") and not (dest.startswith("file:/")):
         raise ConfigError(f"{path}: key 'log.destination' must be stderr, syslog or file:/PATH, not {dest!r}")
+    if cfg.ldap.url and not cfg.ldap.url.startswith(("ldap://", "ldaps://")):
+        raise ConfigError(f"{path}: key 'ldap.url' must start with ldap:// or ldaps://, not {cfg.ldap.url!r}")
     for d in cfg.mail.domains:
         if not d or "@" in d or " " in d:
             raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")

@@ -87,6 +87,7 @@ def lab_up(
     messages_per_user: int | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
     nodes: int = 1,
+    legacy_shared: bool = False,
 ) -> dict[str, Any]:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
 
@@ -134,6 +135,7 @@ def lab_up(
                 seed=seed,
                 bare_logins=bare_logins,
                 messages_per_user=messages_per_user,
+                shared_folders=legacy_shared,
             )
             domains = [srv.domain]
             user_list = [{"address": u.address, "login": u.login, "password": u.password} for u in srv.users]

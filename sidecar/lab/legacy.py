@@ -258,8 +258,15 @@ def start_legacy(
     seed: int = 1,
     bare_logins: bool = False,
     messages_per_user: int | None = None,
+    shared_folders: bool = False,
 ) -> LegacyServer:
-    """Create, fill and start the legacy server under lab_dir/legacy (replacing an earlier, stopped one)."""
+    """Create, fill and start the legacy server under lab_dir/legacy (replacing an earlier, stopped one).
+
+    The admin lists every account in the other-users namespace "user/" (profile dovecot; courier-style has none:
+    its "." separator cannot hold an address). shared_folders adds what a personal mailbox must never take in:
+    a public namespace "Public/" with a folder "Announcements" (one message) readable by everyone, and the
+    second user's "Archive" shared with the first user (seen by them as "user/BOB/Archive").
+    """
     prefix, sep, uidl_format = _ns(profile)
     lab_dir = lab_dir.resolve()
     if running := _running(lab_dir):
@@ -318,8 +325,19 @@ def start_legacy(
         user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
     _write(ldir / "users", "".join(user_lines), 0o640)
     _write(ldir / "master-users", f"{ADMIN_USER}:{hashes[-1]}\n", 0o640)
-    for f in ("users", "master-users"):
+    admin_home = ldir / "admin"
+    admin_home.mkdir(mode=0o700)
+    os.chown(admin_home, *owner)
+    _write(ldir / "admin-user", f"{ADMIN_USER}:{hashes[-1]}:{owner[0]}:{owner[1]}::{admin_home}::\n", 0o640)
+    for f in ("users", "master-users", "admin-user"):
         os.chown(ldir / f, 0, _gid("dovecot"))
+    # ACLs: owners keep every right, the admin may look up and read everything (the account listing)
+    _write(ldir / "global-acl", f"* owner lrwstipekxa\n* user={ADMIN_USER} lr\n")
+    (ldir / "acl").mkdir(mode=0o700)
+    os.chown(ldir / "acl", *owner)
+    public_dir = ""
+    if shared_folders:
+        public_dir = str(_write_shared_folders(ldir, lusers, owner, sep))
     _write(ldir / "mailboxes.json", json.dumps(expected, indent=1, ensure_ascii=False), 0o600)
 
     port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
@@ -346,6 +364,11 @@ def start_legacy(
             users=ldir / "users",
             domain=domain,
             bare_logins=bare_logins,
+            admin_user_file=ldir / "admin-user",
+            users_namespace=profile == "dovecot",
+            public_dir=public_dir,
+            global_acl=ldir / "global-acl",
+            acl_dict=ldir / "acl" / "shared-mailboxes.db",
             **ports,
         ),
     )
@@ -406,10 +429,43 @@ def start_legacy(
     try:
         for name in COMPONENTS:
             srv.pids[name] = _start_component(lab_dir, srv, name)
+        _acl_recalc(srv)
     except BaseException:
         stop_legacy(lab_dir)
         raise
     return srv
+
+
+def _acl_recalc(srv: LegacyServer) -> None:
+    """Fill the ACL plugin's shared-mailbox dictionary: what the other-users namespace lists."""
+    p = subprocess.run(["doveadm", "-c", str(srv.dir / "dovecot.conf"), "acl", "recalc", "-A"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    if p.returncode != 0:
+        raise LabError(f"doveadm acl recalc -A failed: {(p.stderr or p.stdout).strip()[-500:]}")
+
+
+def _write_shared_folders(ldir: Path, users: list[LegacyUser], owner: tuple[int, int], sep: str) -> Path:
+    """Public/Announcements (one message, readable by anyone) and the second user's Archive shared with the
+    first; returns the public namespace's Maildir root."""
+    public = ldir / "public"
+    folder = public / ".Announcements"
+    for d in ("cur", "new", "tmp"):
+        (folder / d).mkdir(parents=True, mode=0o700)
+    (folder / "cur" / "1700000000.P1Q1.legacy.lab.test:2,").write_bytes(
+        b"From: office@example.test\r\nTo: all@example.test\r\nSubject: Office closed on Friday\r\n"
+        b"Message-ID: <announcement-1@example.test>\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\n\r\n"
+        b"The office is closed on Friday.\r\n"
+    )
+    _write(folder / "dovecot-acl", "anyone lr\n")
+    if len(users) >= 2:
+        first, second = users[0], users[1]
+        archive = ldir / "mail" / second.login / "Maildir" / ".Archive"
+        if archive.is_dir():
+            _write(archive / "dovecot-acl", f"owner lrwstipekxa\nuser={first.login} lr\nuser={ADMIN_USER} lr\n")
+    mailgen.chown_tree(public, owner)
+    for u in users[:2]:
+        mailgen.chown_tree(ldir / "mail" / u.login, owner)
+    return public
 
 
 def _folder_name(prefix: str, sep: str, parts: tuple[str, ...]) -> str:

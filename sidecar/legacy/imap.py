@@ -100,6 +100,33 @@ class SourceParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class Namespaces:
+    """RFC 2342 NAMESPACE: (prefix, separator) of each personal, other-users and shared namespace."""
+
+    personal: tuple[tuple[str, str | None], ...] = ()
+    other: tuple[tuple[str, str | None], ...] = ()
+    shared: tuple[tuple[str, str | None], ...] = ()
+
+    def foreign(self, name: str) -> str | None:
+        """"other-users" or "shared" when a LIST name lies in such a namespace (and not in a personal one with a
+        longer prefix), else None."""
+        best: tuple[int, str | None] = (-1, None)
+        for kind, spaces in (("personal", self.personal), ("other-users", self.other), ("shared", self.shared)):
+            for prefix, _sep in spaces:
+                if not prefix:
+                    if best[0] < 0:
+                        best = (0, None if kind == "personal" else kind)
+                    continue
+                p = prefix.rstrip(_sep or "") if _sep else prefix
+                hit = name.startswith(prefix) or name == p
+                if not hit and prefix.upper().startswith("INBOX"):
+                    hit = name.upper().startswith(prefix.upper()) or name.upper() == p.upper()
+                if hit and len(prefix) > best[0]:
+                    best = (len(prefix), None if kind == "personal" else kind)
+        return best[1]
+
+
+@dataclasses.dataclass(frozen=True)
 class FolderStatus:
     uidvalidity: int
     uidnext: int
@@ -144,7 +171,9 @@ class LegacySource:
             raise SourceUnavailable(f"cannot connect to legacy IMAP {p.host}:{p.imap_port}: {e}") from None
         self.client = c
         try:
-            if p.admin_user and p.admin_mode == "master":
+            if p.admin_user and not p.user:  # the admin as itself (listing accounts: ops/inventory.py)
+                c.login(p.admin_user, p.admin_password)
+            elif p.admin_user and p.admin_mode == "master":
                 c.login(f"{p.user}{p.master_separator}{p.admin_user}", p.admin_password)
             elif p.admin_user:
                 c.plain_login(p.admin_user, p.admin_password, authorization_identity=p.user)
@@ -152,7 +181,7 @@ class LegacySource:
                 c.login(p.user, p.password)
         except LoginError:
             self.close()
-            who = f"{p.admin_user} for {p.user}" if p.admin_user else p.user
+            who = (f"{p.admin_user} for {p.user}" if p.user else p.admin_user) if p.admin_user else p.user
             raise SourceAuthError(f"legacy IMAP login refused for {who}") from None
         except (OSError, IMAPClientError) as e:
             self.close()
@@ -202,6 +231,21 @@ class LegacySource:
             if len(parts) >= 3:
                 sep = parts[1].decode()
         return "", sep
+
+    def namespaces(self) -> Namespaces:
+        """Every namespace the server announces (empty when it has no NAMESPACE capability)."""
+        if "NAMESPACE" not in self.capabilities:
+            return Namespaces()
+        ns = self._call("NAMESPACE", self._c().namespace)
+
+        def conv(group: Any) -> tuple[tuple[str, str | None], ...]:
+            return tuple((_s(p), _s(d) if d is not None else None) for p, d in (group or ()))
+
+        return Namespaces(conv(ns.personal), conv(ns.other), conv(ns.shared))
+
+    def list_names(self, pattern: str) -> list[str]:
+        """Names matching `LIST "" pattern` (decoded)."""
+        return [_s(name) for _flags, _delim, name in self._call("LIST", self._c().list_folders, "", pattern)]
 
     def list_folders(self) -> list[LegacyFolder]:
         """All folders with their LIST flags (special-use flags included where the server sends them)."""

@@ -213,6 +213,10 @@ class JobRunner:
 
         result: CopyResult = copy(source, home, self.store, address, mode=mode, progress=progress)
         log.info("copy %s of %s: %d new messages in %.1f s", mode, address, result.messages_copied, result.seconds)
+        if mode != "append":  # other users' and shared folders this login saw and the copier left out: reported
+            foreign = {k: v for k, v in result.skipped.items() if "namespace" in v}
+            with contextlib.suppress(StoreError):
+                self.store.set_inventory(f"mailbox:{address}", "shared-folder", foreign)
         return result
 
     def _copy_sieve(self, address: str, source: Any) -> None:

@@ -121,13 +121,16 @@ def queue_migrations(cfg: Config, store: Store, addresses: Iterable[str]) -> lis
 
 
 def known_addresses(cfg: Config, store: Store) -> list[str]:
-    """The legacy user list when no file is given: every account in the store plus every recipient of our
-    domains in the message log, without aliases recreated here and addresses the report suspects are aliases."""
+    """The legacy user list when no file is given: every account in the store, every inventoried account
+    (`autoport inventory`) and every recipient of our domains in the message log, without aliases recreated here,
+    addresses the report suspects are aliases, and excluded accounts (`autoport exclude`)."""
     from sidecar.ops.report import build_report
 
     report = build_report(cfg, store)
     skip = {a.alias for a in store.aliases()} | {s.address for s in report.aliases}
+    skip |= {x.address for x in store.exclusions()}
     found = {a.address for a in store.accounts()} | {d.address for d in report.dormant}
+    found |= {n.address for n in report.never_seen}
     return sorted(found - skip)
 
 

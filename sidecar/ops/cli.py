@@ -159,6 +159,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             bare_logins=args.bare_logins,
             seed=args.seed,
             nodes=args.nodes,
+            legacy_shared=args.legacy_shared,
         )
         if args.json:
             print(json.dumps(info, indent=2))
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bare-logins", action="store_true", help="legacy users log in with bare local parts")
     s.add_argument("--seed", type=int, default=1, help="mailbox generator seed")
     s.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="front-end nodes (2 needs --store postgresql)")
+    s.add_argument("--legacy-shared", action="store_true",
+                   help="legacy server with a public folder and a folder shared between two users")  # fmt: skip
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")
@@ -225,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
     _add_ops_parsers(sub)
-    from sidecar.ops import doctor, finalize
+    from sidecar.ops import doctor, finalize, inventory_cli
 
     finalize.add_parser(sub)  # autoport finalize (sidecar/ops/finalize.py)
+    inventory_cli.add_parsers(sub)  # autoport inventory, autoport exclude (sidecar/ops/inventory_cli.py)
     doctor.add_parser(sub)  # autoport doctor (sidecar/ops/doctor.py)
     return p
 
@@ -288,6 +292,9 @@ def _print_report(report: object, only: str | None) -> None:
         "auto_rules": "Auto-responders, forwards and late deliveries seen from the legacy server",
         "failures": "Copy failures",
         "legacy_traffic": f"Mail still routed to the legacy server (last {report.days} days)",
+        "never_seen": "Legacy accounts never seen here (inventory: no login, no mail)",
+        "excluded": "Accounts left behind on purpose (autoport exclude)",
+        "shared_folders": "Shared and other users' folders on the legacy server (not copied into personal mailboxes)",
     }
     for section in SECTIONS:
         if section == "readiness" or (only and section != only):
@@ -317,7 +324,7 @@ def _print_report(report: object, only: str | None) -> None:
             cells = []
             for c in COLUMNS[section]:
                 v = row[c]
-                if c in ("first_seen", "last_seen", "updated_at") and v:
+                if c in ("first_seen", "last_seen", "updated_at", "first_listed", "excluded_at") and v:
                     v = datetime.datetime.fromisoformat(v).astimezone().strftime("%Y-%m-%d %H:%M")
                 cells.append("\n".join(v) if isinstance(v, list) else str(v))
             table.add_row(*cells)
@@ -349,7 +356,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                 addresses = ops.known_addresses(cfg, store)
                 print(
                     f"legacy user list: no --from FILE, so the store's accounts and the recipients in the message "
-                    f"log ({len(addresses)} addresses; suspected aliases and lists left out)"
+                    f"log, and the inventory (`autoport inventory`) ({len(addresses)} addresses; suspected aliases "
+                    "and lists and excluded accounts left out)"
                 )
         elif args.dormant:
             from sidecar.ops.report import build_report
@@ -593,7 +601,8 @@ def _add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     s.add_argument("addresses", nargs="*", metavar="ADDRESS")
     group = s.add_mutually_exclusive_group()
     group.add_argument("--dormant", action="store_true", help="every dormant address of `autoport report`")
-    group.add_argument("--all", action="store_true", help="every legacy user (--from FILE, or what the store knows)")
+    group.add_argument("--all", action="store_true",
+                       help="every legacy user (--from FILE, or the inventory and what the store knows)")  # fmt: skip
     s.add_argument("--from", dest="from_file", metavar="FILE", help="legacy user list for --all, one address a line")
     s.add_argument("--wait", action="store_true", help="show progress until each account is migrated or failed")
     s.add_argument("--timeout", type=float, default=0.0, help="stop waiting after SECONDS (0: never)")

@@ -168,7 +168,14 @@ def check_store(cfg: Config) -> tuple[list[Finding], list[str], bool]:
         from sidecar.ops.finalize import finalized_at
 
         done = finalized_at(store) is not None
-        return [_ok("store", f"reachable, schema version {version}")], users, done
+        found = [_ok("store", f"reachable, schema version {version}")]
+        listed = {e.name for e in store.inventory("account")}
+        if listed:
+            found.append(_ok("inventory", f"{len(listed)} legacy account(s) listed (autoport inventory)"))
+        elif not done:
+            found.append(Finding(NOTE, "inventory", "the legacy server's account list was never read: finalize "
+                                 "refuses until `autoport inventory --from legacy|ldap|file FILE`"))  # fmt: skip
+        return found, users, done
     except StoreError as e:
         return (
             [_bad("store", f"the state store does not answer: {e}", "check [store] url and the database server")],
@@ -422,6 +429,8 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     if not users:
         yield Finding(NOTE, "admin", "admin credentials not checked: the store has no account to log in as yet")
         return
+    # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
+    import sidecar.migration.copier  # noqa: F401
     from sidecar.legacy.imap import LegacySource
     from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
 

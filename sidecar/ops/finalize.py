@@ -3,11 +3,14 @@
     autoport finalize --check                      # only say whether it may run, and why not
     autoport finalize [--exclude ADDRESS ...] [--quiet-days N]
 
-Refuses, listing every reason, while (leaving out the --exclude'd addresses):
+Refuses, listing every reason, while (leaving out the --exclude'd addresses and those of `autoport exclude`):
   - accounts are not migrated (discovered, copying, cutover, failed);
+  - the legacy server's account list was never read (`autoport inventory`), or an inventoried account was never
+    seen here (no login, no mail) and is neither migrated nor excluded (sidecar/ops/inventory.py);
   - migrated accounts have no password hash (after finalize only the store checks passwords: set one with
     `autoport passwd` / `autoport import-hashes`);
-  - mail was relayed to the legacy server in the last N days (the milter's message log);
+  - mail was relayed to the legacy server in the last N days (the milter's message log), leaving out mail for an
+    account relayed before it migrated: the copy took it along;
   - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit).
 
 Otherwise it writes the final configuration, from the same templates (variable `autoport_finalized`) and the
@@ -85,8 +88,11 @@ def check(
     """Whether finalize may run, and every reason why not."""
     now = now or time.time()
     since = now - quiet_days * DAY
-    excluded = {a.lower() for a in exclude}
+    from sidecar.ops import inventory
+
+    excluded = {a.lower() for a in exclude} | inventory.excluded_addresses(store)
     accounts = list(store.accounts())
+    by_address = {a.address: a for a in accounts}
     reasons: list[str] = []
 
     pending = [a for a in accounts if a.state is not State.MIGRATED and a.address not in excluded]
@@ -94,8 +100,9 @@ def check(
         detail = _listing([f"{a.address} ({a.state.value})" for a in pending])
         reasons.append(
             f"{len(pending)} account(s) not migrated: {detail}. Migrate them (`autoport migrate ADDRESS`) or leave "
-            "them behind with --exclude ADDRESS"
+            "them behind with --exclude ADDRESS (or `autoport exclude ADDRESS --reason TEXT`)"
         )
+    reasons += inventory.readiness_reasons(store, accounts, excluded)
     hashless = [a.address for a in accounts if a.state is State.MIGRATED and not a.has_password
                 and a.address not in excluded]  # fmt: skip
     if hashless:
@@ -112,6 +119,8 @@ def check(
         rcpt = r.recipient.lower()
         if _base(rcpt) in excluded or rcpt in excluded:
             continue
+        if inventory.is_migrated_before(by_address.get(_base(rcpt)) or by_address.get(rcpt), r.at):
+            continue  # relayed before the account migrated: the copy (initial pass or final delta) took it along
         alias = aliases.get(rcpt) or aliases.get(_base(rcpt))
         if alias is not None and r.at >= alias.created_at:
             continue  # recreated here since; Postfix expands it locally now

@@ -28,11 +28,20 @@ Sections and their fields:
   legacy_traffic  recipient, state, messages, bytes, last_seen
                   message-log rows routed to the legacy relay transport in the last `days` days, per recipient
                   (rows for an alias recreated here are left out from the alias's creation on).
+  never_seen      address, sources, first_listed
+                  accounts the inventory lists (`autoport inventory`: the legacy server, LDAP, a file) that have
+                  no account here: nobody logged in, no mail. `sources` is a "; "-separated list.
+  excluded        address, reason, excluded_at     accounts left behind on purpose (`autoport exclude`)
+  shared_folders  folder, source, detail
+                  shared and other users' folders on the legacy server: never copied into a personal mailbox;
+                  recreate them on the target if they are still wanted. Source "legacy" (the admin's listing)
+                  or "mailbox:ADDRESS" (seen, and left out, by that account's copy).
   readiness       ready, reason                    ready is "yes" or "no"; one row per reason ("" when ready)
 
 JSON: {"generated_at", "days", "users_source", "accounts": {"by_state": {STATE: n}, "total": n,
 "by_domain": {DOMAIN: {STATE: n}}}, "dormant": [...], "aliases": [...], "auto_rules": [...], "failures": [...],
-"legacy_traffic": [...], "readiness": {"ready": bool, "reasons": [str]}}, list items with the fields above
+"legacy_traffic": [...], "never_seen": [...], "excluded": [...], "shared_folders": [...],
+"readiness": {"ready": bool, "reasons": [str]}}, list items with the fields above
 (`evidence` is a list there).
 """
 
@@ -45,11 +54,15 @@ from collections.abc import Iterable
 from typing import Any
 
 from sidecar.config import Config
+from sidecar.ops import inventory
 from sidecar.states import State
 from sidecar.store.base import Account, MessageRecord, Store
 
 DAY = 86400.0
-SECTIONS = ("accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "readiness")
+SECTIONS = (
+    "accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "never_seen", "excluded",
+    "shared_folders", "readiness",
+)  # fmt: skip
 COLUMNS: dict[str, tuple[str, ...]] = {
     "accounts": ("domain", "state", "accounts"),
     "dormant": ("address", "state", "messages", "bytes", "first_seen", "last_seen"),
@@ -57,6 +70,9 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "auto_rules": ("kind", "sender", "recipient", "messages", "last_seen", "detail"),
     "failures": ("address", "state", "attempts", "last_error", "updated_at"),
     "legacy_traffic": ("recipient", "state", "messages", "bytes", "last_seen"),
+    "never_seen": ("address", "sources", "first_listed"),
+    "excluded": ("address", "reason", "excluded_at"),
+    "shared_folders": ("folder", "source", "detail"),
     "readiness": ("ready", "reason"),
 }
 # RFC 2142 mailbox names and other names that are nearly always aliases or shared mailboxes
@@ -136,6 +152,27 @@ class LegacyTraffic:
 
 
 @dataclasses.dataclass(frozen=True)
+class NeverSeen:
+    address: str
+    sources: tuple[str, ...]
+    first_listed: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Excluded:
+    address: str
+    reason: str
+    excluded_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedFolder:
+    folder: str
+    source: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Readiness:
     ready: bool
     reasons: tuple[str, ...]
@@ -154,6 +191,9 @@ class Report:
     failures: list[Failure]
     legacy_traffic: list[LegacyTraffic]
     readiness: Readiness
+    never_seen: list[NeverSeen] = dataclasses.field(default_factory=list)
+    excluded: list[Excluded] = dataclasses.field(default_factory=list)
+    shared_folders: list[SharedFolder] = dataclasses.field(default_factory=list)
 
     def rows(self, section: str) -> list[dict[str, Any]]:
         """The rows of one section with the documented field names (times as ISO strings)."""
@@ -171,7 +211,7 @@ class Report:
         for item in items:
             row = dataclasses.asdict(item)
             for k, v in row.items():
-                if k in ("first_seen", "last_seen", "updated_at"):
+                if k in ("first_seen", "last_seen", "updated_at", "first_listed", "excluded_at"):
                     row[k] = iso(v)
                 elif isinstance(v, tuple | list):
                     row[k] = list(v)
@@ -345,6 +385,8 @@ def build_report(
         alias = aliases.get(_base(rcpt, accounts)) or aliases.get(rcpt)
         if alias is not None and r.at >= alias.created_at:
             continue  # Postfix expanded it here (smtpd logged the route before the alias was rewritten)
+        if inventory.is_migrated_before(accounts.get(_base(rcpt, accounts)), r.at):
+            continue  # relayed before the account migrated: its copy took the message along
         recent.setdefault(rcpt, Traffic()).add(r)
     legacy_traffic = [
         LegacyTraffic(
@@ -358,21 +400,35 @@ def build_report(
     ]
     legacy_traffic.sort(key=lambda x: (-x.messages, x.recipient))
 
+    # the inventory: accounts the legacy server (LDAP, a file) lists that nobody has seen; exclusions
+    exclusions = store.exclusions()
+    excluded_set = {x.address for x in exclusions}
+    never = [NeverSeen(n.address, n.sources, n.first_listed) for n in inventory.never_seen(store, accounts.values())]
+    shared = [SharedFolder(e.name, e.source, e.detail) for e in store.inventory(inventory.SHARED_FOLDER)]
+
     # the verdict
     reasons: list[str] = []
-    unmigrated = {s: n for s, n in by_state.items() if s != State.MIGRATED.value and n}
+    unmigrated: dict[str, int] = {}
+    for a in accounts.values():
+        if a.state is not State.MIGRATED and a.address not in excluded_set:
+            unmigrated[a.state.value] = unmigrated.get(a.state.value, 0) + 1
+    unmigrated = {s.value: unmigrated[s.value] for s in State if s.value in unmigrated}
     if unmigrated:
         detail = ", ".join(f"{n} {s}" for s, n in unmigrated.items())
         reasons.append(f"{sum(unmigrated.values())} account(s) not migrated ({detail})")
-    unknown = [d for d in dormant if not d.state]
+    unknown = [d for d in dormant if not d.state and d.address not in excluded_set]
     if unknown:
         reasons.append(f"{len(unknown)} address(es) receive mail but have no account here (dormant: migrate them)")
-    if failures:
-        reasons.append(f"{len(failures)} account(s) with copy failures")
-    if legacy_traffic:
-        n = sum(x.messages for x in legacy_traffic)
+    blocking_failures = [f for f in failures if f.address not in excluded_set]
+    if blocking_failures:
+        reasons.append(f"{len(blocking_failures)} account(s) with copy failures")
+    blocking_traffic = [x for x in legacy_traffic if x.recipient not in excluded_set
+                        and _base(x.recipient, accounts) not in excluded_set]  # fmt: skip
+    if blocking_traffic:
+        n = sum(x.messages for x in blocking_traffic)
         reasons.append(
-            f"{n} message(s) to {len(legacy_traffic)} recipient(s) went to the legacy server in the last {days} day(s)"
+            f"{n} message(s) to {len(blocking_traffic)} recipient(s) went to the legacy server in the last "
+            f"{days} day(s)"
         )
     if suspected:
         reasons.append(f"{len(suspected)} suspected alias(es) or list(s) not recreated (autoport alias add)")
@@ -380,6 +436,7 @@ def build_report(
     if hits:
         n = sum(x.messages for x in hits)
         reasons.append(f"{n} message(s) reached legacy mailboxes after cutover in the last {days} day(s)")
+    reasons += inventory.readiness_reasons(store, list(accounts.values()), excluded_set)
     hashless = [a for a in accounts.values() if a.state is State.MIGRATED and not a.has_password]
     if hashless:
         reasons.append(
@@ -398,4 +455,7 @@ def build_report(
         failures=failures,
         legacy_traffic=legacy_traffic,
         readiness=Readiness(not reasons, tuple(reasons)),
+        never_seen=never,
+        excluded=[Excluded(x.address, x.reason, x.created_at) for x in exclusions],
+        shared_folders=shared,
     )

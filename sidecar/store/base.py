@@ -120,6 +120,34 @@ class Alias:
     updated_at: float
 
 
+@dataclasses.dataclass(frozen=True)
+class InventoryEntry:
+    """Something the legacy server (or a directory, or a file) says exists: an account or a shared folder."""
+
+    kind: str  # "account" (name = address) | "shared-folder" (name = legacy folder name)
+    name: str
+    source: str  # "legacy", "ldap", "file:/PATH"
+    first_seen: float
+    last_seen: float
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusion:
+    """An account the administrator leaves behind on purpose (`autoport exclude`): not waited for by finalize."""
+
+    address: str
+    reason: str
+    created_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class InventoryChange:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    kept: int
+
+
 class Store(abc.ABC):
     """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
 
@@ -288,3 +316,27 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def message_log_since(self, since: float = 0.0) -> list[MessageRecord]:
         """Every message-log row logged at or after `since`, oldest first (for `autoport report`)."""
+
+    # --- inventory and exclusions (schema v3) -------------------------------------------------------------
+    @abc.abstractmethod
+    def set_inventory(
+        self, source: str, kind: str, names: dict[str, str] | list[str]
+    ) -> InventoryChange:
+        """Replace what `source` lists of `kind` with `names` (name -> detail, or a list): names no longer
+        listed are removed, new ones added, first_seen kept for the others; one transaction."""
+
+    @abc.abstractmethod
+    def inventory(self, kind: str | None = None) -> list[InventoryEntry]:
+        """Every inventory row (of one kind), ordered by kind, name, source."""
+
+    @abc.abstractmethod
+    def set_exclusion(self, address: str, reason: str) -> Exclusion:
+        """Exclude an address from finalize's wait (reason replaced, created_at kept); ValueError without reason."""
+
+    @abc.abstractmethod
+    def remove_exclusion(self, address: str) -> bool:
+        """Take an exclusion back; False when there was none."""
+
+    @abc.abstractmethod
+    def exclusions(self) -> list[Exclusion]:
+        """All exclusions, ordered by address."""

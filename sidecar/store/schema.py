@@ -179,9 +179,31 @@ _V2: dict[Dialect, tuple[str, ...]] = {
     "postgresql": (_ALIASES_V2.format(**_TYPES["postgresql"]), f"CREATE OR REPLACE VIEW {_DENY_V2}"),
 }
 
+# v3: the legacy server's own account list (`autoport inventory`), so "ready to retire" covers accounts that never
+# logged in nor received mail, and accounts the administrator leaves behind on purpose (`autoport exclude`).
+# inventory: one row per (kind, name, source); kind "account" (name = address) or "shared-folder" (name = the
+# legacy folder name, for the report); source "legacy", "ldap", "file:/PATH". exclusions: one row per address.
+_V3 = _both(
+    """CREATE TABLE inventory (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        source TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        first_seen {TIME} NOT NULL,
+        last_seen {TIME} NOT NULL,
+        PRIMARY KEY (kind, name, source)
+    )""",
+    """CREATE TABLE exclusions (
+        address TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        created_at {TIME} NOT NULL
+    )""",
+)
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
     Migration(2, "aliases; dovecot_deny lists only migrated accounts with a hash", _V2),
+    Migration(3, "inventory of legacy accounts and shared folders; exclusions", _V3),
 ]
 
 

@@ -28,7 +28,10 @@ from sidecar.store.base import (
     Alias,
     Conflict,
     Event,
+    Exclusion,
     FolderMark,
+    InventoryChange,
+    InventoryEntry,
     Job,
     MessageRecord,
     Store,
@@ -569,6 +572,68 @@ class SqlStore(Store):
             values["from_legacy"] = bool(values["from_legacy"])
             out.append(MessageRecord(**values))
         return out
+
+    # --- inventory and exclusions (schema v3) -------------------------------------------------------------
+    def set_inventory(
+        self, source: str, kind: str, names: dict[str, str] | list[str]
+    ) -> InventoryChange:
+        wanted = dict(names) if isinstance(names, dict) else {n: "" for n in names}
+        now = self._clock()
+        with self._write() as cur:
+            have = {
+                r[0]
+                for r in cur.execute(
+                    "SELECT name FROM inventory WHERE source = ? AND kind = ?" + self.for_update, (source, kind)
+                ).fetchall()
+            }
+            gone = sorted(have - set(wanted))
+            for name in gone:
+                cur.execute("DELETE FROM inventory WHERE source = ? AND kind = ? AND name = ?", (source, kind, name))
+            for name, detail in wanted.items():
+                cur.execute(
+                    "INSERT INTO inventory (kind, name, source, detail, first_seen, last_seen) "
+                    "VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (kind, name, source) DO UPDATE SET detail = excluded.detail, "
+                    "last_seen = excluded.last_seen",
+                    (kind, name, source, detail, now, now),
+                )
+        added = tuple(sorted(set(wanted) - have))
+        return InventoryChange(added=added, removed=tuple(gone), kept=len(wanted) - len(added))
+
+    def inventory(self, kind: str | None = None) -> list[InventoryEntry]:
+        where, params = ("WHERE kind = ?", (kind,)) if kind is not None else ("", ())
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT kind, name, source, first_seen, last_seen, detail FROM inventory {where} "
+                "ORDER BY kind, name, source",
+                params,
+            ).fetchall()
+        return [InventoryEntry(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def set_exclusion(self, address: str, reason: str) -> Exclusion:
+        if not reason.strip():
+            raise ValueError(f"excluding {address} needs a reason")
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO exclusions (address, reason, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason",
+                (address, reason, self._clock()),
+            )
+            row = cur.execute(
+                "SELECT address, reason, created_at FROM exclusions WHERE address = ?", (address,)
+            ).fetchone()
+        assert row is not None
+        return Exclusion(row[0], row[1], row[2])
+
+    def remove_exclusion(self, address: str) -> bool:
+        with self._write() as cur:
+            cur.execute("DELETE FROM exclusions WHERE address = ?", (address,))
+            return cur.rowcount == 1
+
+    def exclusions(self) -> list[Exclusion]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT address, reason, created_at FROM exclusions ORDER BY address").fetchall()
+        return [Exclusion(r[0], r[1], r[2]) for r in rows]
 
 
 def _alias(row: Row) -> Alias:

@@ -199,6 +199,10 @@ def test_ready_when_everything_is_migrated_and_quiet(cfg_path: Path, store: Stor
         store.set_password_hash(a, HASH)
         store.touch_login(a)
     store.log_messages([row("alice@example.org", LOCAL, ago=DAY), row("bob@example.net", LEGACY, ago=30 * DAY)])
+    # without the legacy server's own account list nobody can say that nothing is left there
+    rep = build_report(cfg, store, days=7)
+    assert not rep.readiness.ready and "account list was never read" in rep.readiness.reasons[0]
+    store.set_inventory("legacy", "account", ["alice@example.org", "bob@example.net"])
     rep = build_report(cfg, store, days=7)
     assert rep.readiness.ready and rep.readiness.reasons == ()
     assert rep.dormant == [] and rep.legacy_traffic == []

@@ -689,3 +689,39 @@ def test_wake_makes_a_waiting_job_runnable_now(store: SqlStore) -> None:
     again = store.lease("n1")
     assert again is not None and again.id == job.id
     assert store.wake("w@example.org", "copy") is False  # leased, nothing queued to wake
+
+
+def test_inventory_replaces_one_source_at_a_time_and_exclusions_keep_their_date(backend: Backend) -> None:
+    clock = Clock(1000.0)
+    s = backend.open(clock=clock)
+    s.init()
+    change = s.set_inventory("legacy", "account", ["a@example.org", "b@example.org"])
+    assert change.added == ("a@example.org", "b@example.org") and change.removed == () and change.kept == 0
+    s.set_inventory("ldap", "account", {"b@example.org": "uid=b,ou=people"})
+    s.set_inventory("legacy", "shared-folder", {"shared/Sales": "listed by admin"})
+    # the legacy server no longer lists a; c is new; b keeps its first_seen
+    first_b = next(e for e in s.inventory("account") if e.name == "b@example.org" and e.source == "legacy")
+    clock.now += 60
+    change = s.set_inventory("legacy", "account", ["b@example.org", "c@example.org"])
+    assert change.added == ("c@example.org",) and change.removed == ("a@example.org",) and change.kept == 1
+    rows = s.inventory("account")
+    assert [(e.name, e.source) for e in rows] == [
+        ("b@example.org", "ldap"),
+        ("b@example.org", "legacy"),
+        ("c@example.org", "legacy"),
+    ]
+    again_b = next(e for e in rows if e.name == "b@example.org" and e.source == "legacy")
+    assert again_b.first_seen == first_b.first_seen and again_b.last_seen == first_b.last_seen + 60
+    assert next(e for e in rows if e.source == "ldap").detail == "uid=b,ou=people"
+    assert [e.name for e in s.inventory("shared-folder")] == ["shared/Sales"]
+    assert len(s.inventory()) == 4
+
+    with pytest.raises(ValueError):
+        s.set_exclusion("c@example.org", "  ")
+    first = s.set_exclusion("c@example.org", "left the company")
+    clock.now += 60
+    again = s.set_exclusion("c@example.org", "left the company in 2019")
+    assert again.created_at == first.created_at and again.reason == "left the company in 2019"
+    assert [x.address for x in s.exclusions()] == ["c@example.org"]
+    assert s.remove_exclusion("c@example.org") and not s.remove_exclusion("c@example.org")
+    assert s.exclusions() == []

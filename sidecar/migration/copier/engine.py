@@ -155,7 +155,16 @@ def copy_account(
     with LegacySource(source_params) as src:
         account.ensure()
         prefix, sep = src.namespace()
-        listing = src.list_folders()
+        # only the user's own mailbox: other users' and shared namespaces (an admin login on Cyrus lists
+        # user.*; a Dovecot shared namespace lists user/bob/...) are never copied into it; they are reported
+        spaces = src.namespaces()
+        listing = []
+        for f in src.list_folders():
+            where = spaces.foreign(f.name)
+            if where is None:
+                listing.append(f)
+            elif f.selectable:  # (a namespace's own \Noselect levels, "user" or "Public", are not folders)
+                result.skipped[f.name] = f"{where} namespace: not the user's own mailbox"
         mapper = FolderMapper(
             sep or (listing[0].delimiter if listing else None), prefix, opts.folder_overrides, opts.layout
         )
@@ -192,6 +201,8 @@ def copy_account(
         # subscriptions: legacy LSUB mapped through the same plan (unknown names mapped by name)
         subs = []
         for name in src.subscribed() if mode != "append" else []:
+            if spaces.foreign(name) is not None:
+                continue
             target = by_legacy.get(name)
             if target is None:
                 try:
