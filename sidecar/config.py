@@ -92,6 +92,14 @@ class MailConfig:
     default_domain: str = _f("", "domain added to bare login names (empty: the first of domains)")
     strip_realm: bool = _f(True, "DOMAIN\\user and user@REALM logins are reduced to user")
     lowercase: bool = _f(True, "fold login names and addresses to lower case")
+    namespace_prefix: str = _f(
+        "auto",
+        "prefix of the target's personal IMAP namespace, e.g. \"INBOX.\" (auto: the legacy server's NAMESPACE, "
+        "resolved when Dovecot's configuration is rendered; see docs/design.md)",
+    )
+    namespace_separator: str = _f(
+        "auto", "hierarchy separator of the target's IMAP namespace: / or . (auto: the legacy server's)"
+    )
 
 
 @dataclass
@@ -287,6 +295,14 @@ def _check_semantics(cfg: Config, path: str) -> None:
     dest = cfg.log.destination
     if dest not in ("stderr", "syslog") and not (dest.startswith("file:/")):
         raise ConfigError(f"{path}: key 'log.destination' must be stderr, syslog or file:/PATH, not {dest!r}")
+    sep, prefix = cfg.mail.namespace_separator, cfg.mail.namespace_prefix
+    if sep not in ("auto", "/", "."):
+        raise ConfigError(f"{path}: key 'mail.namespace_separator' must be auto, / or ., not {sep!r}")
+    if prefix != "auto" and prefix and (sep == "auto" or not prefix.endswith(sep) or prefix == sep):
+        raise ConfigError(
+            f"{path}: key 'mail.namespace_prefix' {prefix!r} must be empty or end with namespace_separator "
+            f"(given explicitly), e.g. \"INBOX.\" with \".\""
+        )
     for d in cfg.mail.domains:
         if not d or "@" in d or " " in d:
             raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")

@@ -164,6 +164,7 @@ def lab_up(
             store_url=store_url,
             sidecar=sidecar,
             settings=settings or {},
+            namespace_login=_namespace_login(user_list),
         )
         config_path = Path(tgt.config)
         if not sidecar:
@@ -182,6 +183,7 @@ def lab_up(
                 store_url=store_url,
                 sidecar=sidecar,
                 settings=shared,
+                namespace_login=_namespace_login(user_list),
             )
             node_infos.append({**_target_info(tgt2), "config": str(tgt2.config), "dir": str(node_dir)})
             state = proc.load_state(lab_dir)
@@ -207,6 +209,14 @@ def lab_up(
     state["info"] = info
     proc.save_state(lab_dir, state)
     return info
+
+
+def _namespace_login(users: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """A legacy user who can log in, to ask the legacy server for its NAMESPACE (the target shows the same)."""
+    for u in users:
+        if u.get("password"):
+            return str(u["login"]), str(u["password"])
+    return None
 
 
 def _target_info(tgt: Any) -> dict[str, Any]:

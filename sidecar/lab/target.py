@@ -137,12 +137,15 @@ def start_target(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     postfix_overrides: Mapping[str, str] | None = None,
     dovecot_overrides: Mapping[str, str] | None = None,
+    namespace_login: tuple[str, str] | None = None,
 ) -> TargetStack:
     """Render the target's configuration into lab_dir, start the sidecar (optional), Dovecot and Postfix.
 
     `legacy`: keys of the [legacy] config section (host, imap_port, smtp_port, ...; ca_file defaults to the
     lab CA). `settings`: further sections of autoport.toml, e.g. {"limits": {"copy_concurrency": 1}}.
     `postfix_overrides` / `dovecot_overrides`: template variables (tests: a stand-in checkpassword, ...).
+    `namespace_login`: (login, password) of a legacy user: with [mail] namespace_* = "auto" (the default) the
+    target shows the namespace the legacy server answers to NAMESPACE for that user (sidecar/legacy/namespace.py).
     """
     lab_dir = lab_dir.resolve()
     if any(c.isspace() for c in str(lab_dir)):
@@ -232,7 +235,16 @@ def start_target(
         "syslog_name": f"postfix-{host}",
     }
     pf_vars |= dict(postfix_overrides or {})
-    dv_vars = render.dovecot_vars(cfg, queue_directory=str(queue)) | {
+    legacy_ns = None
+    if namespace_login is not None and "auto" in (cfg.mail.namespace_prefix, cfg.mail.namespace_separator):
+        from sidecar.legacy import namespace
+        from sidecar.migration.copier import SourceError  # (the package first: legacy.imap needs it)
+
+        try:
+            legacy_ns = namespace.probe(cfg.legacy, *namespace_login)
+        except SourceError as e:
+            raise LabError(f"cannot ask the legacy server for its NAMESPACE: {e}") from None
+    dv_vars = render.dovecot_vars(cfg, queue_directory=str(queue), legacy_namespace=legacy_ns) | {
         "listen": host,
         "base_dir": str(tdir / "dovecot-run"),
         "instance_name": f"autoport-target-{host}",

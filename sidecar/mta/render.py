@@ -441,8 +441,17 @@ def lmtp_socket_path(local_transport: str, queue_directory: str) -> str:
     return path if path.startswith("/") else f"{queue_directory.rstrip('/')}/{path}"
 
 
-def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") -> dict[str, str]:
-    """Production variables for dovecot/*.j2 from the autoport configuration (Debian paths)."""
+def dovecot_vars(
+    cfg: Config, *, queue_directory: str = "/var/spool/postfix", legacy_namespace: tuple[str, str] | None = None
+) -> dict[str, str]:
+    """Production variables for dovecot/*.j2 from the autoport configuration (Debian paths).
+
+    legacy_namespace: the legacy server's (prefix, separator) when known (sidecar.legacy.namespace.probe), for
+    [mail] namespace_* = "auto".
+    """
+    from sidecar.legacy.namespace import resolve
+
+    ns = resolve(cfg, legacy_namespace)
     url = cfg.store.url
     if url.startswith("sqlite:///"):
         driver, sqlite_file, pg = "sqlite", sqlite_path(url), ""
@@ -463,6 +472,9 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "mail_user": cfg.target.mail_user,
         "mail_group": cfg.target.mail_user,
         "recipient_delimiter": "+",
+        # the IMAP namespace clients see (sidecar/legacy/namespace.py); on disk Maildir++ either way
+        "namespace_prefix": ns.prefix,
+        "namespace_separator": ns.separator,
         "log_path": "syslog",
         "ssl": "required",
         "ssl_cert": "/etc/dovecot/private/dovecot.pem",

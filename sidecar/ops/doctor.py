@@ -16,6 +16,9 @@ Checks, in order (later checks still run after a failure, except that nothing ru
              configured; a certificate problem says which setting to change
   admin      legacy admin credentials (if set) log in over IMAP per legacy.admin_mode, on behalf of an account
              from the store (skipped, with a note, while the store has none)
+  namespace  the IMAP namespace (prefix, separator) the target Dovecot shows is the one it should show: the legacy
+             server's NAMESPACE (asked with the admin credentials on behalf of an account from the store) for
+             [mail] namespace_* = "auto", else the configured one; says what to set when they differ
 Nothing here changes anything; passwords are never printed.
 """
 
@@ -448,6 +451,60 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     yield _ok("admin", f"{lg.admin_user} logs in as {user} ({lg.admin_mode})")
 
 
+# --- the namespace clients see ------------------------------------------------------------------------------
+
+
+def dovecot_namespace(conf: str) -> tuple[str, str] | None:
+    """(prefix, separator) of the inbox namespace in `doveconf -c conf -n`, None when it cannot be read."""
+    rc, out = _cmd(["doveconf", "-c", conf, "-n"])
+    if rc != 0:
+        return None
+    m = re.search(r"^namespace inbox \{\n(.*?)^\}", out, re.M | re.S)
+    if m is None:
+        return None
+    top = _settings("\n".join(x for x in m.group(1).splitlines() if x[:3] != "   "))  # not nested blocks
+    # doveconf -n leaves out defaults: prefix "", separator "" (Maildir++: ".")
+    return top.get("prefix", ""), top.get("separator", "") or "."
+
+
+def check_namespace(cfg: Config, users: list[str], finalized: bool) -> Iterator[Finding]:
+    from sidecar.legacy import namespace
+
+    conf = cfg.target.dovecot_config or "/etc/dovecot/dovecot.conf"
+    shown = dovecot_namespace(conf)
+    if shown is None:
+        return  # the dovecot check above already says why
+    auto = "auto" in (cfg.mail.namespace_prefix, cfg.mail.namespace_separator)
+    legacy_ns: tuple[str, str] | None = None
+    lg = cfg.legacy
+    if auto and not finalized:
+        if not (lg.admin_user and lg.admin_password and users):
+            why = "no legacy admin credentials" if not lg.admin_user else "no account in the store yet"
+            yield Finding(NOTE, "namespace", f"target shows prefix {shown[0]!r}, separator {shown[1]!r}; the legacy "
+                          f"NAMESPACE was not asked ({why}): compare with what a legacy IMAP client shows")  # fmt: skip
+            return
+        from sidecar.migration.copier import SourceError
+
+        try:
+            legacy_ns = namespace.probe(lg, users[0], use_admin=True)
+        except SourceError as e:
+            yield Finding(NOTE, "namespace", f"legacy NAMESPACE not asked: {e}")
+            return
+    want = namespace.resolve(cfg, legacy_ns)
+    if shown == (want.prefix, want.separator):
+        where = "the legacy server's NAMESPACE" if legacy_ns is not None else "[mail] namespace_*"
+        yield _ok("namespace", f"target shows prefix {want.prefix!r}, separator {want.separator!r}, as {where}")
+        return
+    yield _bad(
+        "namespace",
+        f"target Dovecot shows prefix {shown[0]!r}, separator {shown[1]!r}; it should show prefix {want.prefix!r}, "
+        f"separator {want.separator!r}" + (" (the legacy server's)" if legacy_ns is not None else ""),
+        f'set [mail] namespace_prefix = "{want.prefix}" and namespace_separator = "{want.separator}" (Ansible: '
+        "dovecot_namespace_prefix / dovecot_namespace_separator), render Dovecot's configuration again and "
+        "`doveadm reload`; before any account is migrated, or clients see renamed folders",
+    )
+
+
 # --- all of it ---------------------------------------------------------------------------------------------
 
 
@@ -463,6 +520,7 @@ def run(cfg: Config) -> list[Finding]:
     findings += check_dovecot(cfg, finalized)
     findings += check_legacy(cfg)
     findings += check_admin(cfg, users)
+    findings += check_namespace(cfg, users, finalized)
     return findings
 
 
