@@ -15,7 +15,9 @@ Profiles (the namespace a client sees):
 - "dovecot": Maildir, INBOX namespace prefix "" separator "/" (folders "Archive/2023"); POP3 UIDL is Dovecot's
   default %08Xu%08Xv;
 - "courier-style": prefix "INBOX." separator "." (folders "INBOX.Archive.2023"); POP3 UIDL is the Maildir base
-  file name (%f), as Courier does.
+  file name (%f), as Courier does;
+- "pop3-only": POP3 (and SMTP) only, no IMAP and no ManageSieve listener (srv.imap, srv.imaps, srv.sieve are
+  0), as the original product's legacy servers: users see INBOX only; POP3 UIDL is Dovecot's default.
 
 Services: IMAP (STARTTLS) + IMAPS, POP3 (STARTTLS) + POP3S, ManageSieve, LMTP (for its Postfix), all on free
 ports of `host`; SMTP (mail for the users; unknown users get 550 5.1.1 at RCPT; delivered by LMTP; XCLIENT
@@ -58,7 +60,7 @@ import jinja2
 from sidecar.lab import mailgen, proc, tlsgen
 from sidecar.lab.proc import LabError
 
-PROFILES = ("dovecot", "courier-style")
+PROFILES = ("dovecot", "courier-style", "pop3-only")
 TLS_NAME = "legacy.lab.test"
 ADMIN_USER = "admin"
 DOVECOT = "legacy-dovecot"
@@ -169,6 +171,8 @@ def _ns(profile: str) -> tuple[str, str, str]:
         return "", "/", "%08Xu%08Xv"
     if profile == "courier-style":
         return "INBOX.", ".", "%f"
+    if profile == "pop3-only":
+        return "", "/", "%08Xu%08Xv"
     raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(PROFILES)})")
 
 
@@ -312,7 +316,7 @@ def start_legacy(
             }
             for parts, wf in result.folders.items()
         }
-        if u.sieve:
+        if u.sieve and profile != "pop3-only":
             _write_sieve(home, mailgen.sieve_scripts(plan, lambda p: _folder_name(prefix, sep, p)))
         mailgen.chown_tree(home, owner)
         user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
@@ -324,13 +328,18 @@ def start_legacy(
 
     port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
     ports = dict(zip(port_names, proc.free_ports(host, len(port_names)), strict=True))
+    protocols = "imap pop3 lmtp sieve"
+    if profile == "pop3-only":
+        ports |= {"imap": 0, "imaps": 0, "sieve": 0}
+        protocols = "pop3 lmtp"
     dh = Path("/usr/share/dovecot/dh.pem")
     _write(
         ldir / "dovecot.conf",
         _render(
             "dovecot.conf.j2",
             profile=profile,
-            instance=f"legacy-{ports['imap']}",
+            protocols=protocols,
+            instance=f"legacy-{ports['pop3']}",
             base_dir=base_dir,
             state_dir=ldir / "state",
             log=logs / "legacy-dovecot.log",
@@ -435,7 +444,7 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
         conf = srv.dir / "dovecot.conf"
         pid = proc.spawn(["dovecot", "-F", "-c", str(conf)], log)
         proc.record_pid(lab_dir, name, pid)
-        for port in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp):
+        for port in (p for p in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp) if p):
             proc.wait_service(srv.host, port, pid, what="legacy Dovecot", log=log)
         proc.wait_for(lambda: (srv.dir / "run" / "auth-postfix").exists(), 10, what="Dovecot auth socket")
     elif name == POSTFIX:
