@@ -15,7 +15,8 @@ Profiles (the namespace a client sees):
 - "dovecot": Maildir, INBOX namespace prefix "" separator "/" (folders "Archive/2023"); POP3 UIDL is Dovecot's
   default %08Xu%08Xv;
 - "courier-style": prefix "INBOX." separator "." (folders "INBOX.Archive.2023"); POP3 UIDL is the Maildir base
-  file name (%f), as Courier does;
+  file name (%f), as Courier does, and POP3 numbers INBOX messages in an order of its own, not the UID order
+  (dovecot-uidlist `O` fields, mailgen.write_maildir pop3_order="own");
 - "pop3-only": POP3 (and SMTP) only, no IMAP and no ManageSieve listener (srv.imap, srv.imaps, srv.sieve are
   0), as the original product's legacy servers: users see INBOX only; POP3 UIDL is Dovecot's default.
 
@@ -60,7 +61,9 @@ import jinja2
 from sidecar.lab import mailgen, proc, tlsgen
 from sidecar.lab.proc import LabError
 
-PROFILES = ("dovecot", "courier-style", "pop3-only")
+PROFILES = ("dovecot", "courier-style")  # IMAP and POP3, two namespaces (tests run per profile)
+POP3_ONLY = "pop3-only"
+ALL_PROFILES = (*PROFILES, POP3_ONLY)
 TLS_NAME = "legacy.lab.test"
 ADMIN_USER = "admin"
 DOVECOT = "legacy-dovecot"
@@ -171,9 +174,9 @@ def _ns(profile: str) -> tuple[str, str, str]:
         return "", "/", "%08Xu%08Xv"
     if profile == "courier-style":
         return "INBOX.", ".", "%f"
-    if profile == "pop3-only":
+    if profile == POP3_ONLY:
         return "", "/", "%08Xu%08Xv"
-    raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(PROFILES)})")
+    raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(ALL_PROFILES)})")
 
 
 def make_traversable(path: Path) -> None:
@@ -304,7 +307,9 @@ def start_legacy(
         home = ldir / "mail" / u.login
         home.mkdir(mode=0o700)
         plan = mailgen.MailboxPlan.make(u.address, seed, messages_per_user)
-        result = mailgen.write_maildir(plan, home / "Maildir")
+        result = mailgen.write_maildir(
+            plan, home / "Maildir", pop3_order="own" if profile == "courier-style" else "uid"
+        )
         expected[u.login] = {
             _folder_name(prefix, sep, parts): {
                 "uidvalidity": wf.uidvalidity,
@@ -316,7 +321,7 @@ def start_legacy(
             }
             for parts, wf in result.folders.items()
         }
-        if u.sieve and profile != "pop3-only":
+        if u.sieve and profile != POP3_ONLY:
             _write_sieve(home, mailgen.sieve_scripts(plan, lambda p: _folder_name(prefix, sep, p)))
         mailgen.chown_tree(home, owner)
         user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
@@ -329,7 +334,7 @@ def start_legacy(
     port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
     ports = dict(zip(port_names, proc.free_ports(host, len(port_names)), strict=True))
     protocols = "imap pop3 lmtp sieve"
-    if profile == "pop3-only":
+    if profile == POP3_ONLY:
         ports |= {"imap": 0, "imaps": 0, "sieve": 0}
         protocols = "pop3 lmtp"
     dh = Path("/usr/share/dovecot/dh.pem")
