@@ -72,3 +72,67 @@ def test_pop3_only_user_migrates_with_the_same_uidls(plab: dict[str, Any], store
     assert {u for u, _s, _m in after} - {u for u, _s, _m in before} == set()
     account = store.get(user["address"])
     assert account is not None and account.messages_copied == len(before)
+
+
+def test_pop3_copier_delta_and_sweep() -> None:
+    """The copier on its own against a POP3-only legacy server: initial, delta (a new and a deleted legacy
+    message), then append mode (the sweep): a new legacy message is appended with its UIDL, a message the user
+    deleted on the target is not brought back."""
+    import shutil
+    import smtplib
+
+    from harness import copier_lab as lab
+
+    from sidecar.lab import legacy
+    from sidecar.migration.copier import SourceParams, copy_account, target_home
+
+    root = lab.lab_dir()
+    try:
+        srv = legacy.start_legacy(root / "lab", host=lab.private_host(), profile=legacy.POP3_ONLY, users=1, seed=5)
+        target = lab.start_target(root / "target", srv.host, users_file=srv.dir / "users")
+        try:
+            u = srv.users[0]
+            user = {"login": u.login, "password": u.password}
+            tuser = {"login": u.address, "password": u.password}
+            params = SourceParams(host=srv.host, user=u.login, password=u.password, imap_port=0, pop3_port=srv.pop3)
+            home = target_home(target.mail_root, u.address)
+            store = lab.FakeStore()
+            first = copy_account(params, home, store, u.address)
+            before = pop3_view(srv.host, srv.pop3, user)
+            assert first.messages_copied == len(before)
+            assert pop3_view(target.host, target.pop3, tuser) == before
+
+            def deliver(subject: str) -> None:
+                with smtplib.SMTP(srv.host, srv.smtp, timeout=30) as s:
+                    s.sendmail("a@example.net", [u.address], f"Subject: {subject}\r\n\r\nhello\r\n".encode())
+
+            deliver("new one")
+            e2e_mail.wait_for(lambda: len(pop3_view(srv.host, srv.pop3, user)) == len(before) + 1, 30, "delivery")
+            p = poplib.POP3(srv.host, srv.pop3, timeout=30)
+            p.user(u.login)
+            p.pass_(u.password)
+            p.dele(2)
+            p.quit()
+            delta = copy_account(params, home, store, u.address, mode="delta")
+            now = pop3_view(srv.host, srv.pop3, user)
+            assert (delta.messages_copied, delta.folders[0].expunged) == (1, 1)
+            assert pop3_view(target.host, target.pop3, tuser) == now
+
+            # after the switch the mailbox is the user's: they delete the first message on the target
+            p = poplib.POP3(target.host, target.pop3, timeout=30)
+            p.user(u.address)
+            p.pass_(u.password)
+            p.dele(1)
+            p.quit()
+            deliver("late one")
+            e2e_mail.wait_for(lambda: len(pop3_view(srv.host, srv.pop3, user)) == len(now) + 1, 30, "delivery")
+            sweep = copy_account(params, home, store, u.address, mode="append")
+            assert sweep.messages_copied == 1
+            late = pop3_view(srv.host, srv.pop3, user)[-1]
+            assert pop3_view(target.host, target.pop3, tuser) == now[1:] + [late]
+            assert copy_account(params, home, store, u.address, mode="append").messages_copied == 0
+        finally:
+            target.stop()
+            legacy.stop_legacy(root / "lab")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
