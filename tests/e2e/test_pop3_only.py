@@ -129,7 +129,7 @@ def test_pop3_copier_delta_and_sweep() -> None:
             sweep = copy_account(params, home, store, u.address, mode="append")
             assert sweep.messages_copied == 1
             late = pop3_view(srv.host, srv.pop3, user)[-1]
-            assert pop3_view(target.host, target.pop3, tuser) == now[1:] + [late]
+            assert pop3_view(target.host, target.pop3, tuser) == [*now[1:], late]
             assert copy_account(params, home, store, u.address, mode="append").messages_copied == 0
         finally:
             target.stop()
