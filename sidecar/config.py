@@ -60,6 +60,9 @@ class LegacyConfig:
     submission_tls: str = _f(
         "starttls", "TLS toward legacy SMTP AUTH", choices=("none", "starttls", "implicit")
     )
+    smtps_port: int = _f(
+        465, "SMTP AUTH port with implicit TLS on the legacy server (0: none); doctor checks the target offers it too"
+    )
     sieve_port: int = _f(4190, "ManageSieve port on the legacy server (0: none)")
     sieve_tls: str = _f("starttls", "TLS toward legacy ManageSieve", choices=("none", "starttls", "implicit"))
     tls_verify: bool = _f(True, "verify the legacy server's certificate whenever TLS is used")
@@ -149,6 +152,15 @@ class TargetConfig:
     doveadm: str = _f("doveadm", "doveadm executable (kick proxied sessions, warm indexes)")
     dovecot_config: str = _f("", "dovecot.conf of the target (empty: Dovecot's default)")
     postfix_config: str = _f("", "Postfix config directory of the target (empty: /etc/postfix)")
+    # what the target offers clients: no less than the legacy server did (`autoport doctor` says what to set)
+    smtps: bool = _f(False, "offer SMTP AUTH with implicit TLS on port 465 (submissions), as the legacy server did")
+    smtp_auth_on_25: bool = _f(False, "offer SMTP AUTH on port 25 too, where the legacy server allowed it")
+    plaintext_auth: bool = _f(
+        False, "allow logins without TLS (IMAP, POP3, SMTP AUTH): only where the legacy server allowed them"
+    )
+    message_size_limit: int = _f(
+        10240000, "largest message Postfix accepts, bytes (0: no limit); no smaller than the legacy server's SIZE"
+    )
 
 
 @dataclass

@@ -22,8 +22,10 @@ Profiles (the namespace a client sees):
 
 Services: IMAP (STARTTLS) + IMAPS, POP3 (STARTTLS) + POP3S, ManageSieve, LMTP (for its Postfix), all on free
 ports of `host`; SMTP (mail for the users; unknown users get 550 5.1.1 at RCPT; delivered by LMTP; XCLIENT
-allowed from 127.0.0.0/8) and submission (SMTP AUTH through Dovecot SASL, STARTTLS offered, AUTH allowed without
-TLS like IMAP). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by `vmail`. Even-numbered users
+allowed from 127.0.0.0/8; SIZE 26214400, MESSAGE_SIZE_LIMIT, above Postfix's default), submission (SMTP AUTH
+through Dovecot SASL, STARTTLS offered, AUTH allowed without TLS like IMAP) and smtps (SMTP AUTH with implicit TLS,
+port 465 on a real server: srv.smtps). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by
+`vmail`. Even-numbered users
 (alice, carol, erin, ...) have Sieve scripts, "filters" active and "vacation" inactive.
 
 Files: everything under lab_dir/legacy/ (dovecot.conf, users, postfix/ config, postfix-queue/, mail/<login>/,
@@ -70,6 +72,7 @@ DOVECOT = "legacy-dovecot"
 POSTFIX = "legacy-postfix"
 COMPONENTS = (DOVECOT, POSTFIX)
 STATE_KEY = "legacy"
+MESSAGE_SIZE_LIMIT = 26214400  # the lab legacy Postfix's SIZE: above Postfix's default, as many servers set it
 _NAMES = (
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
     "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "wendy",
@@ -112,6 +115,8 @@ class LegacyServer:
     ns_prefix: str = ""
     ns_sep: str = "/"
     logs: dict[str, Path] = field(default_factory=dict)
+    smtps: int = 0  # SMTP AUTH with implicit TLS (465 on a real server)
+    message_size_limit: int = 0  # the SIZE its Postfix announces
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -141,6 +146,7 @@ class LegacyServer:
             "smtp_tls": "none",
             "submission_port": self.submission,
             "submission_tls": "starttls",
+            "smtps_port": self.smtps,
             "sieve_port": self.sieve,
             "sieve_tls": "none",
             "tls_verify": True,
@@ -331,7 +337,7 @@ def start_legacy(
         os.chown(ldir / f, 0, _gid("dovecot"))
     _write(ldir / "mailboxes.json", json.dumps(expected, indent=1, ensure_ascii=False), 0o600)
 
-    port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
+    port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp", "smtps")
     ports = dict(zip(port_names, proc.free_ports(host, len(port_names)), strict=True))
     protocols = "imap pop3 lmtp sieve"
     if profile == POP3_ONLY:
@@ -382,10 +388,11 @@ def start_legacy(
             key=cert.key_file,
             log=logs / "legacy-postfix.log",
             log_dir=logs,
+            message_size_limit=MESSAGE_SIZE_LIMIT,
         ),
     )
     _write(pfx / "master.cf", _render("master.cf.j2", host=host, smtp=ports["smtp"],
-                                      submission=ports["submission"]))  # fmt: skip
+                                      submission=ports["submission"], smtps=ports["smtps"]))  # fmt: skip
     # Postfix re-reads a table or main.cf modified within the last 2 s, sleeping 300 ms each time (against
     # half-written files): a fresh config cost 2 s at start-up. Ours are written atomically, so date them back.
     past = time.time() - 10
@@ -412,6 +419,7 @@ def start_legacy(
         ns_prefix=prefix,
         ns_sep=sep,
         logs={DOVECOT: logs / "legacy-dovecot.log", POSTFIX: logs / "legacy-postfix.log"},
+        message_size_limit=MESSAGE_SIZE_LIMIT,
         **ports,
     )
     state = proc.load_state(lab_dir)
@@ -456,7 +464,7 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
         pidfile = srv.dir / "postfix-queue" / "pid" / "master.pid"
         pid = proc.start_postfix(srv.dir / "postfix", pidfile, output=log, log=log)
         proc.record_pid(lab_dir, name, pid)
-        for port in (srv.smtp, srv.submission):
+        for port in (p for p in (srv.smtp, srv.submission, srv.smtps) if p):
             proc.wait_service(srv.host, port, pid, what="legacy Postfix", log=log)
     else:
         raise ValueError(f"unknown legacy component {name!r} (choose from {', '.join(COMPONENTS)})")

@@ -405,7 +405,11 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "legacy_concurrency": str(max(1, cfg.limits.legacy_connections)),
         "sasl_path": "private/auth",
         "sasl_relay": cfg.sockets.sasl,  # empty: smtpd talks to Dovecot's socket directly
-        "smtpd_tls_auth_only": "yes",
+        "smtpd_tls_auth_only": "no" if cfg.target.plaintext_auth else "yes",
+        # what the legacy server offered (sidecar/legacy/offer.py): SMTP AUTH on 25, 465, the size limit
+        "smtpd_sasl_auth_enable": "yes" if cfg.target.smtp_auth_on_25 else "no",
+        "smtps_listen": "smtps" if cfg.target.smtps else "",
+        "message_size_limit": str(cfg.target.message_size_limit),
         "smtpd_tls_security_level": "may",
         "submission_tls_security_level": "encrypt",
         "tls_cert_file": "",
@@ -466,7 +470,7 @@ def dovecot_vars(
         "state_dir": "/var/lib/dovecot",
         "dovecot_dir": dovecot_dir,
         "auth_default_realm": "",
-        "disable_plaintext_auth": "yes",
+        "disable_plaintext_auth": "no" if cfg.target.plaintext_auth else "yes",
         "checkpassword_args": checkpassword_command(cfg.sockets.auth),
         "mail_root": cfg.target.mail_root,
         "mail_user": cfg.target.mail_user,

@@ -16,6 +16,9 @@ Checks, in order (later checks still run after a failure, except that nothing ru
              configured; a certificate problem says which setting to change
   admin      legacy admin credentials (if set) log in over IMAP per legacy.admin_mode, on behalf of an account
              from the store (skipped, with a note, while the store has none)
+  offer      what the legacy server offered clients (SMTP AUTH on 465 with implicit TLS and on 25, plain-text
+             logins, the SMTP SIZE) against what [target] offers (smtps, smtp_auth_on_25, plaintext_auth,
+             message_size_limit); prints the keys to set when the target would offer less
   namespace  the IMAP namespace (prefix, separator) the target Dovecot shows is the one it should show: the legacy
              server's NAMESPACE (asked with the admin credentials on behalf of an account from the store) for
              [mail] namespace_* = "auto", else the configured one; says what to set when they differ
@@ -451,6 +454,37 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     yield _ok("admin", f"{lg.admin_user} logs in as {user} ({lg.admin_mode})")
 
 
+# --- what clients were offered -------------------------------------------------------------------------------
+
+
+def check_offer(cfg: Config) -> Iterator[Finding]:
+    from sidecar.legacy import offer as offer_mod
+
+    try:
+        found = offer_mod.probe(cfg.legacy, timeout=DOCTOR_TIMEOUT)
+    except (OSError, ssl.SSLError) as e:
+        yield Finding(NOTE, "offer", f"the legacy server's offer was not asked: {e}")
+        return
+    seen = []
+    for name, o in (("SMTP", found.smtp), ("submission", found.submission), ("smtps", found.smtps)):
+        if o.reachable:
+            size = "no SIZE" if o.size is None else f"SIZE {o.size or 'unlimited'}"
+            seen.append(f"{name} {o.port}: AUTH {' '.join(o.auth) or '(none)'}, {size}")
+    if found.plaintext_login is not None:
+        seen.append("plain-text logins " + ("allowed" if found.plaintext_login else "refused"))
+    missing = offer_mod.shortfalls(cfg, found)
+    summary = "; ".join(seen) or "nothing answered"
+    if missing:
+        yield _bad("offer", f"the target offers less than the legacy server ({summary})",
+                   f"set in [target]: {', '.join(missing)}; render Postfix and Dovecot again (Ansible: "
+                   "postfix_smtps_listen, postfix_smtpd_sasl_auth_enable, postfix_message_size_limit, "
+                   "dovecot_disable_plaintext_auth)")  # fmt: skip
+    else:
+        yield _ok("offer", f"the target offers what the legacy server did ({summary})")
+    for note in found.notes:
+        yield Finding(NOTE, "offer", note)
+
+
 # --- the namespace clients see ------------------------------------------------------------------------------
 
 
@@ -520,6 +554,8 @@ def run(cfg: Config) -> list[Finding]:
     findings += check_dovecot(cfg, finalized)
     findings += check_legacy(cfg)
     findings += check_admin(cfg, users)
+    if not finalized:
+        findings += check_offer(cfg)
     findings += check_namespace(cfg, users, finalized)
     return findings
 
