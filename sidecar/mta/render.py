@@ -257,6 +257,10 @@ def render_dovecot(
 
 
 VARIABLES_FILE = ".autoport-render.json"
+# Variables added to the templates after a configuration may have been rendered and recorded: their values
+# for such a record are what the templates did before (finalize renders a recorded configuration again).
+ADDED_POSTFIX_VARIABLES = {"smtpd_sasl_auth_enable": "no", "smtps_listen": "", "message_size_limit": "10240000"}
+ADDED_DOVECOT_VARIABLES = {"namespace_prefix": "", "namespace_separator": "/"}
 
 
 def save_variables(config_dir: Path, variables: Mapping[str, object]) -> None:

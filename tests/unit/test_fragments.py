@@ -213,3 +213,15 @@ def test_dovecot_namespace_is_the_legacy_one(work: Path) -> None:
 def _ns_vars(cfg: config.Config, legacy_ns: tuple[str, str]) -> dict[str, str]:
     v = render.dovecot_vars(cfg, legacy_namespace=legacy_ns)
     return {k: v[k] for k in ("namespace_prefix", "namespace_separator")}
+
+
+def test_a_record_from_before_the_added_variables_still_renders(work: Path) -> None:
+    """finalize renders a recorded configuration again: one recorded before namespace_* existed gets the old
+    values (what the templates did then), while a fresh render without them is still an error."""
+    cfg = _cfg("sqlite:////x.db")
+    old = {k: v for k, v in _dovecot_vars(work, cfg).items() if k not in render.ADDED_DOVECOT_VARIABLES}
+    with pytest.raises(render.RenderError, match="namespace_"):
+        render.render_dovecot(work / "dovecot", old)
+    render.render_dovecot(work / "dovecot", {**render.ADDED_DOVECOT_VARIABLES, **old})
+    pf_old = {k: v for k, v in _postfix_vars(work, cfg).items() if k not in render.ADDED_POSTFIX_VARIABLES}
+    assert render.render_postfix(work / "postfix", {**render.ADDED_POSTFIX_VARIABLES, **pf_old}) == []
