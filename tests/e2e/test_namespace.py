@@ -136,3 +136,30 @@ def test_doctor_checks_the_namespace(clab: dict[str, Any], store: Store) -> None
     bad = list(doctor.check_namespace(other, [], False))
     assert [f.status for f in bad] == [doctor.PROBLEM]
     assert 'namespace_prefix = ""' in bad[0].fix and 'namespace_separator = "/"' in bad[0].fix
+
+
+def test_other_namespace_renames_sieve_folders() -> None:
+    """An administrator who wants "" and "/" on the target although the legacy server shows "INBOX." and ".":
+    the copied Sieve script files into what the target shows ("Junk", not "INBOX.Junk")."""
+    settings = {"mail": {"namespace_prefix": "", "namespace_separator": "/"}}
+    with running_lab("ap-ns2-", users=1, profile="courier-style", settings=settings) as info:
+        s = open_store(config.load(info["config"]).store.url)
+        try:
+            tg, user = info["target"], info["users"][0]
+            with _client(tg["host"], tg["imap"], user):
+                pass
+            wait_state(s, user["address"], State.MIGRATED)
+            assert view(tg["host"], tg["imap"], user)["namespace"] == (("", "/"),)
+            events = [e.detail for e in s.events(user["address"]) if e.kind == "sieve"]
+            assert any("INBOX.Junk -> Junk" in d for d in events), events
+            mid = e2e_mail.message_id()
+            e2e_mail.send(tg["host"], tg["smtp"], [user["address"]], mid, headers={"X-Spam-Flag": "YES"})
+
+            def filed() -> list[int]:
+                with _client(tg["host"], tg["imap"], user) as c:
+                    c.select_folder("Junk", readonly=True)
+                    return list(c.search(["HEADER", "Message-ID", mid]))
+
+            assert len(e2e_mail.wait_for(filed, 30, "the spam message in Junk")) == 1
+        finally:
+            s.close()
