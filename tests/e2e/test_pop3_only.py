@@ -6,8 +6,12 @@ downloads nothing again.
 
 from __future__ import annotations
 
+import os
 import poplib
+import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -78,7 +82,6 @@ def test_pop3_copier_delta_and_sweep() -> None:
     """The copier on its own against a POP3-only legacy server: initial, delta (a new and a deleted legacy
     message), then append mode (the sweep): a new legacy message is appended with its UIDL, a message the user
     deleted on the target is not brought back."""
-    import shutil
     import smtplib
 
     from harness import copier_lab as lab
@@ -135,4 +138,60 @@ def test_pop3_copier_delta_and_sweep() -> None:
             target.stop()
             legacy.stop_legacy(root / "lab")
     finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _fetchmail(d: Path, host: str, port: int, login: str, password: str) -> tuple[int, int, str]:
+    """fetchmail in keep mode with UIDL tracking (its memory keyed by host and user); (exit, messages so far, log)."""
+    d.mkdir(exist_ok=True)
+    rc = d / "fetchmailrc"
+    fd = os.open(rc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # fetchmail reads the password only from here
+    with os.fdopen(fd, "w") as f:
+        f.write(
+            f'set idfile "{d}/fetchids"\npoll {host} protocol pop3 service {port} uidl\n'
+            f'  user "{login}" there with password "{password}" is root here\n'
+            f'  options keep sslproto "" bsmtp "{d}/mail.bsmtp"\n'
+        )
+    env = {"PATH": os.environ["PATH"], "HOME": str(d), "LC_ALL": "C"}
+    p = subprocess.run(
+        ["fetchmail", "-f", str(rc), "--pidfile", str(d / "pid"), "-v"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    out = d / "mail.bsmtp"
+    n = sum(1 for line in out.read_text().splitlines() if line.startswith("MAIL FROM:")) if out.exists() else 0
+    return p.returncode, n, p.stdout + p.stderr
+
+
+@pytest.mark.skipif(shutil.which("fetchmail") is None, reason="needs fetchmail")
+def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
+    """fetchmail (keep, UIDL) in sync with the POP3-only legacy server; the INBOX copied over POP3; the target
+    takes over the legacy server's address and port: fetchmail finds no new mail."""
+    from harness import copier_lab as lab
+
+    from sidecar.lab import legacy
+    from sidecar.migration.copier import SourceParams, copy_account, target_home
+
+    root = lab.lab_dir()
+    target = None
+    try:
+        srv = legacy.start_legacy(root / "lab", host=lab.private_host(), profile=legacy.POP3_ONLY, users=1, seed=9)
+        u = srv.users[0]
+        inbox = srv.plan(u).expected_counts()[()]
+        rc, fetched, log = _fetchmail(root / "fm", srv.host, srv.pop3, u.login, u.password)
+        assert (rc, fetched) == (0, inbox), log
+        mail_root = root / "vmail"
+        mail_root.mkdir(mode=0o755)
+        os.chown(mail_root, *lab._vmail())
+        params = SourceParams(host=srv.host, user=u.login, password=u.password, imap_port=0, pop3_port=srv.pop3)
+        copy_account(params, target_home(mail_root, u.address), lab.FakeStore(), u.address)
+        legacy.stop_legacy(root / "lab")
+        target = lab.start_target(
+            root / "target", srv.host, pop3=srv.pop3, users_file=srv.dir / "users", mail_root=mail_root
+        )
+        rc, fetched, log = _fetchmail(root / "fm", srv.host, srv.pop3, u.login, u.password)
+        assert (rc, fetched) == (1, inbox), log  # fetchmail exit 1: no new mail
+    finally:
+        if target is not None:
+            target.stop()
+        legacy.stop_legacy(root / "lab")
         shutil.rmtree(root, ignore_errors=True)
