@@ -553,7 +553,14 @@ def run(cfg: Config) -> list[Finding]:
         findings.append(Finding(NOTE, "store", "finalize has run: the sidecar's sockets are not needed any more"))
     findings += check_postfix(cfg, finalized)
     findings += check_dovecot(cfg, finalized)
-    findings += check_legacy(cfg)
+    legacy_findings = list(check_legacy(cfg))
+    findings += legacy_findings
+    imap_down = any(f.status == PROBLEM and f.message.startswith("IMAP ") and "not reachable" in f.message
+                    for f in legacy_findings)  # fmt: skip
+    pop3_up = any(f.status == OK and f.message.startswith("POP3 ") for f in legacy_findings)
+    if imap_down and pop3_up:
+        findings.append(Finding(NOTE, "legacy", "only POP3 answers: if the legacy server has no IMAP, set [legacy] "
+                                "imap_port = 0, and INBOX is copied over POP3 (UIDLs and order kept)"))  # fmt: skip
     findings += check_admin(cfg, users)
     if not finalized:
         findings += check_offer(cfg)

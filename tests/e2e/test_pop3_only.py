@@ -195,3 +195,21 @@ def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
             target.stop()
         legacy.stop_legacy(root / "lab")
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_doctor_on_a_pop3_only_legacy_server(plab: dict[str, Any]) -> None:
+    """imap_port = 0 is a POP3-only legacy server, not a problem; with IMAP configured but absent, doctor says
+    what to set."""
+    import dataclasses
+
+    from sidecar.ops import doctor
+
+    cfg = config.load(plab["config"])
+    assert cfg.legacy.imap_port == 0
+    assert [f for f in doctor.check_legacy(cfg) if f.status == doctor.PROBLEM] == []
+    from sidecar.lab.proc import free_port
+
+    nobody = free_port(plab["legacy"]["host"])  # nothing listens there
+    closed = dataclasses.replace(cfg, legacy=dataclasses.replace(cfg.legacy, imap_port=nobody))
+    notes = [f for f in doctor.run(closed) if f.check == "legacy" and f.status == doctor.NOTE]
+    assert any("imap_port = 0" in f.message for f in notes), notes
