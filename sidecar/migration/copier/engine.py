@@ -9,8 +9,9 @@ Per folder (in LIST order, INBOX first):
    batches (fsync, rename into cur/, uidlist); after each commit the store's watermark (FolderMark) is set.
 Then subscriptions, POP3 UIDLs for INBOX (and the legacy POP3 order where it is not the UID order: dovecot-uidlist
 `O` fields), and (delta mode) removal of target folders the legacy side no longer has. A legacy server without
-IMAP (imap_port 0) takes another path: INBOX over POP3 (pop3copy.py). The resume point is the target's own uidlist (what is durable on disk), so a crash anywhere, including
-between a commit and its watermark, neither loses nor duplicates a message.
+IMAP (imap_port 0) takes another path: INBOX over POP3 (pop3copy.py). The resume point is the target's own
+uidlist (what is durable on disk), so a crash anywhere, including between a commit and its watermark, neither
+loses nor duplicates a message.
 
 The copier owns the target mailbox exclusively in those two modes (account state copying/cutover): UIDs are
 the legacy UIDs.
