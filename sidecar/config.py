@@ -60,6 +60,9 @@ class LegacyConfig:
     submission_tls: str = _f(
         "starttls", "TLS toward legacy SMTP AUTH", choices=("none", "starttls", "implicit")
     )
+    smtps_port: int = _f(
+        465, "SMTP AUTH port with implicit TLS on the legacy server (0: none); doctor checks the target offers it too"
+    )
     sieve_port: int = _f(4190, "ManageSieve port on the legacy server (0: none)")
     sieve_tls: str = _f("starttls", "TLS toward legacy ManageSieve", choices=("none", "starttls", "implicit"))
     tls_verify: bool = _f(True, "verify the legacy server's certificate whenever TLS is used")
@@ -92,6 +95,14 @@ class MailConfig:
     default_domain: str = _f("", "domain added to bare login names (empty: the first of domains)")
     strip_realm: bool = _f(True, "DOMAIN\\user and user@REALM logins are reduced to user")
     lowercase: bool = _f(True, "fold login names and addresses to lower case")
+    namespace_prefix: str = _f(
+        "auto",
+        "prefix of the target's personal IMAP namespace, e.g. \"INBOX.\" (auto: the legacy server's NAMESPACE, "
+        "resolved when Dovecot's configuration is rendered; see docs/design.md)",
+    )
+    namespace_separator: str = _f(
+        "auto", "hierarchy separator of the target's IMAP namespace: / or . (auto: the legacy server's)"
+    )
 
 
 @dataclass
@@ -141,6 +152,15 @@ class TargetConfig:
     doveadm: str = _f("doveadm", "doveadm executable (kick proxied sessions, warm indexes)")
     dovecot_config: str = _f("", "dovecot.conf of the target (empty: Dovecot's default)")
     postfix_config: str = _f("", "Postfix config directory of the target (empty: /etc/postfix)")
+    # what the target offers clients: no less than the legacy server did (`autoport doctor` says what to set)
+    smtps: bool = _f(False, "offer SMTP AUTH with implicit TLS on port 465 (submissions), as the legacy server did")
+    smtp_auth_on_25: bool = _f(False, "offer SMTP AUTH on port 25 too, where the legacy server allowed it")
+    plaintext_auth: bool = _f(
+        False, "allow logins without TLS (IMAP, POP3, SMTP AUTH): only where the legacy server allowed them"
+    )
+    message_size_limit: int = _f(
+        10240000, "largest message Postfix accepts, bytes (0: no limit); no smaller than the legacy server's SIZE"
+    )
 
 
 @dataclass
@@ -312,6 +332,14 @@ def _check_semantics(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: key 'log.destination' must be stderr, syslog or file:/PATH, not {dest!r}")
     if cfg.ldap.url and not cfg.ldap.url.startswith(("ldap://", "ldaps://")):
         raise ConfigError(f"{path}: key 'ldap.url' must start with ldap:// or ldaps://, not {cfg.ldap.url!r}")
+    sep, prefix = cfg.mail.namespace_separator, cfg.mail.namespace_prefix
+    if sep not in ("auto", "/", "."):
+        raise ConfigError(f"{path}: key 'mail.namespace_separator' must be auto, / or ., not {sep!r}")
+    if prefix != "auto" and prefix and (sep == "auto" or not prefix.endswith(sep) or prefix == sep):
+        raise ConfigError(
+            f"{path}: key 'mail.namespace_prefix' {prefix!r} must be empty or end with namespace_separator "
+            f"(given explicitly), e.g. \"INBOX.\" with \".\""
+        )
     for d in cfg.mail.domains:
         if not d or "@" in d or " " in d:
             raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")

@@ -155,6 +155,8 @@ def lab_up(
                 "tls_name": srv.tls_name,
                 "external": False,
             }
+        # the target offers what the legacy server offered (ports, SMTP AUTH, size): asked as doctor asks
+        settings = _offer_settings(legacy_cfg, settings or {})
         # 2. the store
         store_url = _start_store(lab_dir, store)
         # 3. the target stack (Postfix + Dovecot from the repository's fragments) and its autoport config
@@ -166,6 +168,7 @@ def lab_up(
             store_url=store_url,
             sidecar=sidecar,
             settings=settings or {},
+            namespace_login=_namespace_login(user_list),
         )
         config_path = Path(tgt.config)
         if not sidecar:
@@ -184,6 +187,7 @@ def lab_up(
                 store_url=store_url,
                 sidecar=sidecar,
                 settings=shared,
+                namespace_login=_namespace_login(user_list),
             )
             node_infos.append({**_target_info(tgt2), "config": str(tgt2.config), "dir": str(node_dir)})
             state = proc.load_state(lab_dir)
@@ -209,6 +213,27 @@ def lab_up(
     state["info"] = info
     proc.save_state(lab_dir, state)
     return info
+
+
+def _offer_settings(legacy_cfg: dict[str, Any], settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """settings with [target] smtps, smtp_auth_on_25, plaintext_auth, message_size_limit from the legacy offer
+    (sidecar/legacy/offer.py), where the caller did not set them."""
+    from sidecar import config as config_mod
+    from sidecar.legacy import offer
+
+    legacy = config_mod.from_dict({"legacy": {k: v for k, v in legacy_cfg.items() if k != "admin_password"}}).legacy
+    found = offer.settings(offer.probe(legacy))
+    out = dict(settings)
+    out["target"] = {**found, **settings.get("target", {})}
+    return out
+
+
+def _namespace_login(users: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """A legacy user who can log in, to ask the legacy server for its NAMESPACE (the target shows the same)."""
+    for u in users:
+        if u.get("password"):
+            return str(u["login"]), str(u["password"])
+    return None
 
 
 def _target_info(tgt: Any) -> dict[str, Any]:

@@ -15,12 +15,17 @@ Profiles (the namespace a client sees):
 - "dovecot": Maildir, INBOX namespace prefix "" separator "/" (folders "Archive/2023"); POP3 UIDL is Dovecot's
   default %08Xu%08Xv;
 - "courier-style": prefix "INBOX." separator "." (folders "INBOX.Archive.2023"); POP3 UIDL is the Maildir base
-  file name (%f), as Courier does.
+  file name (%f), as Courier does, and POP3 numbers INBOX messages in an order of its own, not the UID order
+  (dovecot-uidlist `O` fields, mailgen.write_maildir pop3_order="own");
+- "pop3-only": POP3 (and SMTP) only, no IMAP and no ManageSieve listener (srv.imap, srv.imaps, srv.sieve are
+  0), as the original product's legacy servers: users see INBOX only; POP3 UIDL is Dovecot's default.
 
 Services: IMAP (STARTTLS) + IMAPS, POP3 (STARTTLS) + POP3S, ManageSieve, LMTP (for its Postfix), all on free
 ports of `host`; SMTP (mail for the users; unknown users get 550 5.1.1 at RCPT; delivered by LMTP; XCLIENT
-allowed from 127.0.0.0/8) and submission (SMTP AUTH through Dovecot SASL, STARTTLS offered, AUTH allowed without
-TLS like IMAP). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by `vmail`. Even-numbered users
+allowed from 127.0.0.0/8; SIZE 26214400, MESSAGE_SIZE_LIMIT, above Postfix's default), submission (SMTP AUTH
+through Dovecot SASL, STARTTLS offered, AUTH allowed without TLS like IMAP) and smtps (SMTP AUTH with implicit TLS,
+port 465 on a real server: srv.smtps). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by
+`vmail`. Even-numbered users
 (alice, carol, erin, ...) have Sieve scripts, "filters" active and "vacation" inactive.
 
 Files: everything under lab_dir/legacy/ (dovecot.conf, users, postfix/ config, postfix-queue/, mail/<login>/,
@@ -58,13 +63,16 @@ import jinja2
 from sidecar.lab import mailgen, proc, tlsgen
 from sidecar.lab.proc import LabError
 
-PROFILES = ("dovecot", "courier-style")
+PROFILES = ("dovecot", "courier-style")  # IMAP and POP3, two namespaces (tests run per profile)
+POP3_ONLY = "pop3-only"
+ALL_PROFILES = (*PROFILES, POP3_ONLY)
 TLS_NAME = "legacy.lab.test"
 ADMIN_USER = "admin"
 DOVECOT = "legacy-dovecot"
 POSTFIX = "legacy-postfix"
 COMPONENTS = (DOVECOT, POSTFIX)
 STATE_KEY = "legacy"
+MESSAGE_SIZE_LIMIT = 26214400  # the lab legacy Postfix's SIZE: above Postfix's default, as many servers set it
 _NAMES = (
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
     "mallory", "niaj", "olivia", "peggy", "rupert", "sybil", "trent", "victor", "walter", "wendy",
@@ -107,6 +115,8 @@ class LegacyServer:
     ns_prefix: str = ""
     ns_sep: str = "/"
     logs: dict[str, Path] = field(default_factory=dict)
+    smtps: int = 0  # SMTP AUTH with implicit TLS (465 on a real server)
+    message_size_limit: int = 0  # the SIZE its Postfix announces
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -136,6 +146,7 @@ class LegacyServer:
             "smtp_tls": "none",
             "submission_port": self.submission,
             "submission_tls": "starttls",
+            "smtps_port": self.smtps,
             "sieve_port": self.sieve,
             "sieve_tls": "none",
             "tls_verify": True,
@@ -169,7 +180,9 @@ def _ns(profile: str) -> tuple[str, str, str]:
         return "", "/", "%08Xu%08Xv"
     if profile == "courier-style":
         return "INBOX.", ".", "%f"
-    raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(PROFILES)})")
+    if profile == POP3_ONLY:
+        return "", "/", "%08Xu%08Xv"
+    raise ValueError(f"unknown legacy profile {profile!r} (choose from {', '.join(ALL_PROFILES)})")
 
 
 def make_traversable(path: Path) -> None:
@@ -307,7 +320,9 @@ def start_legacy(
         home = ldir / "mail" / u.login
         home.mkdir(mode=0o700)
         plan = mailgen.MailboxPlan.make(u.address, seed, messages_per_user)
-        result = mailgen.write_maildir(plan, home / "Maildir")
+        result = mailgen.write_maildir(
+            plan, home / "Maildir", pop3_order="own" if profile == "courier-style" else "uid"
+        )
         expected[u.login] = {
             _folder_name(prefix, sep, parts): {
                 "uidvalidity": wf.uidvalidity,
@@ -319,7 +334,7 @@ def start_legacy(
             }
             for parts, wf in result.folders.items()
         }
-        if u.sieve:
+        if u.sieve and profile != POP3_ONLY:
             _write_sieve(home, mailgen.sieve_scripts(plan, lambda p: _folder_name(prefix, sep, p)))
         mailgen.chown_tree(home, owner)
         user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
@@ -340,15 +355,20 @@ def start_legacy(
         public_dir = str(_write_shared_folders(ldir, lusers, owner, sep))
     _write(ldir / "mailboxes.json", json.dumps(expected, indent=1, ensure_ascii=False), 0o600)
 
-    port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp")
+    port_names = ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve", "lmtp", "smtps")
     ports = dict(zip(port_names, proc.free_ports(host, len(port_names)), strict=True))
+    protocols = "imap pop3 lmtp sieve"
+    if profile == POP3_ONLY:
+        ports |= {"imap": 0, "imaps": 0, "sieve": 0}
+        protocols = "pop3 lmtp"
     dh = Path("/usr/share/dovecot/dh.pem")
     _write(
         ldir / "dovecot.conf",
         _render(
             "dovecot.conf.j2",
             profile=profile,
-            instance=f"legacy-{ports['imap']}",
+            protocols=protocols,
+            instance=f"legacy-{ports['pop3']}",
             base_dir=base_dir,
             state_dir=ldir / "state",
             log=logs / "legacy-dovecot.log",
@@ -391,10 +411,11 @@ def start_legacy(
             key=cert.key_file,
             log=logs / "legacy-postfix.log",
             log_dir=logs,
+            message_size_limit=MESSAGE_SIZE_LIMIT,
         ),
     )
     _write(pfx / "master.cf", _render("master.cf.j2", host=host, smtp=ports["smtp"],
-                                      submission=ports["submission"]))  # fmt: skip
+                                      submission=ports["submission"], smtps=ports["smtps"]))  # fmt: skip
     # Postfix re-reads a table or main.cf modified within the last 2 s, sleeping 300 ms each time (against
     # half-written files): a fresh config cost 2 s at start-up. Ours are written atomically, so date them back.
     past = time.time() - 10
@@ -421,6 +442,7 @@ def start_legacy(
         ns_prefix=prefix,
         ns_sep=sep,
         logs={DOVECOT: logs / "legacy-dovecot.log", POSTFIX: logs / "legacy-postfix.log"},
+        message_size_limit=MESSAGE_SIZE_LIMIT,
         **ports,
     )
     state = proc.load_state(lab_dir)
@@ -491,14 +513,14 @@ def _start_component(lab_dir: Path, srv: LegacyServer, name: str) -> int:
         conf = srv.dir / "dovecot.conf"
         pid = proc.spawn(["dovecot", "-F", "-c", str(conf)], log)
         proc.record_pid(lab_dir, name, pid)
-        for port in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp):
+        for port in (p for p in (srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.sieve, srv.lmtp) if p):
             proc.wait_service(srv.host, port, pid, what="legacy Dovecot", log=log)
         proc.wait_for(lambda: (srv.dir / "run" / "auth-postfix").exists(), 10, what="Dovecot auth socket")
     elif name == POSTFIX:
         pidfile = srv.dir / "postfix-queue" / "pid" / "master.pid"
         pid = proc.start_postfix(srv.dir / "postfix", pidfile, output=log, log=log)
         proc.record_pid(lab_dir, name, pid)
-        for port in (srv.smtp, srv.submission):
+        for port in (p for p in (srv.smtp, srv.submission, srv.smtps) if p):
             proc.wait_service(srv.host, port, pid, what="legacy Postfix", log=log)
     else:
         raise ValueError(f"unknown legacy component {name!r} (choose from {', '.join(COMPONENTS)})")

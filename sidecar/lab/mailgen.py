@@ -382,8 +382,13 @@ def write_maildir(
     owner: tuple[int, int] | None = None,
     messages: Iterable[GenMessage] | None = None,
     hostname: str = "legacy",
+    pop3_order: str = "uid",
 ) -> MaildirResult:
     """Write the plan's mailbox as a Maildir++ that Dovecot serves as is (see the module docstring).
+
+    pop3_order "uid": POP3 lists INBOX in UID order (Dovecot's way); "own": in an order of the server's own
+    (by a hash of the Message-ID, standing in for Courier's), written as dovecot-uidlist `O<n>` fields, which
+    Dovecot's POP3 lists by (maildir-uidlist.c MAILDIR_UIDLIST_REC_EXT_POP3_ORDER).
 
     maildir must not hold a mailbox yet. owner=(uid, gid): chown everything (the mail user). Directories
     are 0700 and files 0600, as Dovecot makes them.
@@ -394,6 +399,7 @@ def write_maildir(
     result = MaildirResult(maildir, {})
     keywords: dict[tuple[str, ...], list[str]] = {}
     uidlists: dict[tuple[str, ...], list[str]] = {}
+    inbox_ids: list[tuple[int, str]] = []
     for i, f in enumerate(plan.folders):
         d = maildir_folder_dir(maildir, f.parts)
         for sub in ("cur", "new", "tmp"):
@@ -427,7 +433,17 @@ def write_maildir(
             out.write(lf)
         os.utime(path, (ts, ts))
         uidlists[m.folder].append(f"{uid} :{base}\n")
+        if not m.folder:
+            inbox_ids.append((uid, m.message_id))
         wf.messages.append(WrittenMessage(uid, m.message_id, tuple(sorted(m.flags)), m.keywords, ts, len(m.raw)))
+    if pop3_order == "own":
+        ranked = sorted(inbox_ids, key=lambda x: hashlib.sha256(x[1].encode()).hexdigest())
+        order = {uid: n for n, (uid, _mid) in enumerate(ranked, 1)}
+        uidlists[INBOX] = [
+            line.replace(" :", f" O{order[int(line.split(' ', 1)[0])]} :", 1) for line in uidlists[INBOX]
+        ]
+    elif pop3_order != "uid":
+        raise ValueError(f"pop3_order must be uid or own, not {pop3_order!r}")
     for parts, wf in result.folders.items():
         d = maildir_folder_dir(maildir, parts)
         guid = hashlib.md5(f"{plan.seed}:{plan.address}:{parts}".encode(), usedforsecurity=False).hexdigest()

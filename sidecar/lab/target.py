@@ -74,6 +74,7 @@ class TargetStack:
     sidecar: bool  # whether start_target runs the sidecar
     logs: dict[str, Path]
     pids: dict[str, int | None]
+    smtps: int = 0  # SMTP AUTH with implicit TLS ([target] smtps; 465 in production), 0: not offered
 
     def to_json(self) -> dict[str, Any]:
         """What clients of the lab need: addresses and ports (the demo prints this)."""
@@ -83,6 +84,7 @@ class TargetStack:
             "pop3": self.pop3,
             "smtp": self.smtp,
             "submission": self.submission,
+            "smtps": self.smtps,
             "managesieve": self.managesieve,
             "socketmap": self.socketmap,
             "dashboard": self.dashboard,
@@ -137,12 +139,15 @@ def start_target(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     postfix_overrides: Mapping[str, str] | None = None,
     dovecot_overrides: Mapping[str, str] | None = None,
+    namespace_login: tuple[str, str] | None = None,
 ) -> TargetStack:
     """Render the target's configuration into lab_dir, start the sidecar (optional), Dovecot and Postfix.
 
     `legacy`: keys of the [legacy] config section (host, imap_port, smtp_port, ...; ca_file defaults to the
     lab CA). `settings`: further sections of autoport.toml, e.g. {"limits": {"copy_concurrency": 1}}.
     `postfix_overrides` / `dovecot_overrides`: template variables (tests: a stand-in checkpassword, ...).
+    `namespace_login`: (login, password) of a legacy user: with [mail] namespace_* = "auto" (the default) the
+    target shows the namespace the legacy server answers to NAMESPACE for that user (sidecar/legacy/namespace.py).
     """
     lab_dir = lab_dir.resolve()
     if any(c.isspace() for c in str(lab_dir)):
@@ -170,7 +175,7 @@ def start_target(
 
     ca = tlsgen.ensure_ca(lab_dir / "tls")
     cert = tlsgen.issue_cert(ca, TLS_NAME, ips=[host])
-    imap, pop3, smtp, submission, sieve, dashboard_port = proc.free_ports(host, 6)
+    imap, pop3, smtp, submission, sieve, dashboard_port, smtps = proc.free_ports(host, 7)
     store_url = store_url or f"sqlite:///{lab_dir / 'state.db'}"
     auth_socket = run_dir / "auth.sock"
     socketmap = f"unix:{run_dir / 'socketmap.sock'}"
@@ -222,6 +227,7 @@ def start_target(
         "smtpd_peername_lookup": "no",
         "smtp_listen": f"{host}:{smtp}",
         "submission_listen": f"{host}:{submission}",
+        "smtps_listen": f"{host}:{smtps}" if cfg.target.smtps else "",
         "smtpd_tls_auth_only": "no",
         "smtpd_tls_security_level": "may",
         "submission_tls_security_level": "may",
@@ -232,7 +238,16 @@ def start_target(
         "syslog_name": f"postfix-{host}",
     }
     pf_vars |= dict(postfix_overrides or {})
-    dv_vars = render.dovecot_vars(cfg, queue_directory=str(queue)) | {
+    legacy_ns = None
+    if namespace_login is not None and "auto" in (cfg.mail.namespace_prefix, cfg.mail.namespace_separator):
+        from sidecar.legacy import namespace
+        from sidecar.migration.copier import SourceError  # (the package first: legacy.imap needs it)
+
+        try:
+            legacy_ns = namespace.probe(cfg.legacy, *namespace_login)
+        except SourceError as e:
+            raise LabError(f"cannot ask the legacy server for its NAMESPACE: {e}") from None
+    dv_vars = render.dovecot_vars(cfg, queue_directory=str(queue), legacy_namespace=legacy_ns) | {
         "listen": host,
         "base_dir": str(tdir / "dovecot-run"),
         "instance_name": f"autoport-target-{host}",
@@ -283,6 +298,7 @@ def start_target(
         sidecar=sidecar,
         logs=logs,
         pids={},
+        smtps=smtps if cfg.target.smtps else 0,
     )
     _save(lab_dir, stack)
     try:
@@ -334,7 +350,7 @@ def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
         pidfile = stack.queue_directory / "pid" / "master.pid"
         pid = proc.start_postfix(stack.postfix_config, pidfile, output=log.with_suffix(".out"), log=log)
         proc.record_pid(lab_dir, name, pid)
-        for port in (stack.smtp, stack.submission):
+        for port in (p for p in (stack.smtp, stack.submission, stack.smtps) if p):
             proc.wait_service(stack.host, port, pid, what="target Postfix", log=log)
     else:
         raise ValueError(f"unknown target component {name!r} (choose from {', '.join(COMPONENTS)})")

@@ -175,3 +175,14 @@ class LegacyPop3:
         except OSError as e:
             raise SourceUnavailable(f"legacy POP3: {type(e).__name__}") from None
         return header_hash(lines)
+
+    def retr(self, number: int) -> bytes:
+        """The whole message (CRLF line ends, dot-stuffing undone). Read in one piece: poplib has no stream."""
+        c = self._c()
+        try:
+            _resp, lines, _ = c.retr(number)
+        except poplib.error_proto as e:
+            raise SourceError(f"legacy POP3 RETR {number}: {e}") from None
+        except OSError as e:
+            raise SourceUnavailable(f"legacy POP3: {type(e).__name__}") from None
+        return b"".join(line + b"\r\n" for line in lines)

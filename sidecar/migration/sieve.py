@@ -7,7 +7,10 @@
 The target's layout is the one dovecot/conf.d/90-sieve.conf.j2 sets (`sieve = file:~/sieve;active=~/.dovecot.sieve`):
 every script as ~/sieve/NAME.sieve, and ~/.dovecot.sieve a symlink to sieve/ACTIVE.sieve (none when no script
 is active), all owned by the mail user; ManageSieve on the target then lists the same scripts, the same one
-ACTIVE. Script bodies are copied byte for byte (a `fileinto` naming a legacy-style folder is not rewritten).
+ACTIVE. Script bodies are copied byte for byte, except the folder names `fileinto` gives: a legacy folder the
+target shows under another name (a namespace other than the legacy one, or a localized special folder mapped to
+Sent/Junk/...) is renamed in the script to what the target shows (rewrite_fileinto), so the rule still files
+into the same folder. With the default namespace (the legacy one) and standard folder names nothing changes.
 
 The client is our own (about 200 lines): sievelib (PyPI, Debian python3-sievelib) exists, but it cannot use the
 TLS context the rest of autoport uses (CA file plus the certificate name in legacy.tls_server_name, checked
@@ -360,6 +363,7 @@ class SieveResult:
     scripts: dict[str, bytes]  # name -> body, as written
     active: str | None  # the active script's name, or None
     skipped: tuple[str, ...] = ()  # "name: reason" of scripts that could not be carried over
+    renamed: tuple[str, ...] = ()  # "script: fileinto old -> new": folder names the target shows differently
 
 
 def fetch_scripts(
@@ -406,6 +410,51 @@ def fetch_scripts(
     return SieveResult(scripts, active, tuple(skipped))
 
 
+_FILEINTO = re.compile(
+    rb'(\bfileinto\b(?:\s+:[A-Za-z_]+(?:\s+(?:"(?:[^"\\]|\\.)*"|\[[^\]]*\]))?)*\s+)"((?:[^"\\]|\\.)*)"',
+    re.IGNORECASE,
+)
+
+
+def rewrite_fileinto(script: bytes, names: dict[str, str]) -> tuple[bytes, list[str]]:
+    """The script with each `fileinto` folder found in `names` (legacy name -> name on the target) replaced;
+    and the replacements made, "old -> new". Tags (:copy, :create, :flags ...) are kept; anything else is
+    left byte for byte."""
+    changed: list[str] = []
+
+    def sub(m: re.Match[bytes]) -> bytes:
+        raw = m.group(2)
+        try:
+            name = re.sub(rb"\\(.)", rb"\1", raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return m.group(0)
+        new = names.get(name)
+        if new is None or new == name:
+            return m.group(0)
+        changed.append(f"{name} -> {new}")
+        quoted = new.encode("utf-8").replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+        return m.group(1) + b'"' + quoted + b'"'
+
+    return _FILEINTO.sub(sub, script), changed
+
+
+def target_folder_names(cfg: Config, source: SourceParams) -> dict[str, str]:
+    """Legacy folder name -> the name the target shows for it, where they differ (the copier's folder plan in
+    the target namespace). One IMAP session on the legacy server; {} when it has no IMAP."""
+    if not source.imap_port:
+        return {}
+    from sidecar.legacy.imap import LegacySource
+    from sidecar.legacy.namespace import resolve
+    from sidecar.migration.copier.folders import FolderMapper
+
+    with LegacySource(source) as src:
+        prefix, sep = src.namespace()
+        listing = src.list_folders()
+    mapper = FolderMapper(sep or (listing[0].delimiter if listing else None), prefix)
+    ns = resolve(cfg, (prefix, sep or "/"))
+    return {p.legacy: ns.name(p.target) for p in mapper.plan(listing) if ns.name(p.target) != p.legacy}
+
+
 def write_scripts(home: Path, result: SieveResult, owner: Owner) -> None:
     """Pigeonhole's file layout in `home`: sieve/NAME.sieve (0600) and .dovecot.sieve -> sieve/ACTIVE.sieve.
 
@@ -450,9 +499,18 @@ def copy_scripts(
     owner: Owner,
     use_admin: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    folder_names: dict[str, str] | None = None,
 ) -> SieveResult:
-    """fetch_scripts + write_scripts. Raises SieveError (and subclasses); the caller records the failure."""
+    """fetch_scripts + write_scripts, `fileinto` folders renamed per folder_names (legacy -> target name).
+    Raises SieveError (and subclasses); the caller records the failure."""
     result = fetch_scripts(legacy, login, password, use_admin=use_admin, ssl_context=ssl_context)
+    if folder_names:
+        renamed: list[str] = []
+        scripts = {}
+        for name, body in result.scripts.items():
+            scripts[name], changed = rewrite_fileinto(body, folder_names)
+            renamed += [f"{name}: fileinto {c}" for c in changed]
+        result = dataclasses.replace(result, scripts=scripts, renamed=tuple(renamed))
     write_scripts(home, result, owner)
     return result
 
@@ -474,8 +532,13 @@ def copy_for_account(cfg: Config, store: Store, address: str, source: SourcePara
     Never raises: a failure is an event of kind "sieve-failed" (the report lists it) and the migration goes on;
     so is each script left behind. A copy that worked is an event of kind "sieve".
     """
-    from sidecar.migration.copier import target_home
+    from sidecar.migration.copier import SourceError, target_home
 
+    names_error = ""
+    try:
+        names = target_folder_names(cfg, source)
+    except SourceError as e:  # the scripts still come over, their folder names as they were
+        names, names_error = {}, str(e)
     try:
         result = copy_scripts(
             cfg.legacy,
@@ -485,6 +548,7 @@ def copy_for_account(cfg: Config, store: Store, address: str, source: SourcePara
             owner=mail_owner(cfg),
             use_admin=bool(source.admin_user),
             ssl_context=source.ssl_context,
+            folder_names=names,
         )
     except Exception as e:  # refused, unreachable, disk trouble: mail matters more than filters
         with contextlib.suppress(Exception):
@@ -498,4 +562,8 @@ def copy_for_account(cfg: Config, store: Store, address: str, source: SourcePara
             store.record_event(
                 address, "sieve", f"{len(result.scripts)} Sieve script(s) copied; active: {result.active or '(none)'}"
             )
+        if names_error and result.scripts:
+            store.record_event(address, "sieve-failed", f"Sieve fileinto folder names not checked: {names_error}")
+        for renamed in result.renamed:
+            store.record_event(address, "sieve", f"Sieve folder renamed as the target shows it: {renamed}")
     return result

@@ -257,6 +257,10 @@ def render_dovecot(
 
 
 VARIABLES_FILE = ".autoport-render.json"
+# Variables added to the templates after a configuration may have been rendered and recorded: their values
+# for such a record are what the templates did before (finalize renders a recorded configuration again).
+ADDED_POSTFIX_VARIABLES = {"smtpd_sasl_auth_enable": "no", "smtps_listen": "", "message_size_limit": "10240000"}
+ADDED_DOVECOT_VARIABLES = {"namespace_prefix": "", "namespace_separator": "/"}
 
 
 def save_variables(config_dir: Path, variables: Mapping[str, object]) -> None:
@@ -405,7 +409,11 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "legacy_concurrency": str(max(1, cfg.limits.legacy_connections)),
         "sasl_path": "private/auth",
         "sasl_relay": cfg.sockets.sasl,  # empty: smtpd talks to Dovecot's socket directly
-        "smtpd_tls_auth_only": "yes",
+        "smtpd_tls_auth_only": "no" if cfg.target.plaintext_auth else "yes",
+        # what the legacy server offered (sidecar/legacy/offer.py): SMTP AUTH on 25, 465, the size limit
+        "smtpd_sasl_auth_enable": "yes" if cfg.target.smtp_auth_on_25 else "no",
+        "smtps_listen": "smtps" if cfg.target.smtps else "",
+        "message_size_limit": str(cfg.target.message_size_limit),
         "smtpd_tls_security_level": "may",
         "submission_tls_security_level": "encrypt",
         "tls_cert_file": "",
@@ -441,8 +449,17 @@ def lmtp_socket_path(local_transport: str, queue_directory: str) -> str:
     return path if path.startswith("/") else f"{queue_directory.rstrip('/')}/{path}"
 
 
-def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") -> dict[str, str]:
-    """Production variables for dovecot/*.j2 from the autoport configuration (Debian paths)."""
+def dovecot_vars(
+    cfg: Config, *, queue_directory: str = "/var/spool/postfix", legacy_namespace: tuple[str, str] | None = None
+) -> dict[str, str]:
+    """Production variables for dovecot/*.j2 from the autoport configuration (Debian paths).
+
+    legacy_namespace: the legacy server's (prefix, separator) when known (sidecar.legacy.namespace.probe), for
+    [mail] namespace_* = "auto".
+    """
+    from sidecar.legacy.namespace import resolve
+
+    ns = resolve(cfg, legacy_namespace)
     url = cfg.store.url
     if url.startswith("sqlite:///"):
         driver, sqlite_file, pg = "sqlite", sqlite_path(url), ""
@@ -457,12 +474,15 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "state_dir": "/var/lib/dovecot",
         "dovecot_dir": dovecot_dir,
         "auth_default_realm": "",
-        "disable_plaintext_auth": "yes",
+        "disable_plaintext_auth": "no" if cfg.target.plaintext_auth else "yes",
         "checkpassword_args": checkpassword_command(cfg.sockets.auth),
         "mail_root": cfg.target.mail_root,
         "mail_user": cfg.target.mail_user,
         "mail_group": cfg.target.mail_user,
         "recipient_delimiter": "+",
+        # the IMAP namespace clients see (sidecar/legacy/namespace.py); on disk Maildir++ either way
+        "namespace_prefix": ns.prefix,
+        "namespace_separator": ns.separator,
         "log_path": "syslog",
         "ssl": "required",
         "ssl_cert": "/etc/dovecot/private/dovecot.pem",

@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", required=True, help="lab directory (created)")
     s.add_argument("--json", action="store_true", help="print the lab description as JSON")
     s.add_argument("--users", type=int, default=5, help="generated legacy users")
-    s.add_argument("--legacy", default="dovecot", choices=["dovecot", "courier-style"], help="legacy profile")
+    s.add_argument(
+        "--legacy", default="dovecot", choices=["dovecot", "courier-style", "pop3-only"], help="legacy profile"
+    )
     s.add_argument("--legacy-external", metavar="SPEC", help="TOML file describing an existing legacy server")
     s.add_argument("--store", default="sqlite", choices=["sqlite", "postgresql"], help="state store backend")
     s.add_argument("--bare-logins", action="store_true", help="legacy users log in with bare local parts")

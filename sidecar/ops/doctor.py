@@ -16,6 +16,12 @@ Checks, in order (later checks still run after a failure, except that nothing ru
              configured; a certificate problem says which setting to change
   admin      legacy admin credentials (if set) log in over IMAP per legacy.admin_mode, on behalf of an account
              from the store (skipped, with a note, while the store has none)
+  offer      what the legacy server offered clients (SMTP AUTH on 465 with implicit TLS and on 25, plain-text
+             logins, the SMTP SIZE) against what [target] offers (smtps, smtp_auth_on_25, plaintext_auth,
+             message_size_limit); prints the keys to set when the target would offer less
+  namespace  the IMAP namespace (prefix, separator) the target Dovecot shows is the one it should show: the legacy
+             server's NAMESPACE (asked with the admin credentials on behalf of an account from the store) for
+             [mail] namespace_* = "auto", else the configured one; says what to set when they differ
 Nothing here changes anything; passwords are never printed.
 """
 
@@ -429,10 +435,8 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     if not users:
         yield Finding(NOTE, "admin", "admin credentials not checked: the store has no account to log in as yet")
         return
-    # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
-    import sidecar.migration.copier  # noqa: F401
-    from sidecar.legacy.imap import LegacySource
     from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
+    from sidecar.legacy.imap import LegacySource
 
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))
@@ -457,6 +461,91 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     yield _ok("admin", f"{lg.admin_user} logs in as {user} ({lg.admin_mode})")
 
 
+# --- what clients were offered -------------------------------------------------------------------------------
+
+
+def check_offer(cfg: Config) -> Iterator[Finding]:
+    from sidecar.legacy import offer as offer_mod
+
+    try:
+        found = offer_mod.probe(cfg.legacy, timeout=DOCTOR_TIMEOUT)
+    except (OSError, ssl.SSLError) as e:
+        yield Finding(NOTE, "offer", f"the legacy server's offer was not asked: {e}")
+        return
+    seen = []
+    for name, o in (("SMTP", found.smtp), ("submission", found.submission), ("smtps", found.smtps)):
+        if o.reachable:
+            size = "no SIZE" if o.size is None else f"SIZE {o.size or 'unlimited'}"
+            seen.append(f"{name} {o.port}: AUTH {' '.join(o.auth) or '(none)'}, {size}")
+    if found.plaintext_login is not None:
+        seen.append("plain-text logins " + ("allowed" if found.plaintext_login else "refused"))
+    missing = offer_mod.shortfalls(cfg, found)
+    summary = "; ".join(seen) or "nothing answered"
+    if missing:
+        yield _bad("offer", f"the target offers less than the legacy server ({summary})",
+                   f"set in [target]: {', '.join(missing)}; render Postfix and Dovecot again (Ansible: "
+                   "postfix_smtps_listen, postfix_smtpd_sasl_auth_enable, postfix_message_size_limit, "
+                   "dovecot_disable_plaintext_auth)")  # fmt: skip
+    else:
+        yield _ok("offer", f"the target offers what the legacy server did ({summary})")
+    for note in found.notes:
+        yield Finding(NOTE, "offer", note)
+
+
+# --- the namespace clients see ------------------------------------------------------------------------------
+
+
+def dovecot_namespace(conf: str) -> tuple[str, str] | None:
+    """(prefix, separator) of the inbox namespace in `doveconf -c conf -n`, None when it cannot be read."""
+    rc, out = _cmd(["doveconf", "-c", conf, "-n"])
+    if rc != 0:
+        return None
+    m = re.search(r"^namespace inbox \{\n(.*?)^\}", out, re.M | re.S)
+    if m is None:
+        return None
+    top = _settings("\n".join(x for x in m.group(1).splitlines() if x[:3] != "   "))  # not nested blocks
+    # doveconf -n leaves out defaults: prefix "", separator "" (Maildir++: ".")
+    return top.get("prefix", ""), top.get("separator", "") or "."
+
+
+def check_namespace(cfg: Config, users: list[str], finalized: bool) -> Iterator[Finding]:
+    from sidecar.legacy import namespace
+
+    conf = cfg.target.dovecot_config or "/etc/dovecot/dovecot.conf"
+    shown = dovecot_namespace(conf)
+    if shown is None:
+        return  # the dovecot check above already says why
+    auto = "auto" in (cfg.mail.namespace_prefix, cfg.mail.namespace_separator)
+    legacy_ns: tuple[str, str] | None = None
+    lg = cfg.legacy
+    if auto and not finalized:
+        if not (lg.admin_user and lg.admin_password and users):
+            why = "no legacy admin credentials" if not lg.admin_user else "no account in the store yet"
+            yield Finding(NOTE, "namespace", f"target shows prefix {shown[0]!r}, separator {shown[1]!r}; the legacy "
+                          f"NAMESPACE was not asked ({why}): compare with what a legacy IMAP client shows")  # fmt: skip
+            return
+        from sidecar.migration.copier import SourceError
+
+        try:
+            legacy_ns = namespace.probe(lg, users[0], use_admin=True)
+        except SourceError as e:
+            yield Finding(NOTE, "namespace", f"legacy NAMESPACE not asked: {e}")
+            return
+    want = namespace.resolve(cfg, legacy_ns)
+    if shown == (want.prefix, want.separator):
+        where = "the legacy server's NAMESPACE" if legacy_ns is not None else "[mail] namespace_*"
+        yield _ok("namespace", f"target shows prefix {want.prefix!r}, separator {want.separator!r}, as {where}")
+        return
+    yield _bad(
+        "namespace",
+        f"target Dovecot shows prefix {shown[0]!r}, separator {shown[1]!r}; it should show prefix {want.prefix!r}, "
+        f"separator {want.separator!r}" + (" (the legacy server's)" if legacy_ns is not None else ""),
+        f'set [mail] namespace_prefix = "{want.prefix}" and namespace_separator = "{want.separator}" (Ansible: '
+        "dovecot_namespace_prefix / dovecot_namespace_separator), render Dovecot's configuration again and "
+        "`doveadm reload`; before any account is migrated, or clients see renamed folders",
+    )
+
+
 # --- all of it ---------------------------------------------------------------------------------------------
 
 
@@ -470,8 +559,18 @@ def run(cfg: Config) -> list[Finding]:
         findings.append(Finding(NOTE, "store", "finalize has run: the sidecar's sockets are not needed any more"))
     findings += check_postfix(cfg, finalized)
     findings += check_dovecot(cfg, finalized)
-    findings += check_legacy(cfg)
+    legacy_findings = list(check_legacy(cfg))
+    findings += legacy_findings
+    imap_down = any(f.status == PROBLEM and f.message.startswith("IMAP ") and "not reachable" in f.message
+                    for f in legacy_findings)  # fmt: skip
+    pop3_up = any(f.status == OK and f.message.startswith("POP3 ") for f in legacy_findings)
+    if imap_down and pop3_up:
+        findings.append(Finding(NOTE, "legacy", "only POP3 answers: if the legacy server has no IMAP, set [legacy] "
+                                "imap_port = 0, and INBOX is copied over POP3 (UIDLs and order kept)"))  # fmt: skip
     findings += check_admin(cfg, users)
+    if not finalized:
+        findings += check_offer(cfg)
+    findings += check_namespace(cfg, users, finalized)
     return findings
 
 

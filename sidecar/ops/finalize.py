@@ -225,6 +225,7 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
     render.write_atomic(aliases_file, alias_map(store), 0o644)
     done.append(f"wrote {mailboxes_file} ({len(verdict.mailboxes)} account(s)) and {aliases_file}")
     pf_final = {
+        **render.ADDED_POSTFIX_VARIABLES,
         **pf_vars,
         "autoport_finalized": "yes",
         "virtual_transport": cfg.target.local_transport,
@@ -232,7 +233,7 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
         "final_alias_maps": f"texthash:{aliases_file}",
         "sasl_relay": "",  # SMTP AUTH straight to Dovecot's socket: the sidecar's relay retires with it
     }
-    dv_final = {**dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
+    dv_final = {**render.ADDED_DOVECOT_VARIABLES, **dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
     try:
         warnings = render.render_postfix(pf_dir, pf_final)
         done.append(f"wrote {pf_dir}/main.cf and master.cf (validated: postfix check)")

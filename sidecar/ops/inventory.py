@@ -111,8 +111,6 @@ def account_name(entry: str, prefix: str, separator: str | None) -> str | None:
 
 def list_legacy(cfg: Config) -> Listing:
     """The other-users namespace of the legacy server, listed by the admin (module doc)."""
-    # the copier package first: importing sidecar.legacy.imap on its own is circular (it imports copier.folders)
-    import sidecar.migration.copier  # noqa: F401
     from sidecar.legacy.imap import LegacySource
     from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
 

@@ -239,3 +239,18 @@ def test_wrong_password_is_an_auth_error_without_the_password() -> None:
     finally:
         lab.cleanup(inst)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_legacy_pop3_order_is_kept(env: Env) -> None:
+    """courier-style numbers POP3 messages in an order of its own (not the UID order): the target lists them in
+    that order too (dovecot-uidlist O fields); with Dovecot's own order no O field is written."""
+    u = env.user(6)
+    result = env.copy(u, lab.FakeStore())
+    assert result.pop3_unmatched == []
+    env.assert_equal(u)  # POP3: the same UIDLs and messages, in the same order
+    uidlist = (env.home(u) / "Maildir" / "dovecot-uidlist").read_text().splitlines()[1:]
+    orders = [f for line in uidlist for f in line.split(" :")[0].split() if f.startswith("O")]
+    if env.srv.profile == "courier-style":
+        assert len(orders) == len(uidlist) and orders != [f"O{n}" for n in range(1, len(uidlist) + 1)]
+    else:
+        assert orders == []

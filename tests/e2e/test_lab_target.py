@@ -49,7 +49,8 @@ def imap_login(st: target.TargetStack, user: str, password: str) -> imaplib.IMAP
 
 def test_to_json_describes_the_stack(stack: target.TargetStack) -> None:
     d = stack.to_json()
-    assert set(d) == {"host", "imap", "pop3", "smtp", "submission", "managesieve", "socketmap", "dashboard"}
+    assert set(d) == {"host", "imap", "pop3", "smtp", "submission", "smtps", "managesieve", "socketmap", "dashboard"}
+    assert d["smtps"] == 0  # [target] smtps off: no port 465 service
     assert d["host"] == "127.0.0.3"
     assert d["socketmap"] == f"unix:{stack.dir / 'run' / 'socketmap.sock'}"
     assert d["dashboard"] is None

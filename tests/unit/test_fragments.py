@@ -196,3 +196,32 @@ def test_lmtp_socket_follows_the_local_transport() -> None:
     )
     with pytest.raises(render.RenderError):
         render.lmtp_socket_path("lmtp:inet:127.0.0.1:24", "/var/spool/postfix")
+
+
+def test_dovecot_namespace_is_the_legacy_one(work: Path) -> None:
+    """[mail] namespace_* = auto renders the legacy server's NAMESPACE; explicit keys win over it."""
+    cfg = _cfg("sqlite:////x.db")
+    conf = work / "dovecot"
+    render.render_dovecot(conf, _dovecot_vars(work, cfg) | _ns_vars(cfg, ("INBOX.", ".")))
+    out, _ = render.check_dovecot(conf / "dovecot.conf")
+    block = re.search(r"^namespace inbox \{\n(.*?)^\}", out, re.M | re.S)
+    assert block and "  prefix = INBOX.\n" in block[1] and "  separator = .\n" in block[1]
+    explicit = config.from_dict({"mail": {"namespace_prefix": "", "namespace_separator": "/"}})
+    assert _ns_vars(explicit, ("INBOX.", ".")) == {"namespace_prefix": "", "namespace_separator": "/"}
+
+
+def _ns_vars(cfg: config.Config, legacy_ns: tuple[str, str]) -> dict[str, str]:
+    v = render.dovecot_vars(cfg, legacy_namespace=legacy_ns)
+    return {k: v[k] for k in ("namespace_prefix", "namespace_separator")}
+
+
+def test_a_record_from_before_the_added_variables_still_renders(work: Path) -> None:
+    """finalize renders a recorded configuration again: one recorded before namespace_* existed gets the old
+    values (what the templates did then), while a fresh render without them is still an error."""
+    cfg = _cfg("sqlite:////x.db")
+    old = {k: v for k, v in _dovecot_vars(work, cfg).items() if k not in render.ADDED_DOVECOT_VARIABLES}
+    with pytest.raises(render.RenderError, match="namespace_"):
+        render.render_dovecot(work / "dovecot", old)
+    render.render_dovecot(work / "dovecot", {**render.ADDED_DOVECOT_VARIABLES, **old})
+    pf_old = {k: v for k, v in _postfix_vars(work, cfg).items() if k not in render.ADDED_POSTFIX_VARIABLES}
+    assert render.render_postfix(work / "postfix", {**render.ADDED_POSTFIX_VARIABLES, **pf_old}) == []

@@ -149,3 +149,26 @@ def test_unsafe_script_names_are_left_behind(server_factory: list[Server], tmp_p
     assert result.scripts == {} and result.active is None
     assert len(result.skipped) == 2
     assert not (tmp_path / "escape.sieve").exists() and not (tmp_path / ".dovecot.sieve").exists()
+
+
+def test_fileinto_folders_renamed_as_the_target_shows_them() -> None:
+    from sidecar.migration.sieve import rewrite_fileinto
+
+    script = (
+        b'require ["fileinto", "imap4flags", "copy"];\n'
+        b'if header :contains "X-Spam-Flag" "YES" { fileinto "INBOX.Junk"; stop; }\n'
+        b'if true { fileinto :copy :flags ["\\\\Seen", "x"] "INBOX.Archive.2023"; fileinto "INBOX.Keep \\"q\\""; }\n'
+        b'fileinto "INBOX.Entw\xc3\xbcrfe";\n'
+    )
+    names = {"INBOX.Junk": "Junk", "INBOX.Archive.2023": "Archive/2023", 'INBOX.Keep "q"': 'Keep "q"',
+             "INBOX.Entwürfe": "Drafts", "INBOX.Other": "Other"}  # fmt: skip
+    out, changed = rewrite_fileinto(script, names)
+    assert out == (
+        b'require ["fileinto", "imap4flags", "copy"];\n'
+        b'if header :contains "X-Spam-Flag" "YES" { fileinto "Junk"; stop; }\n'
+        b'if true { fileinto :copy :flags ["\\\\Seen", "x"] "Archive/2023"; fileinto "Keep \\"q\\""; }\n'
+        b'fileinto "Drafts";\n'
+    )
+    assert changed == ["INBOX.Junk -> Junk", "INBOX.Archive.2023 -> Archive/2023", 'INBOX.Keep "q" -> Keep "q"',
+                       "INBOX.Entwürfe -> Drafts"]  # fmt: skip
+    assert rewrite_fileinto(script, {}) == (script, [])

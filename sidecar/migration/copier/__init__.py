@@ -1,4 +1,5 @@
-"""The copier: one account from the legacy server (IMAP, POP3 UIDLs) into the target Dovecot's Maildir.
+"""The copier: one account from the legacy server (IMAP, POP3 UIDLs and order; or POP3 alone) into the target
+Dovecot's Maildir.
 
 Public API for the job runner:
     copy_account(source_params, target_home, store, address, *, mode="initial"|"delta", progress=callback,

@@ -7,9 +7,11 @@ Per folder (in LIST order, INBOX first):
    expunge on the target what the legacy side no longer has and give every message the legacy flags/keywords.
 3. `UID FETCH <last+1>:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])`, streamed into tmp/, committed in
    batches (fsync, rename into cur/, uidlist); after each commit the store's watermark (FolderMark) is set.
-Then subscriptions, POP3 UIDLs for INBOX, and (delta mode) removal of target folders the legacy side no longer
-has. The resume point is the target's own uidlist (what is durable on disk), so a crash anywhere, including
-between a commit and its watermark, neither loses nor duplicates a message.
+Then subscriptions, POP3 UIDLs for INBOX (and the legacy POP3 order where it is not the UID order: dovecot-uidlist
+`O` fields), and (delta mode) removal of target folders the legacy side no longer has. A legacy server without
+IMAP (imap_port 0) takes another path: INBOX over POP3 (pop3copy.py). The resume point is the target's own
+uidlist (what is durable on disk), so a crash anywhere, including between a commit and its watermark, neither
+loses nor duplicates a message.
 
 The copier owns the target mailbox exclusively in those two modes (account state copying/cutover): UIDs are
 the legacy UIDs.
@@ -40,10 +42,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal, Protocol
 
-from sidecar.legacy.imap import LegacySource, SourceParams
+from sidecar.legacy.imap import LegacySource, SourceError, SourceParams
 from sidecar.legacy.pop3 import LegacyPop3, header_hash, match
 from sidecar.migration.copier.folders import LAYOUT, FolderMapper, FolderPlan, TargetLayout
 from sidecar.migration.copier.maildir import MaildirAccount, MaildirFolder, Owner
+from sidecar.migration.copier.pop3copy import copy_pop3, pop3_order
 from sidecar.store.base import FolderMark
 
 log = logging.getLogger("autoport.copier")
@@ -152,6 +155,8 @@ def copy_account(
     started = time.monotonic()
     result = CopyResult(address, mode)
     account = MaildirAccount(target_home, owner=_owner(opts.owner), layout=opts.layout)
+    if not source_params.imap_port:
+        return _copy_pop3_only(source_params, account, store, address, mode, progress, opts, result, started)
     with LegacySource(source_params) as src:
         account.ensure()
         prefix, sep = src.namespace()
@@ -239,6 +244,37 @@ def copy_account(
         result.bytes_copied,
         result.seconds,
     )
+    return result
+
+
+def _copy_pop3_only(
+    params: SourceParams,
+    account: MaildirAccount,
+    store: CopyStore,
+    address: str,
+    mode: Mode,
+    progress: ProgressCallback | None,
+    opts: CopyOptions,
+    result: CopyResult,
+    started: float,
+) -> CopyResult:
+    """A legacy server without IMAP: INBOX over POP3 (pop3copy.py)."""
+    if not params.pop3_port:
+        raise SourceError("the legacy server has neither IMAP nor POP3 configured (legacy.imap_port, pop3_port)")
+    counters = {"done": 0, "bytes": 0}
+
+    def tick(folder: str, n: int, size: int, total: int) -> None:
+        counters["done"] += n
+        counters["bytes"] += size
+        if progress is not None:
+            progress(Progress(address, folder, counters["done"], total, counters["bytes"]))
+
+    account.ensure()
+    result.folders.append(copy_pop3(params, account, store, address, mode, opts, tick))
+    store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+    result.seconds = time.monotonic() - started
+    log.info("%s: %s pass over POP3 copied %d messages (%d bytes) in %.1fs", address, mode,
+             result.messages_copied, result.bytes_copied, result.seconds)  # fmt: skip
     return result
 
 
@@ -429,14 +465,15 @@ def _pop3_uidls(params: SourceParams, inbox: MaildirFolder) -> tuple[int, list[s
     """Give INBOX messages without a P field the legacy POP3 UIDL; returns (matched now, unmatched UIDLs)."""
     known = {r.pop3_uidl for r in inbox.records.values() if r.pop3_uidl}
     todo = {uid: inbox.read_header(uid) for uid, r in inbox.records.items() if not r.pop3_uidl}
-    if not todo:
-        return 0, []
     imap_hashes = {uid: header_hash(h) for uid, h in todo.items()}
     with LegacyPop3(params) as pop:
-        msgs = [m for m in pop.messages() if m.uidl not in known]
+        listing = pop.messages()
+        msgs = [m for m in listing if m.uidl not in known] if todo else []
         pop_hashes = [(m.uidl, pop.header_hash(m.number)) for m in msgs]
     res = match(pop_hashes, imap_hashes)
     for uid, uidl in res.uidls.items():
         inbox.set_pop3_uidl(uid, uidl)
+    # the legacy POP3 order, where it is not the UID order (Courier numbers POP3 messages its own way)
+    pop3_order(inbox, [m.uidl for m in listing])
     inbox.commit()
     return len(res.uidls), res.unmatched_pop3

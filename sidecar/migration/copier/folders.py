@@ -1,8 +1,10 @@
 """Folder mapping: legacy folder names -> target folder names -> Maildir++ directory names. Pure, no I/O.
 
 The target layout is fixed by the Dovecot fragments (dovecot/): `mail_location = maildir:~/Maildir`, Maildir++
-layout, inbox namespace with separator "/" and prefix "", special-use folders Drafts, Sent, Trash, Junk,
-Archive. LAYOUT below is the one place holding those parameters; change it together with the fragments.
+layout, special-use folders Drafts, Sent, Trash, Junk, Archive. LAYOUT below is the one place holding those
+parameters; change it together with the fragments. Target names here always use "/" between levels: the
+namespace clients see (prefix, separator: the legacy server's by default) is only Dovecot's view of the same
+Maildir++ directories (sidecar/legacy/namespace.py).
 """
 
 from __future__ import annotations

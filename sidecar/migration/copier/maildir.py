@@ -2,7 +2,7 @@
 
 Formats (checked against Dovecot 2.3.19 on this machine and its source, maildir-uidlist.c):
 - `dovecot-uidlist`: header `3 V<uidvalidity> N<nextuid>[ G<guid> ...]`, then one line per message
-  `<uid>[ P<pop3-uidl>] :<basename>`, ascending UIDs; basename = file name before ":2,".
+  `<uid>[ P<pop3-uidl>][ O<pop3-order>] :<basename>`, ascending UIDs; basename = file name before ":2,".
 - files `cur/<basename>:2,<flags>` with basename `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>`
   (S = bytes on disk, W = size with CRLF line endings); flag letters D F R S T, then keyword letters a..z.
 - `dovecot-keywords`: `<index> <keyword>` lines, index 0..25 = letter a..z.
@@ -254,6 +254,7 @@ class Record:
     letters: str  # maildir info letters after ":2," (system flags and keyword letters)
     pop3_uidl: str | None = None
     ext: tuple[str, ...] = ()  # other uidlist extension fields, kept as they are
+    pop3_order: int | None = None  # O field: position in POP3 listings (when it differs from UID order)
 
 
 @dataclasses.dataclass
@@ -367,13 +368,16 @@ class MaildirFolder:
                 raise MaildirError(f"{p} line {n}: UIDs not ascending")
             prev = uid
             pop3 = None
+            order = None
             ext = []
             for f in fields[1:]:
                 if f.startswith("P"):
                     pop3 = f[1:]
+                elif f.startswith("O") and f[1:].isdigit():
+                    order = int(f[1:])
                 else:
                     ext.append(f)
-            self.records[uid] = Record(uid, name, name, "", "", pop3, tuple(ext))
+            self.records[uid] = Record(uid, name, name, "", "", pop3, tuple(ext), order)
         self.next_uid = max(self.next_uid, prev + 1)
 
     def _scan_files(self, shared: bool = False) -> None:
@@ -586,10 +590,11 @@ class MaildirFolder:
         flags: Iterable[str],
         internaldate: dt.datetime | None,
         legacy: tuple[int, int],
+        pop3_uidl: str | None = None,
     ) -> int:
         """Write one legacy message into tmp/ for commit_append(); returns its size."""
         tmp, base, size, synced = self._write_tmp(body, internaldate, legacy_tag(*legacy))
-        self._staged.append(_Staged(0, tmp, base, "", None, tuple(flags), synced))
+        self._staged.append(_Staged(0, tmp, base, "", pop3_uidl, tuple(flags), synced))
         return size
 
     def commit_append(self, uidvalidity: int = 0, lock_timeout: float = 30.0) -> list[int]:
@@ -621,7 +626,7 @@ class MaildirFolder:
             for s in self._staged:
                 name = f"{s.base}:2,{s.letters}"
                 os.rename(s.tmp, self.path / "cur" / name)
-                self.records[uid] = Record(uid, s.base, name, "cur", s.letters)
+                self.records[uid] = Record(uid, s.base, name, "cur", s.letters, s.pop3_uidl)
                 uids.append(uid)
                 uid += 1
             self.next_uid = uid
@@ -648,6 +653,14 @@ class MaildirFolder:
         with contextlib.suppress(FileNotFoundError):
             (self.path / rec.subdir / rec.filename).unlink()
         self._dirty = self._cur_dirty = True
+
+    def set_pop3_order(self, uid: int, order: int | None) -> None:
+        """Dovecot's POP3 order (uidlist `O<n>`, maildir-uidlist.c MAILDIR_UIDLIST_REC_EXT_POP3_ORDER): POP3
+        lists messages with an order by it, before those without one (checked on Dovecot 2.3.19)."""
+        rec = self.records[uid]
+        if rec.pop3_order != order:
+            rec.pop3_order = order
+            self._dirty = True
 
     def set_pop3_uidl(self, uid: int, uidl: str) -> None:
         if not uidl or any(c.isspace() for c in uidl) or ":" in uidl[:1]:
@@ -705,6 +718,8 @@ class MaildirFolder:
             fields = [str(uid)]
             if r.pop3_uidl:
                 fields.append(f"P{r.pop3_uidl}")
+            if r.pop3_order is not None:
+                fields.append(f"O{r.pop3_order}")
             fields.extend(r.ext)
             out.append(" ".join(fields) + " :" + r.base)
         write_file_atomic(
