@@ -435,8 +435,8 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     if not users:
         yield Finding(NOTE, "admin", "admin credentials not checked: the store has no account to log in as yet")
         return
-    from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
     from sidecar.legacy.imap import LegacySource
+    from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
 
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))

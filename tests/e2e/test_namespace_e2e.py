@@ -19,7 +19,7 @@ from harness import e2e_mail
 from harness.labs import running_lab
 
 from sidecar import config
-from sidecar.migration.copier.folders import SPECIAL_USES
+from sidecar.legacy.folder import SPECIAL_USES
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
