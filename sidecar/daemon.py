@@ -66,6 +66,7 @@ class Daemon:
         self.milter_stop = threading.Event()
         self.servers: list[asyncio.AbstractServer] = []
         self.runner: Any = None
+        self.agent: Any = None
         self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
         self.verifier: Any = None
 
@@ -84,7 +85,13 @@ class Daemon:
         self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.verifier = LegacyVerifier(cfg.legacy)
         auth_policy = AuthPolicy(cfg, self.store, self.verifier, credentials=self.credentials, defer=self.hasher.submit)
-        self.runner = JobRunner(cfg, self.store, self.credentials)
+        from sidecar.migration.cutover import NodeAgent
+        from sidecar.migration.jobs import default_hooks
+
+        # every node, with or without a job runner, closes its proxied sessions when an account cuts over
+        self.agent = NodeAgent(cfg, self.store)
+        hooks = default_hooks(cfg, self.store, poke=self.agent.poke)
+        self.runner = JobRunner(cfg, self.store, self.credentials, owner=self.agent.node, hooks=hooks)
         # the dashboard first: once the mail sockets exist it is up too; it sees the rest as they start
         sources = await self._start_dashboard()
 
@@ -121,6 +128,8 @@ class Daemon:
         if sources is not None:
             sources.socketmap = getattr(self.servers[-1], "stats", None)
 
+        self.agent.start()
+        log.info("node %s: heartbeat and cutover kicks on", self.agent.node)
         if cfg.limits.copy_concurrency > 0:
             self.runner.start()
             log.info("job runner: %d concurrent copies, owner %s", cfg.limits.copy_concurrency, self.runner.owner)
@@ -179,6 +188,8 @@ class Daemon:
     async def stop(self) -> None:
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        if self.agent is not None:
+            await asyncio.to_thread(self.agent.stop)
         for server in self.servers:
             server.close()
         for server in self.servers:

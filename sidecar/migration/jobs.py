@@ -60,6 +60,9 @@ class Hooks:
 
     release_held: Callable[[str], int]  # deliver the held mail of an account that left cutover
     after_migrated: Callable[[str, list[str]], None]  # kick proxied sessions, warm indexes
+    # in cutover, before the final delta: no proxied session and no mail in flight toward legacy on any node
+    # (sidecar.migration.cutover.quiesce; raises KickTimeout). None: only wait limits.cutover_grace
+    quiesce: Callable[[str, list[str]], None] | None = None
 
 
 class WaitForCredentials(Exception):
@@ -71,7 +74,9 @@ def backoff(failures: int) -> float:
     return float(min(BACKOFF_MAX, BACKOFF_BASE * (2 ** max(0, failures - 1))))
 
 
-def default_hooks(cfg: Config, store: Store) -> Hooks:
+def default_hooks(cfg: Config, store: Store, *, poke: Callable[[], None] | None = None) -> Hooks:
+    """The real hooks; `poke` wakes this node's NodeAgent (sidecar.migration.cutover) when a kick is asked."""
+
     def release(address: str) -> int:
         try:
             from sidecar.migration.release import release_held
@@ -91,7 +96,12 @@ def default_hooks(cfg: Config, store: Store) -> Hooks:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run([*doveadm, "index", "-u", address, "*"], capture_output=True, timeout=120, check=False)
 
-    return Hooks(release_held=release, after_migrated=after)
+    def quiesce(address: str, logins: list[str]) -> None:
+        from sidecar.migration.cutover import quiesce
+
+        quiesce(cfg, store, address, logins, poke=poke)
+
+    return Hooks(release_held=release, after_migrated=after, quiesce=quiesce)
 
 
 class JobRunner:
@@ -310,10 +320,12 @@ class JobRunner:
                 copied_bytes = sum(f.bytes for f in initial.folders)
                 if self._sieve is not None and self.cfg.legacy.sieve_port:
                     self._sieve(address, source)
-                self.store.transition(address, State.CUTOVER, expect=State.COPYING, reason="initial copy done")
+                account = self.store.transition(address, State.CUTOVER, expect=State.COPYING,
+                                                reason="initial copy done")  # fmt: skip
                 self.store.record_event(address, "cutover", "mail held while the final delta runs")
-                # mail already handed to the legacy relay before the switch lands there; let it settle
-                self.stopping.wait(self.cfg.limits.cutover_grace)
+            # in cutover (now, or again after a restart): nothing may write to the legacy mailbox any more
+            if not self._quiesce(job, account):
+                return
             self._copy_pass(address, "delta", source)
             account = self.store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
             self.store.set_progress(address, copied=account.messages_total, bytes_copied=copied_bytes)
@@ -345,6 +357,28 @@ class JobRunner:
                 self.store.finish(job.id, self.owner)
         except (SourceError, OSError, StoreUnavailable) as e:
             self._failure(job, f"{type(e).__name__}: {e}")
+
+    def _quiesce(self, job: Job, account: Any) -> bool:
+        """No proxied session and no mail in flight toward legacy on any node; False: the cutover failed toward
+        legacy (a node did not confirm) and the job was put back for a later retry."""
+        from sidecar.migration.cutover import KickTimeout
+
+        address = account.address
+        if self.hooks.quiesce is None:
+            # mail already handed to the legacy relay before the switch lands there; let it settle
+            self.stopping.wait(self.cfg.limits.cutover_grace)
+            return True
+        try:
+            self.hooks.quiesce(address, list(account.logins))
+        except KickTimeout as e:
+            log.warning("%s: %s; back on the legacy server, the cutover is retried later", address, e)
+            self.store.transition(address, State.FAILED, expect=State.CUTOVER, reason=f"cutover: {e}")
+            self.hooks.release_held(address)
+            self.store.set_error(address, f"cutover: {e}")
+            retry = self.clock() + backoff(max(1, job.attempts))
+            self.store.finish(job.id, self.owner, error=f"cutover: {e}", retry_at=retry)
+            return False
+        return True
 
     def _failure(self, job: Job, reason: str) -> None:
         address = job.address

@@ -1,0 +1,247 @@
+"""The cutover handshake: before the final delta reads the legacy mailbox, nothing may still write to it.
+
+Writes that can reach the legacy mailbox while an account is in ``cutover``:
+
+1. **Proxied sessions** on any front-end node (Dovecot proxies IMAP/POP3 there until migration): a flag set,
+   a message saved to Sent, an EXPUNGE. The auth policy answers TEMP to new proxied logins of an account in
+   cutover (sidecar.auth.policy), and every node closes the sessions it proxies (``doveadm proxy kick``).
+2. **Mail already routed toward the legacy server**: Postfix's queue manager keeps its last address
+   resolution for 30 s (sidecar.migration.release), so a message for the account can still be relayed to the
+   legacy server after the socketmap started answering ``retry:``. Every node clears that cache with the
+   release probe and waits until no message for the account is in its active queue.
+
+How every node takes part (the nodes share the store):
+
+- every sidecar runs a NodeAgent: it records a heartbeat (``nodes``) and carries out the kick requests
+  (``kicks``) it has not acknowledged yet: route-cache probe, wait for in-flight mail, ``doveadm proxy kick``
+  for each login of the account, then ``doveadm proxy list`` to check none is left; then it acknowledges
+  (``kick_acks``) with what it did.
+- the job runner (quiesce(), through Hooks.quiesce) writes ``cutover``, then asks for a kick and waits until
+  every live node (heartbeat within ``limits.node_timeout``) acknowledged it, within ``limits.kick_timeout``.
+  It waits ``limits.cutover_grace`` and asks again: a login whose OK (with proxy fields) was computed just
+  before the state changed reaches the legacy server within the proxy timeout ([legacy] timeout), after the
+  first kick; the second round closes it. Only then does the final delta read the legacy mailbox.
+- a node that does not confirm in time (down but still within its heartbeat, or its Postfix/Dovecot tools
+  fail) makes the cutover fail toward legacy: the account goes to ``failed``, its held mail is released to
+  the legacy relay, the copy is retried later (KickTimeout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from sidecar.config import Config
+from sidecar.store.base import Kick, Store, StoreError
+
+log = logging.getLogger("sidecar.migration.cutover")
+
+HEARTBEAT = 1.0  # seconds between a node's heartbeats (and looks at the kick requests)
+KICK_WINDOW = 600.0  # kick requests older than this are not carried out any more (the cutover is long over)
+KICK_ROUNDS = 3  # doveadm proxy kick + list rounds on one node before it reports sessions it could not close
+POLL = 0.05
+
+
+def node_id() -> str:
+    """This sidecar's name among the nodes (the job runner's lease owner has the same form)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class KickTimeout(Exception):
+    """Not every live node confirmed the kick in time: the cutover must not read the legacy mailbox now."""
+
+
+# --- what a node does for one kick request --------------------------------------------------------------------
+
+
+def _doveadm(cfg: Config) -> list[str]:
+    return [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+
+
+def proxied_sessions(cfg: Config, logins: tuple[str, ...]) -> int:
+    """How many proxied sessions of these logins this node's Dovecot has (``doveadm proxy list``)."""
+    p = subprocess.run([*_doveadm(cfg), "proxy", "list"], capture_output=True, timeout=10, check=False, text=True)
+    if p.returncode != 0:
+        raise OSError(f"doveadm proxy list: exit {p.returncode}: {p.stderr.strip()[-200:]}")
+    wanted = {x.lower() for x in logins}
+    count = 0
+    for line in p.stdout.splitlines()[1:]:  # header: username proto src ip dest ip port
+        fields = line.split()
+        if fields and fields[0].lower() in wanted:
+            count += 1
+    return count
+
+
+def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
+    """Close this node's proxied sessions of these logins; raises OSError when some stay open."""
+    for _round in range(KICK_ROUNDS):
+        for login in logins:
+            subprocess.run([*_doveadm(cfg), "proxy", "kick", login], capture_output=True, timeout=10, check=False)
+        left = proxied_sessions(cfg, logins)
+        if not left:
+            return "no proxied session left"
+        time.sleep(0.2)
+    raise OSError(f"{left} proxied session(s) of {', '.join(logins)} still open after {KICK_ROUNDS} kicks")
+
+
+def clear_route_cache(cfg: Config, address: str, timeout: float = 10.0) -> str:
+    """Make this node's Postfix resolve the account again, and wait until no message for it is in flight.
+
+    The release probe pushes the account out of qmgr's resolve cache; then every message of the account still
+    in the active queue is one resolved before (possibly toward the legacy server): wait until it is gone
+    (delivered, or deferred by retry:).
+    """
+    from sidecar.migration import release
+
+    rcpt = release._send_probe(cfg)
+    release._wait_probe(cfg, rcpt, release.PROBE_TIMEOUT)
+    matcher = release._Matcher(cfg, [address])
+    deadline = time.monotonic() + timeout
+    while True:
+        active = [
+            m.queue_id
+            for m in release.list_queue(cfg)
+            if m.queue_name == "active" and any(matcher.account(r) for r, _ in m.recipients)
+        ]
+        if not active:
+            return "route cache cleared, no mail in flight"
+        if time.monotonic() > deadline:
+            raise OSError(f"mail for {address} still in the active queue: {', '.join(active)}")
+        time.sleep(POLL)
+
+
+def carry_out(cfg: Config, kick: Kick) -> str:
+    """Everything one node does for one kick request; OSError (or ReleaseError) when it could not."""
+    return f"{clear_route_cache(cfg, kick.address)}; {kick_sessions(cfg, kick.logins)}"
+
+
+class NodeAgent:
+    """One per sidecar: heartbeat, and every kick request carried out and acknowledged."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        node: str = "",
+        act: Callable[[Config, Kick], str] = carry_out,
+        interval: float = HEARTBEAT,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.node = node or node_id()
+        self.act = act
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.failed: dict[int, str] = {}  # kick id -> last error (retried each round)
+
+    def start(self) -> None:
+        self.tick()  # live before the first job: a runner on this node waits for us
+        self.thread = threading.Thread(target=self._loop, name="node-agent", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        if self.thread:
+            self.thread.join(timeout)
+
+    def poke(self) -> None:
+        self.wakeup.set()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.tick()
+            self.wakeup.wait(self.interval)
+            self.wakeup.clear()
+
+    def tick(self) -> None:
+        """One heartbeat and one look at the kick requests (errors logged; the next tick tries again)."""
+        try:
+            self.store.node_heartbeat(self.node)
+            kicks = self.store.pending_kicks(self.node, time.time() - KICK_WINDOW)
+        except StoreError as e:
+            log.warning("node %s: store unavailable (%s)", self.node, e)
+            return
+        for kick in kicks:
+            try:
+                detail = self.act(self.cfg, kick)
+            except Exception as e:  # no ack: the runner times out and fails toward legacy
+                if self.failed.get(kick.id) != str(e):
+                    log.warning("node %s: kick %d for %s failed: %s", self.node, kick.id, kick.address, e)
+                self.failed[kick.id] = str(e)
+                continue
+            self.failed.pop(kick.id, None)
+            with contextlib.suppress(StoreError):
+                self.store.ack_kick(kick.id, self.node, detail)
+                log.info("node %s: kick %d for %s done (%s)", self.node, kick.id, kick.address, detail)
+
+
+# --- the runner's side ----------------------------------------------------------------------------------------
+
+
+def kick_everywhere(
+    store: Store,
+    address: str,
+    logins: list[str],
+    *,
+    timeout: float,
+    node_timeout: float,
+    stopping: threading.Event | None = None,
+    poke: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Ask every node to kick the account and wait until every live node confirmed; node -> what it did.
+
+    Raises KickTimeout when a live node did not confirm within `timeout` (nodes that stop heartbeating
+    meanwhile are not waited for), InterruptedError when `stopping` is set.
+    """
+    kick = store.request_kick(address, logins)
+    if poke is not None:
+        poke()
+    deadline = time.monotonic() + timeout
+    while True:
+        acks = store.kick_acks(kick.id)
+        live = set(store.live_nodes(node_timeout))
+        missing = sorted(live - set(acks))
+        if not missing:
+            return acks
+        if time.monotonic() > deadline:
+            raise KickTimeout(f"node(s) {', '.join(missing)} did not confirm closing the sessions of {address}")
+        if stopping is not None and stopping.wait(POLL):
+            raise InterruptedError("sidecar stopping")
+        if stopping is None:
+            time.sleep(POLL)
+
+
+def quiesce(
+    cfg: Config,
+    store: Store,
+    address: str,
+    logins: list[str],
+    *,
+    stopping: threading.Event | None = None,
+    poke: Callable[[], None] | None = None,
+) -> None:
+    """The account is in cutover: two kick rounds on every node, `limits.cutover_grace` apart (module docstring)."""
+    limits = cfg.limits
+    started = time.monotonic()
+    first = kick_everywhere(store, address, logins, timeout=limits.kick_timeout, node_timeout=limits.node_timeout,
+                            stopping=stopping, poke=poke)  # fmt: skip
+    grace = max(0.0, limits.cutover_grace - (time.monotonic() - started))
+    if stopping is not None and stopping.wait(grace):
+        raise InterruptedError("sidecar stopping")
+    if stopping is None:
+        time.sleep(grace)
+    second = kick_everywhere(store, address, logins, timeout=limits.kick_timeout, node_timeout=limits.node_timeout,
+                             stopping=stopping, poke=poke)  # fmt: skip
+    log.info("%s: sessions closed and route caches cleared on %d node(s) in %.1f s (%s)", address,
+             len(set(first) | set(second)), time.monotonic() - started, "; ".join(f"{n}: {d}" for n, d in
+             sorted(second.items())))  # fmt: skip
