@@ -65,6 +65,22 @@ class Hooks:
     quiesce: Callable[[str, list[str]], None] | None = None
 
 
+NO_CREDENTIALS = (
+    "no credentials: the password is kept in memory for an hour after a login through autoport (and not across "
+    "a restart), and no legacy admin credentials are configured; set [legacy] admin_user and admin_password"
+)
+REFUSED = (
+    "the legacy server refused the credentials (password changed there, or admin credentials wrong); check "
+    "[legacy] admin_user, admin_password and admin_mode (`autoport doctor`)"
+)
+
+
+def _changed(source: Any, store: Store, address: str) -> list[str]:
+    from sidecar.migration.sweep import changed_folders
+
+    return changed_folders(source, store, address)
+
+
 class WaitForCredentials(Exception):
     """No password in memory and no admin credentials: the job waits for the user's next login."""
 
@@ -118,6 +134,7 @@ class JobRunner:
         copy: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.time,
         sieve: Callable[[str, Any], None] | None = None,
+        sweep_check: Callable[[Any, Store, str], list[str]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -127,6 +144,8 @@ class JobRunner:
         self._copy = copy
         # Sieve scripts (sidecar.migration.sieve) after the initial copy; an injected `copy` (tests) runs without them
         self._sieve = sieve if sieve is not None else (None if copy is not None else self._copy_sieve)
+        # the sweep's STATUS check before any FETCH (sidecar.migration.sweep); an injected `copy` runs without it
+        self._sweep_check = sweep_check if sweep_check is not None else (None if copy is not None else _changed)
         self.clock = clock
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
@@ -239,25 +258,38 @@ class JobRunner:
     def run_sweep(self, job: Job) -> None:
         """Trailing sweep: append mail that still lands in a migrated account's legacy mailbox (legacy-side
         aliases, lists, forwards, its queue) to the target, once; every hit is recorded for the report."""
-        from sidecar.migration.copier import SourceError
+        from sidecar.migration.copier import SourceAuthError, SourceError
 
         address = job.address
         account = self.store.get(address)
         if account is None or account.state is not State.MIGRATED:
             self.store.finish(job.id, self.owner)
             return
-        try:
-            source = self._source(address)
-        except WaitForCredentials:
-            # no password in memory any more and no admin credentials: nothing more we can sweep
-            log.info("trailing sweep of %s stops: no credentials (configure legacy admin credentials)", address)
+        if not self._sweeping(account.migrated_at):
+            self.store.clear_sweep_block(address)
             self.store.finish(job.id, self.owner)
             return
         try:
+            source = self._source(address)
+        except WaitForCredentials:
+            # the password left memory (an hour after the login, or a restart) and there are no admin
+            # credentials: recorded, shown by `report`, refused by `finalize --check`; looked at again later
+            self._sweep_blocked(job, NO_CREDENTIALS)
+            return
+        try:
+            if self._sweep_check is not None and not self._sweep_check(source, self.store, address):
+                self.store.clear_sweep_block(address)
+                self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
+                return
             result = self._copy_pass(address, "append", source)
+        except SourceAuthError:
+            self.credentials.pop(address)
+            self._sweep_blocked(job, REFUSED)
+            return
         except (SourceError, OSError) as e:
             self.store.finish(job.id, self.owner, error=str(e), retry_at=self.clock() + self.cfg.limits.sweep_interval)
             return
+        self.store.clear_sweep_block(address)
         hits = result.messages_copied
         if hits:
             where = ", ".join(f"{f.target}: {f.copied}" for f in result.folders if f.copied)
@@ -270,6 +302,14 @@ class JobRunner:
             self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
         else:
             self.store.finish(job.id, self.owner)
+
+    def _sweep_blocked(self, job: Job, reason: str) -> None:
+        address = job.address
+        if address not in {b.address for b in self.store.sweep_blocks()}:
+            self.store.record_event(address, "sweep-blocked", reason)
+            log.warning("trailing sweep of %s cannot run: %s", address, reason)
+        self.store.set_sweep_block(address, reason)
+        self.store.finish(job.id, self.owner, error=reason, retry_at=self.clock() + self.cfg.limits.sweep_interval)
 
     def _sweeping(self, migrated_at: float | None) -> bool:
         window = self.cfg.limits.sweep_window

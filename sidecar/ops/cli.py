@@ -317,6 +317,7 @@ def _print_report(report: object, only: str | None) -> None:
         "auto_rules": "Auto-responders, forwards and late deliveries seen from the legacy server",
         "failures": "Copy failures",
         "legacy_traffic": f"Mail still routed to the legacy server (last {report.days} days)",
+        "sweeps": "Trailing sweeps that cannot run (mail reaching these legacy mailboxes goes unnoticed)",
     }
     for section in SECTIONS:
         if section == "readiness" or (only and section != only):

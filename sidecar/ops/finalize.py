@@ -8,7 +8,9 @@ Refuses, listing every reason, while (leaving out the --exclude'd addresses):
   - migrated accounts have no password hash (after finalize only the store checks passwords: set one with
     `autoport passwd` / `autoport import-hashes`);
   - mail was relayed to the legacy server in the last N days (the milter's message log);
-  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit).
+  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit);
+  - trailing sweeps cannot run for migrated accounts (no credentials left, the legacy server refuses them),
+    so mail still reaching their legacy mailbox would go unnoticed: configure legacy admin credentials.
 
 Otherwise it writes the final configuration, from the same templates (variable `autoport_finalized`) and the
 variables the running configuration was rendered with (render.VARIABLES_FILE beside it):
@@ -135,6 +137,16 @@ def check(
             f"trailing sweeps still found mail in the legacy mailbox of {_listing(hits)} in the last "
             f"{quiet_days:g} day(s): a rule or queue on the legacy server still delivers there; remove it "
             "(`autoport report`, section auto_rules) and wait"
+        )
+
+    migrated = {a.address for a in accounts if a.state is State.MIGRATED and a.address not in excluded}
+    blocked = [b for b in store.sweep_blocks() if b.address in migrated]
+    if blocked:
+        reasons.append(
+            f"trailing sweeps cannot run for {_listing([b.address for b in blocked])}: {blocked[0].reason}. "
+            "Mail that still reaches their legacy mailbox would go unnoticed. Configure [legacy] admin_user and "
+            "admin_password (and admin_mode), restart `autoport serve`, and wait for the next sweep "
+            f"(limits.sweep_interval), or --exclude them"
         )
 
     mailboxes = sorted({a.address for a in accounts if a.state is State.MIGRATED})

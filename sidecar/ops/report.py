@@ -28,12 +28,16 @@ Sections and their fields:
   legacy_traffic  recipient, state, messages, bytes, last_seen
                   message-log rows routed to the legacy relay transport in the last `days` days, per recipient
                   (rows for an alias recreated here are left out from the alias's creation on).
+  sweeps          address, reason, since
+                  migrated accounts whose trailing sweep cannot run (no credentials left, the legacy server
+                  refuses them): mail that still reaches their legacy mailbox would go unnoticed. The reason
+                  names the fix (legacy admin credentials).
   readiness       ready, reason                    ready is "yes" or "no"; one row per reason ("" when ready)
 
 JSON: {"generated_at", "days", "users_source", "accounts": {"by_state": {STATE: n}, "total": n,
 "by_domain": {DOMAIN: {STATE: n}}}, "dormant": [...], "aliases": [...], "auto_rules": [...], "failures": [...],
-"legacy_traffic": [...], "readiness": {"ready": bool, "reasons": [str]}}, list items with the fields above
-(`evidence` is a list there).
+"legacy_traffic": [...], "sweeps": [...], "readiness": {"ready": bool, "reasons": [str]}}, list items with the
+fields above (`evidence` is a list there).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from sidecar.states import State
 from sidecar.store.base import Account, MessageRecord, Store
 
 DAY = 86400.0
-SECTIONS = ("accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "readiness")
+SECTIONS = ("accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "sweeps", "readiness")
 COLUMNS: dict[str, tuple[str, ...]] = {
     "accounts": ("domain", "state", "accounts"),
     "dormant": ("address", "state", "messages", "bytes", "first_seen", "last_seen"),
@@ -57,6 +61,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "auto_rules": ("kind", "sender", "recipient", "messages", "last_seen", "detail"),
     "failures": ("address", "state", "attempts", "last_error", "updated_at"),
     "legacy_traffic": ("recipient", "state", "messages", "bytes", "last_seen"),
+    "sweeps": ("address", "reason", "since"),
     "readiness": ("ready", "reason"),
 }
 # RFC 2142 mailbox names and other names that are nearly always aliases or shared mailboxes
@@ -136,6 +141,13 @@ class LegacyTraffic:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepBlocked:
+    address: str
+    reason: str
+    since: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Readiness:
     ready: bool
     reasons: tuple[str, ...]
@@ -154,6 +166,7 @@ class Report:
     failures: list[Failure]
     legacy_traffic: list[LegacyTraffic]
     readiness: Readiness
+    sweeps: list[SweepBlocked] = dataclasses.field(default_factory=list)
 
     def rows(self, section: str) -> list[dict[str, Any]]:
         """The rows of one section with the documented field names (times as ISO strings)."""
@@ -171,7 +184,7 @@ class Report:
         for item in items:
             row = dataclasses.asdict(item)
             for k, v in row.items():
-                if k in ("first_seen", "last_seen", "updated_at"):
+                if k in ("first_seen", "last_seen", "updated_at", "since"):
                     row[k] = iso(v)
                 elif isinstance(v, tuple | list):
                     row[k] = list(v)
@@ -380,6 +393,13 @@ def build_report(
     if hits:
         n = sum(x.messages for x in hits)
         reasons.append(f"{n} message(s) reached legacy mailboxes after cutover in the last {days} day(s)")
+    sweeps = [SweepBlocked(b.address, b.reason, b.since) for b in store.sweep_blocks()
+              if b.address in accounts and accounts[b.address].state is State.MIGRATED]  # fmt: skip
+    if sweeps:
+        reasons.append(
+            f"{len(sweeps)} migrated account(s) cannot be swept (mail reaching their legacy mailbox would go "
+            f"unnoticed): {sweeps[0].reason}"
+        )
     hashless = [a for a in accounts.values() if a.state is State.MIGRATED and not a.has_password]
     if hashless:
         reasons.append(
@@ -398,4 +418,5 @@ def build_report(
         failures=failures,
         legacy_traffic=legacy_traffic,
         readiness=Readiness(not reasons, tuple(reasons)),
+        sweeps=sweeps,
     )

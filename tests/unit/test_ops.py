@@ -280,7 +280,7 @@ def test_postgres_upgrade_to_v2_keeps_dovecots_grant_on_the_deny_view(monkeypatc
         s = open_store(url, dovecot_role="dovecot_v2")
         assert s.init() == 1
         monkeypatch.undo()
-        assert s.upgrade() == [2]
+        assert s.upgrade()[:1] == [2]  # and any newer version
         a = "mia@example.org"
         for st in (State.COPYING, State.CUTOVER, State.MIGRATED):
             s.transition(a, st)
