@@ -91,7 +91,7 @@ class Daemon:
         # every node, with or without a job runner, closes its proxied sessions when an account cuts over
         self.agent = NodeAgent(cfg, self.store)
         hooks = default_hooks(cfg, self.store, poke=self.agent.poke)
-        self.runner = JobRunner(cfg, self.store, self.credentials, owner=self.agent.node, hooks=hooks)
+        self.runner = JobRunner(cfg, self.store, self.credentials, hooks=hooks)
         # the dashboard first: once the mail sockets exist it is up too; it sees the rest as they start
         sources = await self._start_dashboard()
 

@@ -24,13 +24,17 @@ How every node takes part (the nodes share the store):
 - a node that does not confirm in time (down but still within its heartbeat, or its Postfix/Dovecot tools
   fail) makes the cutover fail toward legacy: the account goes to ``failed``, its held mail is released to
   the legacy relay, the copy is retried later (KickTimeout).
+- a node whose sidecar has not sent a heartbeat for ``limits.node_timeout`` is not waited for. Its Dovecot
+  cannot start proxied sessions without the sidecar (checkpassword answers come from it), but sessions it
+  proxied before the sidecar stopped stay open until they end: run the sidecar so that it is restarted at
+  once (the systemd unit has Restart=on-failure, RestartSec=2s); a restarted sidecar keeps its node name and carries out the
+  kick requests of the last KICK_WINDOW seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import subprocess
 import threading
@@ -48,9 +52,10 @@ KICK_ROUNDS = 3  # doveadm proxy kick + list rounds on one node before it report
 POLL = 0.05
 
 
-def node_id() -> str:
-    """This sidecar's name among the nodes (the job runner's lease owner has the same form)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def node_id(cfg: Config) -> str:
+    """This node's name: its host and the Dovecot instance whose proxied sessions it closes. Stable across
+    restarts, so a sidecar that comes back carries out the kick requests it missed."""
+    return f"{socket.gethostname()}:{cfg.target.dovecot_config or 'dovecot'}"
 
 
 class KickTimeout(Exception):
@@ -135,7 +140,7 @@ class NodeAgent:
     ) -> None:
         self.cfg = cfg
         self.store = store
-        self.node = node or node_id()
+        self.node = node or node_id(cfg)
         self.act = act
         self.interval = interval
         self.stopping = threading.Event()

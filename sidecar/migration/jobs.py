@@ -418,6 +418,8 @@ class JobRunner:
             retry = self.clock() + backoff(max(1, job.attempts))
             self.store.finish(job.id, self.owner, error=f"cutover: {e}", retry_at=retry)
             return False
+        self.store.record_event(address, "quiesced", "no proxied session and no mail in flight on any node; "
+                                "the final delta reads the legacy mailbox now")  # fmt: skip
         return True
 
     def _failure(self, job: Job, reason: str) -> None:
