@@ -27,8 +27,8 @@ How every node takes part (the nodes share the store):
 - a node whose sidecar has not sent a heartbeat for ``limits.node_timeout`` is not waited for. Its Dovecot
   cannot start proxied sessions without the sidecar (checkpassword answers come from it), but sessions it
   proxied before the sidecar stopped stay open until they end: run the sidecar so that it is restarted at
-  once (the systemd unit has Restart=on-failure, RestartSec=2s); a restarted sidecar keeps its node name and carries out the
-  kick requests of the last KICK_WINDOW seconds.
+  once (the systemd unit has Restart=on-failure, RestartSec=2s); a restarted sidecar keeps its node name and
+  carries out the kick requests of the last KICK_WINDOW seconds.
 """
 
 from __future__ import annotations

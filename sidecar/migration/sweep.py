@@ -31,7 +31,6 @@ def changed(status: Any, mark: FolderMark | None) -> bool:
 
 def changed_folders(params: Any, store: Store, address: str) -> list[str]:
     """Legacy folders with mail above their watermark (an empty list: nothing to sweep)."""
-    import sidecar.migration.copier  # noqa: F401 - imported first: sidecar.legacy.imap needs it loaded
     from sidecar.legacy.imap import LegacySource
 
     marks = store.folder_marks(address)

@@ -11,7 +11,6 @@ import imapclient
 import pytest
 from harness import copier_lab as lab
 
-import sidecar.migration.copier  # noqa: F401 - loaded before sidecar.legacy.imap
 from sidecar import config
 from sidecar.lab import legacy
 from sidecar.legacy.imap import LegacySource

@@ -8,7 +8,7 @@ A synopsis (`autoport status [ADDRESS] [--json]`) is expanded into concrete line
 out once and put in once, the first alternative of `a|b` is taken (each alternative in turn for the
 sub-command words, e.g. `alias add|remove|list|import`), and placeholders (DIR, NAME, ADDRESS, FILE, ...) get
 lab values. tests/unit/test_doc_commands.py parses every `autoport` line with the real argument parser;
-tests/e2e/test_doc_commands.py runs the ones a lab can run, as written. Everything else must be listed in
+tests/e2e/test_doc_commands_lab.py runs the ones a lab can run, as written. Everything else must be listed in
 NEEDS_HOST with the reason, so the list cannot grow silently.
 """
 
@@ -27,14 +27,15 @@ NEEDS_HOST: dict[str, str] = {
     "make test": "runs the whole suite (hours on a shared 2-core machine)",
     "make install": "installs Debian packages and a system user as root",
     "make lint": "run by every engineer before a commit; not a lab command",
-    "pip install 'ansible-core>=2.17'             # or: make install (the test extra has it)":
-        "installs into the caller's Python",
+    "pip install 'ansible-core>=2.17'": "installs into the caller's Python",
     "cd ansible": "part of the Ansible quick start on an operator's machine",
     "cp inventory.example.yml inventory.yml": "part of the Ansible quick start (tests/e2e/test_ansible.py covers it)",
     "cp group_vars/all.example.yml group_vars/all.yml": "part of the Ansible quick start",
     "$EDITOR inventory.yml group_vars/all.yml": "interactive editor",
     "ansible-playbook -i inventory.yml site.yml --diff": "needs a Debian 12 host over SSH (tests/e2e/test_ansible.py)",
-    "ansible-playbook -i inventory.yml site.yml": "needs a Debian 12 host over SSH (tests/e2e/test_ansible.py)",
+    "ansible-playbook -i localhost, -c local -e autoport_hosts=all -e autoport_prefix=/tmp/ap-x "
+    "-e autoport_manage_services=false -e @vars.json ansible/site.yml":
+        "deploys onto this machine; tests/e2e/test_ansible.py runs exactly this",
     "systemctl status autoport postfix dovecot": "needs systemd as PID 1 (not on the test machines)",
     ".venv/bin/pytest tests/test_ansible.py -q": "runs another test module",
     ".venv/bin/ansible-lint ansible/": "lint, not a lab command",
@@ -62,13 +63,19 @@ def extract(paths: list[Path] | None = None) -> list[tuple[str, str]]:
     seen: set[str] = set()
     for path in paths or DOCS:
         in_sh = False
+        cont = ""
         for line in path.read_text().splitlines():
             fence = line.strip()
             if fence.startswith("```"):
                 in_sh = not in_sh and fence[3:].strip() in ("sh", "bash", "console", "shell")
                 continue
             if in_sh:
-                cmd = line.strip()
+                cmd = strip_comment(line.strip())
+                if cont:
+                    cmd, cont = f"{cont} {cmd}", ""
+                if cmd.endswith("\\"):  # continued on the next line
+                    cont = cmd[:-1].strip()
+                    continue
                 if cmd and not cmd.startswith("#") and cmd not in seen:
                     seen.add(cmd)
                     found.append((path.name, cmd))
@@ -82,7 +89,7 @@ def extract(paths: list[Path] | None = None) -> list[tuple[str, str]]:
 
 
 def strip_comment(cmd: str) -> str:
-    return re.sub(r"\s+#.*$", "", cmd).strip()
+    return re.sub(r"(^|\s+)#.*$", "", cmd).strip()
 
 
 def _words(cmd: str) -> list[str]:

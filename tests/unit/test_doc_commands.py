@@ -1,6 +1,6 @@
 """Every `autoport` command line shown in README.md and docs/ parses as written (tests/harness/doc_commands.py).
 
-The lab runs the runnable ones for real (tests/e2e/test_doc_commands.py); this one catches a documented form the
+The lab runs the runnable ones for real (tests/e2e/test_doc_commands_lab.py); this one catches a documented form the
 argument parser rejects (it did: `autoport lab restart --dir DIR NAME` gave "unrecognized arguments").
 """
 
