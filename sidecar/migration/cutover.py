@@ -104,21 +104,14 @@ def clear_route_cache(cfg: Config, address: str, timeout: float = 10.0) -> str:
     """
     from sidecar.migration import release
 
-    rcpt = release._send_probe(cfg)
-    release._wait_probe(cfg, rcpt, release.PROBE_TIMEOUT)
-    matcher = release._Matcher(cfg, [address])
+    messages = release.clear_resolve_cache(cfg)
     deadline = time.monotonic() + timeout
-    while True:
-        active = [
-            m.queue_id
-            for m in release.list_queue(cfg)
-            if m.queue_name == "active" and any(matcher.account(r) for r, _ in m.recipients)
-        ]
-        if not active:
-            return "route cache cleared, no mail in flight"
+    while active := release.in_flight(cfg, address, messages):
         if time.monotonic() > deadline:
             raise OSError(f"mail for {address} still in the active queue: {', '.join(active)}")
         time.sleep(POLL)
+        messages = release.list_queue(cfg)
+    return "route cache cleared, no mail in flight"
 
 
 def carry_out(cfg: Config, kick: Kick) -> str:
