@@ -98,20 +98,21 @@ def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
 def clear_route_cache(cfg: Config, address: str, timeout: float = 10.0) -> str:
     """Make this node's Postfix resolve the account again, and wait until no message for it is in flight.
 
-    The release probe pushes the account out of qmgr's resolve cache; then every message of the account still
-    in the active queue is one resolved before (possibly toward the legacy server): wait until it is gone
-    (delivered, or deferred by retry:).
+    The release probe pushes the account out of qmgr's resolve cache: every message of the account that
+    enters the active queue from then on is resolved again (retry:, held). The ones already in the active
+    queue when the probe had passed may have been resolved before, toward the legacy server: wait until
+    those are gone (delivered, or deferred). New mail arriving meanwhile is not waited for (a steady stream
+    would otherwise keep the active queue busy forever).
     """
     from sidecar.migration import release
 
-    messages = release.clear_resolve_cache(cfg)
+    before = set(release.in_flight(cfg, address, release.clear_resolve_cache(cfg)))
     deadline = time.monotonic() + timeout
-    while active := release.in_flight(cfg, address, messages):
+    while active := before & set(release.in_flight(cfg, address, release.list_queue(cfg))):
         if time.monotonic() > deadline:
-            raise OSError(f"mail for {address} still in the active queue: {', '.join(active)}")
+            raise OSError(f"mail for {address} still in the active queue: {', '.join(sorted(active))}")
         time.sleep(POLL)
-        messages = release.list_queue(cfg)
-    return "route cache cleared, no mail in flight"
+    return f"route cache cleared, {len(before)} message(s) in flight waited for"
 
 
 def carry_out(cfg: Config, kick: Kick) -> str:

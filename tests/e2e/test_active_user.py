@@ -128,6 +128,7 @@ class User:
         self.uidls = uidls  # Message-ID -> POP3 UIDL (kept by the migration)
         self.conn: imaplib.IMAP4 | None = None
         self.log: list[tuple[str, str, str]] = []  # (step, state when started, state when confirmed)
+        self.attempts: list[tuple[float, str]] = []  # (time, state) of every try of every step
         self.retries: dict[str, int] = {}
 
     def state(self) -> str:
@@ -150,6 +151,7 @@ class User:
         started = self.state()
         until = time.monotonic() + deadline
         while True:
+            self.attempts.append((time.time(), self.state()))
             try:
                 step(self._imap())
                 break
@@ -169,6 +171,7 @@ class User:
         started = self.state()
         until = time.monotonic() + deadline
         while True:
+            self.attempts.append((time.time(), self.state()))
             try:
                 p = poplib.POP3(self.tg["host"], self.tg["pop3"], timeout=60)
                 try:
@@ -323,6 +326,16 @@ class Sender(threading.Thread):
             self.error = e
 
 
+def slow_down_in_cutover(lab: dict[str, Any], store: Store, address: str) -> None:
+    """Once the account is in cutover, the legacy side gets slower still, so the final delta lasts about a
+    second and the user's retries fall before, during and after it."""
+    deadline = time.monotonic() + 240
+    while store.state_of(address) is not State.CUTOVER and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for relay in lab["relays"]:
+        relay.rate = 15_000
+
+
 def test_a_user_working_through_the_move_loses_nothing(lab: dict[str, Any], store: Store) -> None:
     lg, tg = lab["legacy"], lab["target"]
     user = lab["users"][0]
@@ -354,6 +367,8 @@ def test_a_user_working_through_the_move_loses_nothing(lab: dict[str, Any], stor
     u = User(lab, user, store, model, {s for s in subs if s not in AUTO_SUBSCRIBED}, uidls)
     sender = Sender(lab, user, store)
     sender.start()
+    slower = threading.Thread(target=slow_down_in_cutover, args=(lab, store, address), daemon=True)
+    slower.start()
     migrated_rounds = 0
     deadline = time.monotonic() + 240
     try:
@@ -381,6 +396,16 @@ def test_a_user_working_through_the_move_loses_nothing(lab: dict[str, Any], stor
           f"retried: {u.retries}; mail accepted per phase: {per_phase}; "
           f"relayed {lab['relays'][0].bytes_down} bytes")  # fmt: skip
     assert {"copying", "migrated"} <= confirmed, u.log
+    # the user kept trying in cutover, before the delta (kicked, logins answered "temporary failure") and while
+    # it read the legacy mailbox
+    quiesced = next(e.at for e in store.events(address) if e.kind == "quiesced")
+    account = store.get(address)
+    assert account is not None and account.migrated_at is not None
+    before = [t for t, s in u.attempts if s == "cutover" and t < quiesced]
+    during = [t for t, s in u.attempts if quiesced <= t < account.migrated_at]
+    print(f"attempts in cutover before the delta: {len(before)}, during it: {len(during)}; delta "
+          f"{account.migrated_at - quiesced:.2f} s")  # fmt: skip
+    assert before and during, (len(before), len(during))
     assert {"copying", "cutover", "migrated"} <= started | set(u.retries), u.log
     assert {"copying", "cutover", "migrated"} <= phases, sender.sent
 
