@@ -95,29 +95,43 @@ def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
     raise OSError(f"{left} proxied session(s) of {', '.join(logins)} still open after {KICK_ROUNDS} kicks")
 
 
-def clear_route_cache(cfg: Config, address: str, timeout: float = 10.0) -> str:
-    """Make this node's Postfix resolve the account again, and wait until no message for it is in flight.
+def clear_route_cache(cfg: Config, addresses: list[str], timeout: float = 10.0) -> str:
+    """Make this node's Postfix resolve these accounts again, and wait until no message for them is in flight.
 
-    The release probe pushes the account out of qmgr's resolve cache: every message of the account that
-    enters the active queue from then on is resolved again (retry:, held). The ones already in the active
-    queue when the probe had passed may have been resolved before, toward the legacy server: wait until
-    those are gone (delivered, or deferred). New mail arriving meanwhile is not waited for (a steady stream
-    would otherwise keep the active queue busy forever).
+    One release probe pushes every address out of qmgr's resolve cache: every message that enters the active
+    queue from then on is resolved again (retry:, held). The ones already in the active queue when the probe
+    had passed may have been resolved before, toward the legacy server: wait until those are gone (delivered,
+    or deferred). New mail arriving meanwhile is not waited for (a steady stream would otherwise keep the
+    active queue busy forever). One probe and one listing loop for all the accounts cutting over at once.
     """
     from sidecar.migration import release
 
-    before = set(release.in_flight(cfg, address, release.clear_resolve_cache(cfg)))
+    listing = release.clear_resolve_cache(cfg)
+    before = {q for a in addresses for q in release.in_flight(cfg, a, listing)}
     deadline = time.monotonic() + timeout
-    while active := before & set(release.in_flight(cfg, address, release.list_queue(cfg))):
+    while before:
+        listing = release.list_queue(cfg)
+        active = before & {q for a in addresses for q in release.in_flight(cfg, a, listing)}
+        if not active:
+            break
         if time.monotonic() > deadline:
-            raise OSError(f"mail for {address} still in the active queue: {', '.join(sorted(active))}")
+            raise OSError(f"mail for {', '.join(addresses)} still in the active queue: {', '.join(sorted(active))}")
         time.sleep(POLL)
     return f"route cache cleared, {len(before)} message(s) in flight waited for"
 
 
-def carry_out(cfg: Config, kick: Kick) -> str:
-    """Everything one node does for one kick request; OSError (or ReleaseError) when it could not."""
-    return f"{clear_route_cache(cfg, kick.address)}; {kick_sessions(cfg, kick.logins)}"
+def carry_out(cfg: Config, kicks: list[Kick]) -> dict[int, str]:
+    """Everything one node does for the kick requests it found (one route-cache probe for all of them); kick id
+    -> what was done. Raises (OSError, ReleaseError) when the route cache could not be cleared: no request is
+    confirmed then. A request whose sessions could not be closed is left out (not confirmed)."""
+    route = clear_route_cache(cfg, sorted({k.address for k in kicks}))
+    done: dict[int, str] = {}
+    for kick in kicks:
+        try:
+            done[kick.id] = f"{route}; {kick_sessions(cfg, kick.logins)}"
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("kick %d for %s: %s", kick.id, kick.address, e)
+    return done
 
 
 class NodeAgent:
@@ -129,7 +143,7 @@ class NodeAgent:
         store: Store,
         *,
         node: str = "",
-        act: Callable[[Config, Kick], str] = carry_out,
+        act: Callable[[Config, list[Kick]], dict[int, str]] = carry_out,
         interval: float = HEARTBEAT,
     ) -> None:
         self.cfg = cfg
@@ -140,7 +154,7 @@ class NodeAgent:
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
-        self.failed: dict[int, str] = {}  # kick id -> last error (retried each round)
+        self.failed: dict[str, str] = {}  # the last failed batch (kick ids) -> its error, logged once
 
     def start(self) -> None:
         self.tick()  # live before the first job: a runner on this node waits for us
@@ -170,18 +184,23 @@ class NodeAgent:
         except StoreError as e:
             log.warning("node %s: store unavailable (%s)", self.node, e)
             return
+        if not kicks:
+            return
+        key = ",".join(str(k.id) for k in kicks)
+        try:
+            done = self.act(self.cfg, kicks)
+        except Exception as e:  # no ack: the runner times out and fails toward legacy
+            if self.failed.get(key) != str(e):
+                log.warning("node %s: kicks for %s failed: %s", self.node, ", ".join(k.address for k in kicks), e)
+            self.failed = {key: str(e)}
+            return
+        self.failed = {}
         for kick in kicks:
-            try:
-                detail = self.act(self.cfg, kick)
-            except Exception as e:  # no ack: the runner times out and fails toward legacy
-                if self.failed.get(kick.id) != str(e):
-                    log.warning("node %s: kick %d for %s failed: %s", self.node, kick.id, kick.address, e)
-                self.failed[kick.id] = str(e)
+            if kick.id not in done:
                 continue
-            self.failed.pop(kick.id, None)
             with contextlib.suppress(StoreError):
-                self.store.ack_kick(kick.id, self.node, detail)
-                log.info("node %s: kick %d for %s done (%s)", self.node, kick.id, kick.address, detail)
+                self.store.ack_kick(kick.id, self.node, done[kick.id])
+                log.info("node %s: kick %d for %s done (%s)", self.node, kick.id, kick.address, done[kick.id])
 
 
 # --- the runner's side ----------------------------------------------------------------------------------------

@@ -43,11 +43,11 @@ class Node:
         self.name = name
         self.agent = NodeAgent(c, store, node=name, act=self.act, interval=0.05)
 
-    def act(self, c: config.Config, kick: Kick) -> str:
+    def act(self, c: config.Config, kicks: list[Kick]) -> dict[int, str]:
         if self.fail:
             raise OSError("doveadm: no such file")
-        self.log.append(f"{self.name}:{kick.address}")
-        return "kicked"
+        self.log += [f"{self.name}:{k.address}" for k in kicks]
+        return {k.id: "kicked" for k in kicks}
 
 
 def test_every_live_node_confirms(store: Store, tmp_path: Path) -> None:
