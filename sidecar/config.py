@@ -189,7 +189,13 @@ class LimitsConfig:
     lease_seconds: float = _f(60.0, "copy job lease; a crashed node's job is taken over after it")
     sweep_interval: float = _f(300.0, "seconds between trailing sweeps of a migrated account's legacy mailbox")
     sweep_window: float = _f(0.0, "seconds after migration that sweeps go on (0: until finalize)")
-    cutover_grace: float = _f(3.0, "seconds between holding an account's mail and its final delta (in-flight relays)")
+    cutover_grace: float = _f(
+        10.0,
+        "seconds between the first and the verifying second kick of a cutover, before the final delta: at least "
+        "the time a login answered just before cutover needs to reach the legacy server ([legacy] timeout)",
+    )
+    kick_timeout: float = _f(30.0, "seconds every live node has to confirm a cutover kick; else back to legacy")
+    node_timeout: float = _f(15.0, "a node whose heartbeat is older than this is not waited for at cutover")
 
 
 @dataclass

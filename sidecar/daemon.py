@@ -140,6 +140,7 @@ class Daemon:
         self.milter: MilterProcess | None = None
         self.servers: list[asyncio.AbstractServer] = []
         self.runner: Any = None
+        self.agent: Any = None
         self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
         self.verifier: Any = None
 
@@ -158,7 +159,13 @@ class Daemon:
         self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
         self.verifier = LegacyVerifier(cfg.legacy)
         auth_policy = AuthPolicy(cfg, self.store, self.verifier, credentials=self.credentials, defer=self.hasher.submit)
-        self.runner = JobRunner(cfg, self.store, self.credentials)
+        from sidecar.migration.cutover import NodeAgent
+        from sidecar.migration.jobs import default_hooks
+
+        # every node, with or without a job runner, closes its proxied sessions when an account cuts over
+        self.agent = NodeAgent(cfg, self.store)
+        hooks = default_hooks(cfg, self.store, poke=self.agent.poke)
+        self.runner = JobRunner(cfg, self.store, self.credentials, hooks=hooks)
         if cfg.sockets.milter:
             if importlib.util.find_spec("Milter") is None:
                 log.error("[sockets] milter is set but pymilter is not installed (the `milter` extra): no milter")
@@ -202,6 +209,8 @@ class Daemon:
         if sources is not None:
             sources.socketmap = getattr(self.servers[-1], "stats", None)
 
+        self.agent.start()
+        log.info("node %s: heartbeat and cutover kicks on", self.agent.node)
         if cfg.limits.copy_concurrency > 0:
             self.runner.start()
             log.info("job runner: %d concurrent copies, owner %s", cfg.limits.copy_concurrency, self.runner.owner)
@@ -249,6 +258,8 @@ class Daemon:
     async def stop(self) -> None:
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        if self.agent is not None:
+            await asyncio.to_thread(self.agent.stop)
         for server in self.servers:
             server.close()
         for server in self.servers:

@@ -390,8 +390,9 @@ class AuthPolicy:
         state = self._state(address)
         if state is State.MIGRATED:
             return self._first_local_login(req, address)
+        self._not_in_cutover(service, state)
         if self._cached_yes(req, address, state):
-            return Reply(OK, self._fields(service, req)), "ok-cached"
+            return self._proxy_ok(req, address, service, "ok-cached")
 
         with self._flights.hold(address):
             # concurrent attempts for this account queue here: look again at what the one before us learnt
@@ -399,13 +400,28 @@ class AuthPolicy:
             state = self._state(address)
             if state is State.MIGRATED:
                 raise _Decision(FAIL, "migrated")
+            self._not_in_cutover(service, state)
             if self._cached_yes(req, address, state):
-                return Reply(OK, self._fields(service, req)), "ok-cached"
+                return self._proxy_ok(req, address, service, "ok-cached")
             self._verify(req, address)
             self._activate(address, req.user, req.password)
             self.positive.add(req.user, req.password)
         self.account_failures.clear(address)
-        return Reply(OK, self._fields(service, req)), "ok"
+        return self._proxy_ok(req, address, service, "ok")
+
+    @staticmethod
+    def _not_in_cutover(service: str, state: State | None) -> None:
+        """No proxied session may start once the account is in cutover: the final delta is about to read the
+        legacy mailbox (sidecar.migration.cutover). The client retries and, once migrated, logs in locally."""
+        if service in PROXY_SERVICES and state in (State.CUTOVER, State.MIGRATED):
+            raise _Decision(TEMP, f"{state.value}-no-proxy")
+
+    def _proxy_ok(self, req: Request, address: str, service: str, outcome: str) -> tuple[Reply, str]:
+        """The OK, after a last look at the state: the window between that read and the proxied session
+        reaching the legacy server is what the cutover's second kick round covers."""
+        if service in PROXY_SERVICES:
+            self._not_in_cutover(service, self._state(address))
+        return Reply(OK, self._fields(service, req)), outcome
 
     def _first_local_login(self, req: Request, address: str) -> tuple[Reply, str]:
         """A migrated account reaches us only without a hash (dovecot_deny lists those with one): migrated in

@@ -60,6 +60,25 @@ class Hooks:
 
     release_held: Callable[[str], int]  # deliver the held mail of an account that left cutover
     after_migrated: Callable[[str, list[str]], None]  # kick proxied sessions, warm indexes
+    # in cutover, before the final delta: no proxied session and no mail in flight toward legacy on any node
+    # (sidecar.migration.cutover.quiesce; raises KickTimeout). None: only wait limits.cutover_grace
+    quiesce: Callable[[str, list[str]], None] | None = None
+
+
+NO_CREDENTIALS = (
+    "no credentials: the password is kept in memory for an hour after a login through autoport (and not across "
+    "a restart), and no legacy admin credentials are configured; set [legacy] admin_user and admin_password"
+)
+REFUSED = (
+    "the legacy server refused the credentials (password changed there, or admin credentials wrong); check "
+    "[legacy] admin_user, admin_password and admin_mode (`autoport doctor`)"
+)
+
+
+def _changed(source: Any, store: Store, address: str) -> list[str]:
+    from sidecar.migration.sweep import changed_folders
+
+    return changed_folders(source, store, address)
 
 
 class WaitForCredentials(Exception):
@@ -71,7 +90,9 @@ def backoff(failures: int) -> float:
     return float(min(BACKOFF_MAX, BACKOFF_BASE * (2 ** max(0, failures - 1))))
 
 
-def default_hooks(cfg: Config, store: Store) -> Hooks:
+def default_hooks(cfg: Config, store: Store, *, poke: Callable[[], None] | None = None) -> Hooks:
+    """The real hooks; `poke` wakes this node's NodeAgent (sidecar.migration.cutover) when a kick is asked."""
+
     def release(address: str) -> int:
         try:
             from sidecar.migration.release import release_held
@@ -91,7 +112,12 @@ def default_hooks(cfg: Config, store: Store) -> Hooks:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run([*doveadm, "index", "-u", address, "*"], capture_output=True, timeout=120, check=False)
 
-    return Hooks(release_held=release, after_migrated=after)
+    def quiesce(address: str, logins: list[str]) -> None:
+        from sidecar.migration.cutover import quiesce
+
+        quiesce(cfg, store, address, logins, poke=poke)
+
+    return Hooks(release_held=release, after_migrated=after, quiesce=quiesce)
 
 
 class JobRunner:
@@ -108,6 +134,7 @@ class JobRunner:
         copy: Callable[..., Any] | None = None,
         clock: Callable[[], float] = time.time,
         sieve: Callable[[str, Any], None] | None = None,
+        sweep_check: Callable[[Any, Store, str], list[str]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -117,6 +144,8 @@ class JobRunner:
         self._copy = copy
         # Sieve scripts (sidecar.migration.sieve) after the initial copy; an injected `copy` (tests) runs without them
         self._sieve = sieve if sieve is not None else (None if copy is not None else self._copy_sieve)
+        # the sweep's STATUS check before any FETCH (sidecar.migration.sweep); an injected `copy` runs without it
+        self._sweep_check = sweep_check if sweep_check is not None else (None if copy is not None else _changed)
         self.clock = clock
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
@@ -233,25 +262,38 @@ class JobRunner:
     def run_sweep(self, job: Job) -> None:
         """Trailing sweep: append mail that still lands in a migrated account's legacy mailbox (legacy-side
         aliases, lists, forwards, its queue) to the target, once; every hit is recorded for the report."""
-        from sidecar.migration.copier import SourceError
+        from sidecar.migration.copier import SourceAuthError, SourceError
 
         address = job.address
         account = self.store.get(address)
         if account is None or account.state is not State.MIGRATED:
             self.store.finish(job.id, self.owner)
             return
-        try:
-            source = self._source(address)
-        except WaitForCredentials:
-            # no password in memory any more and no admin credentials: nothing more we can sweep
-            log.info("trailing sweep of %s stops: no credentials (configure legacy admin credentials)", address)
+        if not self._sweeping(account.migrated_at):
+            self.store.clear_sweep_block(address)
             self.store.finish(job.id, self.owner)
             return
         try:
+            source = self._source(address)
+        except WaitForCredentials:
+            # the password left memory (an hour after the login, or a restart) and there are no admin
+            # credentials: recorded, shown by `report`, refused by `finalize --check`; looked at again later
+            self._sweep_blocked(job, NO_CREDENTIALS)
+            return
+        try:
+            if self._sweep_check is not None and not self._sweep_check(source, self.store, address):
+                self.store.clear_sweep_block(address)
+                self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
+                return
             result = self._copy_pass(address, "append", source)
+        except SourceAuthError:
+            self.credentials.pop(address)
+            self._sweep_blocked(job, REFUSED)
+            return
         except (SourceError, OSError) as e:
             self.store.finish(job.id, self.owner, error=str(e), retry_at=self.clock() + self.cfg.limits.sweep_interval)
             return
+        self.store.clear_sweep_block(address)
         hits = result.messages_copied
         if hits:
             where = ", ".join(f"{f.target}: {f.copied}" for f in result.folders if f.copied)
@@ -264,6 +306,14 @@ class JobRunner:
             self.store.finish(job.id, self.owner, retry_at=self.clock() + self.cfg.limits.sweep_interval)
         else:
             self.store.finish(job.id, self.owner)
+
+    def _sweep_blocked(self, job: Job, reason: str) -> None:
+        address = job.address
+        if address not in {b.address for b in self.store.sweep_blocks()}:
+            self.store.record_event(address, "sweep-blocked", reason)
+            log.warning("trailing sweep of %s cannot run: %s", address, reason)
+        self.store.set_sweep_block(address, reason)
+        self.store.finish(job.id, self.owner, error=reason, retry_at=self.clock() + self.cfg.limits.sweep_interval)
 
     def _sweeping(self, migrated_at: float | None) -> bool:
         window = self.cfg.limits.sweep_window
@@ -314,10 +364,12 @@ class JobRunner:
                 copied_bytes = sum(f.bytes for f in initial.folders)
                 if self._sieve is not None and self.cfg.legacy.sieve_port:
                     self._sieve(address, source)
-                self.store.transition(address, State.CUTOVER, expect=State.COPYING, reason="initial copy done")
+                account = self.store.transition(address, State.CUTOVER, expect=State.COPYING,
+                                                reason="initial copy done")  # fmt: skip
                 self.store.record_event(address, "cutover", "mail held while the final delta runs")
-                # mail already handed to the legacy relay before the switch lands there; let it settle
-                self.stopping.wait(self.cfg.limits.cutover_grace)
+            # in cutover (now, or again after a restart): nothing may write to the legacy mailbox any more
+            if not self._quiesce(job, account):
+                return
             self._copy_pass(address, "delta", source)
             account = self.store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
             self.store.set_progress(address, copied=account.messages_total, bytes_copied=copied_bytes)
@@ -349,6 +401,30 @@ class JobRunner:
                 self.store.finish(job.id, self.owner)
         except (SourceError, OSError, StoreUnavailable) as e:
             self._failure(job, f"{type(e).__name__}: {e}")
+
+    def _quiesce(self, job: Job, account: Any) -> bool:
+        """No proxied session and no mail in flight toward legacy on any node; False: the cutover failed toward
+        legacy (a node did not confirm) and the job was put back for a later retry."""
+        from sidecar.migration.cutover import KickTimeout
+
+        address = account.address
+        if self.hooks.quiesce is None:
+            # mail already handed to the legacy relay before the switch lands there; let it settle
+            self.stopping.wait(self.cfg.limits.cutover_grace)
+            return True
+        try:
+            self.hooks.quiesce(address, list(account.logins))
+        except KickTimeout as e:
+            log.warning("%s: %s; back on the legacy server, the cutover is retried later", address, e)
+            self.store.transition(address, State.FAILED, expect=State.CUTOVER, reason=f"cutover: {e}")
+            self.hooks.release_held(address)
+            self.store.set_error(address, f"cutover: {e}")
+            retry = self.clock() + backoff(max(1, job.attempts))
+            self.store.finish(job.id, self.owner, error=f"cutover: {e}", retry_at=retry)
+            return False
+        self.store.record_event(address, "quiesced", "no proxied session and no mail in flight on any node; "
+                                "the final delta reads the legacy mailbox now")  # fmt: skip
+        return True
 
     def _failure(self, job: Job, reason: str) -> None:
         address = job.address

@@ -197,6 +197,19 @@ def _settle(cfg: Config, held: dict[str, set[str]], matcher: _Matcher, timeout: 
         time.sleep(POLL)
 
 
+def clear_resolve_cache(cfg: Config) -> list[QueuedMessage]:
+    """Make qmgr resolve every address again from now on (one probe through it); the queue listing taken once
+    the probe has passed. Used at cutover too (sidecar.migration.cutover), before the final delta."""
+    return _wait_probe(cfg, _send_probe(cfg), PROBE_TIMEOUT)
+
+
+def in_flight(cfg: Config, address: str, messages: list[QueuedMessage]) -> list[str]:
+    """Queue ids of messages for the account in the active queue (resolved, being delivered)."""
+    matcher = _Matcher(cfg, [address])
+    return [m.queue_id for m in messages if m.queue_name == "active" and any(matcher.account(r) for r, _ in
+                                                                             m.recipients)]  # fmt: skip
+
+
 def release_held_many(
     cfg: Config,
     store: Store | None,

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from sidecar import config as config_mod
 
@@ -146,6 +146,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
+    from sidecar.lab.proc import LabError
+
+    try:
+        return _lab(args)
+    except LabError as e:
+        print(f"autoport: {e}", file=sys.stderr)
+        return 1
+
+
+def _lab(args: argparse.Namespace) -> int:
     from sidecar.lab import launcher
 
     lab_dir = Path(args.dir).resolve()
@@ -186,10 +196,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.run(Path(args.dir).resolve(), keep=args.keep)
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options and positionals in any order (`lab restart --dir DIR NAME`:
+    plain argparse stops filling positionals at the first option and rejects NAME as unrecognized)."""
+
+    _inner = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._inner:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoport", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--config", "-c", help=f"config file (default: $AUTOPORT_CONFIG or {config_mod.DEFAULT_PATH})")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        p.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser),
+    )
 
     s = sub.add_parser("config", help="print the effective configuration, secrets redacted")
     s.add_argument("--json", action="store_true")
@@ -297,6 +326,7 @@ def _print_report(report: object, only: str | None) -> None:
         "never_seen": "Legacy accounts never seen here (inventory: no login, no mail)",
         "excluded": "Accounts left behind on purpose (autoport exclude)",
         "shared_folders": "Shared and other users' folders on the legacy server (not copied into personal mailboxes)",
+        "sweeps": "Trailing sweeps that cannot run (mail reaching these legacy mailboxes goes unnoticed)",
     }
     for section in SECTIONS:
         if section == "readiness" or (only and section != only):

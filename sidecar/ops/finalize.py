@@ -11,7 +11,9 @@ Refuses, listing every reason, while (leaving out the --exclude'd addresses and 
     `autoport passwd` / `autoport import-hashes`);
   - mail was relayed to the legacy server in the last N days (the milter's message log), leaving out mail for an
     account relayed before it migrated: the copy took it along;
-  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit).
+  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit);
+  - trailing sweeps cannot run for migrated accounts (no credentials left, the legacy server refuses them),
+    so mail still reaching their legacy mailbox would go unnoticed: configure legacy admin credentials.
 
 Otherwise it writes the final configuration, from the same templates (variable `autoport_finalized`) and the
 variables the running configuration was rendered with (render.VARIABLES_FILE beside it):
@@ -144,6 +146,16 @@ def check(
             f"trailing sweeps still found mail in the legacy mailbox of {_listing(hits)} in the last "
             f"{quiet_days:g} day(s): a rule or queue on the legacy server still delivers there; remove it "
             "(`autoport report`, section auto_rules) and wait"
+        )
+
+    migrated = {a.address for a in accounts if a.state is State.MIGRATED and a.address not in excluded}
+    blocked = [b for b in store.sweep_blocks() if b.address in migrated]
+    if blocked:
+        reasons.append(
+            f"trailing sweeps cannot run for {_listing([b.address for b in blocked])}: {blocked[0].reason}. "
+            "Mail that still reaches their legacy mailbox would go unnoticed. Configure [legacy] admin_user and "
+            "admin_password (and admin_mode), restart `autoport serve`, and wait for the next sweep "
+            f"(limits.sweep_interval), or --exclude them"
         )
 
     mailboxes = sorted({a.address for a in accounts if a.state is State.MIGRATED})

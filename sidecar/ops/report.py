@@ -36,11 +36,15 @@ Sections and their fields:
                   shared and other users' folders on the legacy server: never copied into a personal mailbox;
                   recreate them on the target if they are still wanted. Source "legacy" (the admin's listing)
                   or "mailbox:ADDRESS" (seen, and left out, by that account's copy).
+  sweeps          address, reason, since
+                  migrated accounts whose trailing sweep cannot run (no credentials left, the legacy server
+                  refuses them): mail that still reaches their legacy mailbox would go unnoticed. The reason
+                  names the fix (legacy admin credentials).
   readiness       ready, reason                    ready is "yes" or "no"; one row per reason ("" when ready)
 
 JSON: {"generated_at", "days", "users_source", "accounts": {"by_state": {STATE: n}, "total": n,
 "by_domain": {DOMAIN: {STATE: n}}}, "dormant": [...], "aliases": [...], "auto_rules": [...], "failures": [...],
-"legacy_traffic": [...], "never_seen": [...], "excluded": [...], "shared_folders": [...],
+"legacy_traffic": [...], "sweeps": [...], "never_seen": [...], "excluded": [...], "shared_folders": [...],
 "readiness": {"ready": bool, "reasons": [str]}}, list items with the fields above
 (`evidence` is a list there).
 """
@@ -60,7 +64,7 @@ from sidecar.store.base import Account, MessageRecord, Store
 
 DAY = 86400.0
 SECTIONS = (
-    "accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "never_seen", "excluded",
+    "accounts", "dormant", "aliases", "auto_rules", "failures", "legacy_traffic", "sweeps", "never_seen", "excluded",
     "shared_folders", "readiness",
 )  # fmt: skip
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -73,6 +77,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "never_seen": ("address", "sources", "first_listed"),
     "excluded": ("address", "reason", "excluded_at"),
     "shared_folders": ("folder", "source", "detail"),
+    "sweeps": ("address", "reason", "since"),
     "readiness": ("ready", "reason"),
 }
 # RFC 2142 mailbox names and other names that are nearly always aliases or shared mailboxes
@@ -173,6 +178,13 @@ class SharedFolder:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepBlocked:
+    address: str
+    reason: str
+    since: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Readiness:
     ready: bool
     reasons: tuple[str, ...]
@@ -194,6 +206,7 @@ class Report:
     never_seen: list[NeverSeen] = dataclasses.field(default_factory=list)
     excluded: list[Excluded] = dataclasses.field(default_factory=list)
     shared_folders: list[SharedFolder] = dataclasses.field(default_factory=list)
+    sweeps: list[SweepBlocked] = dataclasses.field(default_factory=list)
 
     def rows(self, section: str) -> list[dict[str, Any]]:
         """The rows of one section with the documented field names (times as ISO strings)."""
@@ -211,7 +224,7 @@ class Report:
         for item in items:
             row = dataclasses.asdict(item)
             for k, v in row.items():
-                if k in ("first_seen", "last_seen", "updated_at", "first_listed", "excluded_at"):
+                if k in ("first_seen", "last_seen", "updated_at", "first_listed", "excluded_at", "since"):
                     row[k] = iso(v)
                 elif isinstance(v, tuple | list):
                     row[k] = list(v)
@@ -437,6 +450,13 @@ def build_report(
         n = sum(x.messages for x in hits)
         reasons.append(f"{n} message(s) reached legacy mailboxes after cutover in the last {days} day(s)")
     reasons += inventory.readiness_reasons(store, list(accounts.values()), excluded_set)
+    sweeps = [SweepBlocked(b.address, b.reason, b.since) for b in store.sweep_blocks()
+              if b.address in accounts and accounts[b.address].state is State.MIGRATED]  # fmt: skip
+    if sweeps:
+        reasons.append(
+            f"{len(sweeps)} migrated account(s) cannot be swept (mail reaching their legacy mailbox would go "
+            f"unnoticed): {sweeps[0].reason}"
+        )
     hashless = [a for a in accounts.values() if a.state is State.MIGRATED and not a.has_password]
     if hashless:
         reasons.append(
@@ -458,4 +478,5 @@ def build_report(
         never_seen=never,
         excluded=[Excluded(x.address, x.reason, x.created_at) for x in exclusions],
         shared_folders=shared,
+        sweeps=sweeps,
     )

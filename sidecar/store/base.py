@@ -148,6 +148,25 @@ class InventoryChange:
     kept: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Kick:
+    """A request to every front-end node: close the account's proxied sessions, clear the route cache (v4)."""
+
+    id: int
+    address: str
+    logins: tuple[str, ...]
+    requested_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepBlock:
+    """An account whose trailing sweep cannot run, and why (v4)."""
+
+    address: str
+    reason: str
+    since: float
+
+
 class Store(abc.ABC):
     """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
 
@@ -340,3 +359,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def exclusions(self) -> list[Exclusion]:
         """All exclusions, ordered by address."""
+
+    # --- cutover handshake and blocked sweeps (schema v4, sidecar.migration.cutover) -----------------------
+    @abc.abstractmethod
+    def node_heartbeat(self, node: str) -> None:
+        """Record that this node (a sidecar) is alive now."""
+
+    @abc.abstractmethod
+    def live_nodes(self, within: float) -> list[str]:
+        """Nodes whose heartbeat is at most `within` seconds old, sorted."""
+
+    @abc.abstractmethod
+    def request_kick(self, address: str, logins: list[str]) -> Kick:
+        """Ask every node to kick the account's proxied sessions (one request per call)."""
+
+    @abc.abstractmethod
+    def pending_kicks(self, node: str, since: float) -> list[Kick]:
+        """Kick requests made at or after `since` that `node` has not acknowledged, oldest first."""
+
+    @abc.abstractmethod
+    def ack_kick(self, kick_id: int, node: str, detail: str = "") -> None:
+        """`node` carried the request out (idempotent)."""
+
+    @abc.abstractmethod
+    def kick_acks(self, kick_id: int) -> dict[str, str]:
+        """node -> detail of every acknowledgement of this request."""
+
+    @abc.abstractmethod
+    def set_sweep_block(self, address: str, reason: str) -> None:
+        """The account's trailing sweep cannot run (`since` kept when already blocked)."""
+
+    @abc.abstractmethod
+    def clear_sweep_block(self, address: str) -> None: ...
+
+    @abc.abstractmethod
+    def sweep_blocks(self) -> list[SweepBlock]:
+        """Every account whose sweep cannot run, ordered by address."""

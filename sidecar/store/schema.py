@@ -200,10 +200,43 @@ _V3 = _both(
     )""",
 )
 
+# v4: the cutover handshake between front-end nodes and sweeps that cannot run (sidecar.migration.cutover).
+#   nodes        every sidecar records itself (node id, heartbeat); a node is live while its heartbeat is fresh
+#   kicks        "close every proxied session of this account and clear the route cache" requests, one per cutover
+#                round; kick_acks: which node carried a request out, and when
+#   sweep_blocks accounts whose trailing sweep cannot run (no credentials, legacy refuses), with the reason
+_V4 = _both(
+    """CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        started_at {TIME} NOT NULL,
+        heartbeat_at {TIME} NOT NULL
+    )""",
+    """CREATE TABLE kicks (
+        id {ID},
+        address TEXT NOT NULL,
+        logins TEXT NOT NULL DEFAULT '',
+        requested_at {TIME} NOT NULL
+    )""",
+    "CREATE INDEX kicks_requested ON kicks (requested_at)",
+    """CREATE TABLE kick_acks (
+        kick_id {INT} NOT NULL REFERENCES kicks (id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        acked_at {TIME} NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (kick_id, node)
+    )""",
+    """CREATE TABLE sweep_blocks (
+        address TEXT PRIMARY KEY REFERENCES accounts (address) ON DELETE CASCADE,
+        reason TEXT NOT NULL,
+        since {TIME} NOT NULL
+    )""",
+)
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
     Migration(2, "aliases; dovecot_deny lists only migrated accounts with a hash", _V2),
     Migration(3, "inventory of legacy accounts and shared folders; exclusions", _V3),
+    Migration(4, "cutover handshake between nodes (nodes, kicks, kick_acks); sweeps that cannot run", _V4),
 ]
 
 

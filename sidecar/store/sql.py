@@ -33,9 +33,11 @@ from sidecar.store.base import (
     InventoryChange,
     InventoryEntry,
     Job,
+    Kick,
     MessageRecord,
     Store,
     StoreError,
+    SweepBlock,
     UnknownAccount,
 )
 
@@ -634,6 +636,74 @@ class SqlStore(Store):
         with self._read() as cur:
             rows = cur.execute("SELECT address, reason, created_at FROM exclusions ORDER BY address").fetchall()
         return [Exclusion(r[0], r[1], r[2]) for r in rows]
+
+    # --- cutover handshake and blocked sweeps (schema v4) -----------------------------------------------------
+    def node_heartbeat(self, node: str) -> None:
+        now = self._clock()
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO nodes (node, started_at, heartbeat_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (node, now, now),
+            )
+
+    def live_nodes(self, within: float) -> list[str]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT node FROM nodes WHERE heartbeat_at >= ? ORDER BY node", (self._clock() - within,)
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    def request_kick(self, address: str, logins: list[str]) -> Kick:
+        now = self._clock()
+        names = sorted(set(logins) | {address})
+        with self._write() as cur:
+            row = cur.execute(
+                "INSERT INTO kicks (address, logins, requested_at) VALUES (?, ?, ?) RETURNING id",
+                (address, "\n".join(names), now),
+            ).fetchone()
+        assert row is not None
+        return Kick(id=int(row[0]), address=address, logins=tuple(names), requested_at=now)
+
+    def pending_kicks(self, node: str, since: float) -> list[Kick]:
+        with self._read() as cur:
+            rows = cur.execute(
+                "SELECT id, address, logins, requested_at FROM kicks k WHERE requested_at >= ? AND NOT EXISTS "
+                "(SELECT 1 FROM kick_acks a WHERE a.kick_id = k.id AND a.node = ?) ORDER BY id",
+                (since, node),
+            ).fetchall()
+        return [Kick(int(r[0]), r[1], tuple(x for x in str(r[2]).split("\n") if x), r[3]) for r in rows]
+
+    def ack_kick(self, kick_id: int, node: str, detail: str = "") -> None:
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO kick_acks (kick_id, node, acked_at, detail) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (kick_id, node) DO NOTHING",
+                (kick_id, node, self._clock(), detail),
+            )
+
+    def kick_acks(self, kick_id: int) -> dict[str, str]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT node, detail FROM kick_acks WHERE kick_id = ?", (kick_id,)).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
+
+    def set_sweep_block(self, address: str, reason: str) -> None:
+        with self._write() as cur:
+            self._require(cur, address)
+            cur.execute(
+                "INSERT INTO sweep_blocks (address, reason, since) VALUES (?, ?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET reason = excluded.reason",
+                (address, reason, self._clock()),
+            )
+
+    def clear_sweep_block(self, address: str) -> None:
+        with self._write() as cur:
+            cur.execute("DELETE FROM sweep_blocks WHERE address = ?", (address,))
+
+    def sweep_blocks(self) -> list[SweepBlock]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT address, reason, since FROM sweep_blocks ORDER BY address").fetchall()
+        return [SweepBlock(str(r[0]), str(r[1]), float(r[2])) for r in rows]
 
 
 def _alias(row: Row) -> Alias:

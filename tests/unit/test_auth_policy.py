@@ -252,7 +252,6 @@ def test_migrated_account_fails_without_asking_legacy() -> None:
         (State.DISCOVERED, State.COPYING, True),
         (State.FAILED, State.COPYING, True),
         (State.COPYING, State.COPYING, False),
-        (State.CUTOVER, State.CUTOVER, False),
     ],
 )
 def test_existing_accounts(before: State, after: State, moved: bool) -> None:
@@ -263,6 +262,28 @@ def test_existing_accounts(before: State, after: State, moved: bool) -> None:
     assert store.states["alice@example.org"] is after
     assert bool(store.transitions) is moved
     assert store.hashes["alice@example.org"] == "{PLAIN}right-pw"  # refreshed
+
+
+def test_no_proxied_session_starts_in_cutover() -> None:
+    policy, store, verifier, _ = make()
+    store.states["alice@example.org"] = State.CUTOVER
+    for service in ("imap", "pop3", "sieve"):
+        assert policy.decide(req(service=service)).status == TEMP
+    assert verifier.calls == []  # not even asked
+    assert policy.decide(req(service="smtp")).status == OK  # SMTP AUTH proxies nothing
+
+
+def test_a_login_verified_while_the_cutover_began_gets_no_proxy_answer() -> None:
+    policy, store, verifier, _ = make()
+    store.states["alice@example.org"] = State.COPYING
+    verify = verifier.verify
+
+    def slow(login: str, password: str, *, client_ip: str = "") -> str:
+        store.states["alice@example.org"] = State.CUTOVER  # the job runner moved on meanwhile
+        return verify(login, password, client_ip=client_ip)
+
+    verifier.verify = slow  # type: ignore[method-assign]
+    assert policy.decide(req()).status == TEMP
 
 
 def test_login_as_typed_is_recorded_and_sent_upstream() -> None:

@@ -248,16 +248,56 @@ def test_trailing_sweeps_after_migration_record_hits(store: Store, tmp_path: Pat
     assert len(queued) == 1  # the next sweep
 
 
-def test_sweeps_stop_without_credentials(store: Store, tmp_path: Path) -> None:
+def test_a_sweep_without_credentials_never_stops_silently(store: Store, tmp_path: Path) -> None:
     rec, creds = Recorder(), CredentialCache()
     runner = make_runner(store, tmp_path, rec, creds, sweep_interval=0.0)
     first_login(store, creds)
     run_one(runner, store)
     creds.pop(A)  # the password expired from memory; no admin credentials configured
+    for _ in range(2):
+        job = store.lease("test", kinds=("sweep",))
+        assert job is not None
+        runner.run_job(job)
+    (block,) = store.sweep_blocks()
+    assert block.address == A and "admin_user" in block.reason
+    assert len([e for e in store.events(A) if e.kind == "sweep-blocked"]) == 1  # once, not every round
+    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["queued"]  # looked at again later
+    # the password (or admin credentials) is back: the sweep runs and the block is lifted
+    creds.put(A, A, "pw")
     job = store.lease("test", kinds=("sweep",))
     assert job is not None
     runner.run_job(job)
-    assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["done"]
+    assert store.sweep_blocks() == []
+
+
+def test_a_sweep_the_legacy_server_refuses_is_recorded(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, sweep_interval=0.0)
+    first_login(store, creds)
+    run_one(runner, store)
+    rec.fail_with = [SourceAuthError("legacy IMAP login refused")]
+    job = store.lease("test", kinds=("sweep",))
+    assert job is not None
+    runner.run_job(job)
+    (block,) = store.sweep_blocks()
+    assert "refused" in block.reason and creds.get(A) is None
+
+
+def test_a_sweep_with_nothing_new_fetches_nothing(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    changed: list[str] = []
+    cfg = config.from_dict({"target": {"mail_root": str(tmp_path / "mail")},
+                            "limits": {"cutover_grace": 0.0, "sweep_interval": 0.0}})  # fmt: skip
+    runner = JobRunner(cfg, store, creds, owner="test", hooks=rec.hooks(), copy=rec.copy,
+                       sweep_check=lambda source, st, address: list(changed))  # fmt: skip
+    first_login(store, creds)
+    run_one(runner, store)
+    for folders in ([], ["INBOX"]):
+        changed[:] = folders
+        job = store.lease("test", kinds=("sweep",))
+        assert job is not None
+        runner.run_job(job)
+    assert rec.copies == [(A, "initial"), (A, "delta"), (A, "append")]  # only when STATUS showed new mail
 
 
 def test_job_resumed_after_the_switch_releases_mail_and_schedules_sweeps(store: Store, tmp_path: Path) -> None:

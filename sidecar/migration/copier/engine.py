@@ -437,6 +437,9 @@ def _append_folder(
                     commit()
                     batch_bytes = 0
                 tick(plan.legacy)
+            # everything below UIDNEXT has been looked at: the sweep's STATUS check (sidecar.migration.sweep)
+            # need not come back for newest messages that were expunged on the legacy side
+            last = max(last, status.uidnext - 1)
             commit()
         except BaseException:
             folder.abort()

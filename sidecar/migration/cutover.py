@@ -1,0 +1,265 @@
+"""The cutover handshake: before the final delta reads the legacy mailbox, nothing may still write to it.
+
+Writes that can reach the legacy mailbox while an account is in ``cutover``:
+
+1. **Proxied sessions** on any front-end node (Dovecot proxies IMAP/POP3 there until migration): a flag set,
+   a message saved to Sent, an EXPUNGE. The auth policy answers TEMP to new proxied logins of an account in
+   cutover (sidecar.auth.policy), and every node closes the sessions it proxies (``doveadm proxy kick``).
+2. **Mail already routed toward the legacy server**: Postfix's queue manager keeps its last address
+   resolution for 30 s (sidecar.migration.release), so a message for the account can still be relayed to the
+   legacy server after the socketmap started answering ``retry:``. Every node clears that cache with the
+   release probe and waits until no message for the account is in its active queue.
+
+How every node takes part (the nodes share the store):
+
+- every sidecar runs a NodeAgent: it records a heartbeat (``nodes``) and carries out the kick requests
+  (``kicks``) it has not acknowledged yet: route-cache probe, wait for in-flight mail, ``doveadm proxy kick``
+  for each login of the account, then ``doveadm proxy list`` to check none is left; then it acknowledges
+  (``kick_acks``) with what it did.
+- the job runner (quiesce(), through Hooks.quiesce) writes ``cutover``, then asks for a kick and waits until
+  every live node (heartbeat within ``limits.node_timeout``) acknowledged it, within ``limits.kick_timeout``.
+  It waits ``limits.cutover_grace`` and asks again: a login whose OK (with proxy fields) was computed just
+  before the state changed reaches the legacy server within the proxy timeout ([legacy] timeout), after the
+  first kick; the second round closes it. Only then does the final delta read the legacy mailbox.
+- a node that does not confirm in time (down but still within its heartbeat, or its Postfix/Dovecot tools
+  fail) makes the cutover fail toward legacy: the account goes to ``failed``, its held mail is released to
+  the legacy relay, the copy is retried later (KickTimeout).
+- a node whose sidecar has not sent a heartbeat for ``limits.node_timeout`` is not waited for. Its Dovecot
+  cannot start proxied sessions without the sidecar (checkpassword answers come from it), but sessions it
+  proxied before the sidecar stopped stay open until they end: run the sidecar so that it is restarted at
+  once (the systemd unit has Restart=on-failure, RestartSec=2s); a restarted sidecar keeps its node name and
+  carries out the kick requests of the last KICK_WINDOW seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+
+from sidecar.config import Config
+from sidecar.store.base import Kick, Store, StoreError
+
+log = logging.getLogger("sidecar.migration.cutover")
+
+HEARTBEAT = 1.0  # seconds between a node's heartbeats (and looks at the kick requests)
+KICK_WINDOW = 600.0  # kick requests older than this are not carried out any more (the cutover is long over)
+KICK_ROUNDS = 3  # doveadm proxy kick + list rounds on one node before it reports sessions it could not close
+POLL = 0.05
+
+
+def node_id(cfg: Config) -> str:
+    """This node's name: its host and the Dovecot instance whose proxied sessions it closes. Stable across
+    restarts, so a sidecar that comes back carries out the kick requests it missed."""
+    return f"{socket.gethostname()}:{cfg.target.dovecot_config or 'dovecot'}"
+
+
+class KickTimeout(Exception):
+    """Not every live node confirmed the kick in time: the cutover must not read the legacy mailbox now."""
+
+
+# --- what a node does for one kick request --------------------------------------------------------------------
+
+
+def _doveadm(cfg: Config) -> list[str]:
+    return [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+
+
+def proxied_sessions(cfg: Config, logins: tuple[str, ...]) -> int:
+    """How many proxied sessions of these logins this node's Dovecot has (``doveadm proxy list``)."""
+    p = subprocess.run([*_doveadm(cfg), "proxy", "list"], capture_output=True, timeout=10, check=False, text=True)
+    if p.returncode != 0:
+        raise OSError(f"doveadm proxy list: exit {p.returncode}: {p.stderr.strip()[-200:]}")
+    wanted = {x.lower() for x in logins}
+    count = 0
+    for line in p.stdout.splitlines()[1:]:  # header: username proto src ip dest ip port
+        fields = line.split()
+        if fields and fields[0].lower() in wanted:
+            count += 1
+    return count
+
+
+def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
+    """Close this node's proxied sessions of these logins; raises OSError when some stay open."""
+    for _round in range(KICK_ROUNDS):
+        for login in logins:
+            subprocess.run([*_doveadm(cfg), "proxy", "kick", login], capture_output=True, timeout=10, check=False)
+        left = proxied_sessions(cfg, logins)
+        if not left:
+            return "no proxied session left"
+        time.sleep(0.2)
+    raise OSError(f"{left} proxied session(s) of {', '.join(logins)} still open after {KICK_ROUNDS} kicks")
+
+
+def clear_route_cache(cfg: Config, addresses: list[str], timeout: float = 10.0) -> str:
+    """Make this node's Postfix resolve these accounts again, and wait until no message for them is in flight.
+
+    One release probe pushes every address out of qmgr's resolve cache: every message that enters the active
+    queue from then on is resolved again (retry:, held). The ones already in the active queue when the probe
+    had passed may have been resolved before, toward the legacy server: wait until those are gone (delivered,
+    or deferred). New mail arriving meanwhile is not waited for (a steady stream would otherwise keep the
+    active queue busy forever). One probe and one listing loop for all the accounts cutting over at once.
+    """
+    from sidecar.migration import release
+
+    listing = release.clear_resolve_cache(cfg)
+    before = {q for a in addresses for q in release.in_flight(cfg, a, listing)}
+    deadline = time.monotonic() + timeout
+    while before:
+        listing = release.list_queue(cfg)
+        active = before & {q for a in addresses for q in release.in_flight(cfg, a, listing)}
+        if not active:
+            break
+        if time.monotonic() > deadline:
+            raise OSError(f"mail for {', '.join(addresses)} still in the active queue: {', '.join(sorted(active))}")
+        time.sleep(POLL)
+    return f"route cache cleared, {len(before)} message(s) in flight waited for"
+
+
+def carry_out(cfg: Config, kicks: list[Kick]) -> dict[int, str]:
+    """Everything one node does for the kick requests it found (one route-cache probe for all of them); kick id
+    -> what was done. Raises (OSError, ReleaseError) when the route cache could not be cleared: no request is
+    confirmed then. A request whose sessions could not be closed is left out (not confirmed)."""
+    route = clear_route_cache(cfg, sorted({k.address for k in kicks}))
+    done: dict[int, str] = {}
+    for kick in kicks:
+        try:
+            done[kick.id] = f"{route}; {kick_sessions(cfg, kick.logins)}"
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("kick %d for %s: %s", kick.id, kick.address, e)
+    return done
+
+
+class NodeAgent:
+    """One per sidecar: heartbeat, and every kick request carried out and acknowledged."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        store: Store,
+        *,
+        node: str = "",
+        act: Callable[[Config, list[Kick]], dict[int, str]] = carry_out,
+        interval: float = HEARTBEAT,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.node = node or node_id(cfg)
+        self.act = act
+        self.interval = interval
+        self.stopping = threading.Event()
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.failed: dict[str, str] = {}  # the last failed batch (kick ids) -> its error, logged once
+
+    def start(self) -> None:
+        self.tick()  # live before the first job: a runner on this node waits for us
+        self.thread = threading.Thread(target=self._loop, name="node-agent", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+        if self.thread:
+            self.thread.join(timeout)
+
+    def poke(self) -> None:
+        self.wakeup.set()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.tick()
+            self.wakeup.wait(self.interval)
+            self.wakeup.clear()
+
+    def tick(self) -> None:
+        """One heartbeat and one look at the kick requests (errors logged; the next tick tries again)."""
+        try:
+            self.store.node_heartbeat(self.node)
+            kicks = self.store.pending_kicks(self.node, time.time() - KICK_WINDOW)
+        except StoreError as e:
+            log.warning("node %s: store unavailable (%s)", self.node, e)
+            return
+        if not kicks:
+            return
+        key = ",".join(str(k.id) for k in kicks)
+        try:
+            done = self.act(self.cfg, kicks)
+        except Exception as e:  # no ack: the runner times out and fails toward legacy
+            if self.failed.get(key) != str(e):
+                log.warning("node %s: kicks for %s failed: %s", self.node, ", ".join(k.address for k in kicks), e)
+            self.failed = {key: str(e)}
+            return
+        self.failed = {}
+        for kick in kicks:
+            if kick.id not in done:
+                continue
+            with contextlib.suppress(StoreError):
+                self.store.ack_kick(kick.id, self.node, done[kick.id])
+                log.info("node %s: kick %d for %s done (%s)", self.node, kick.id, kick.address, done[kick.id])
+
+
+# --- the runner's side ----------------------------------------------------------------------------------------
+
+
+def kick_everywhere(
+    store: Store,
+    address: str,
+    logins: list[str],
+    *,
+    timeout: float,
+    node_timeout: float,
+    stopping: threading.Event | None = None,
+    poke: Callable[[], None] | None = None,
+) -> dict[str, str]:
+    """Ask every node to kick the account and wait until every live node confirmed; node -> what it did.
+
+    Raises KickTimeout when a live node did not confirm within `timeout` (nodes that stop heartbeating
+    meanwhile are not waited for), InterruptedError when `stopping` is set.
+    """
+    kick = store.request_kick(address, logins)
+    if poke is not None:
+        poke()
+    deadline = time.monotonic() + timeout
+    while True:
+        acks = store.kick_acks(kick.id)
+        live = set(store.live_nodes(node_timeout))
+        missing = sorted(live - set(acks))
+        if not missing:
+            return acks
+        if time.monotonic() > deadline:
+            raise KickTimeout(f"node(s) {', '.join(missing)} did not confirm closing the sessions of {address}")
+        if stopping is not None and stopping.wait(POLL):
+            raise InterruptedError("sidecar stopping")
+        if stopping is None:
+            time.sleep(POLL)
+
+
+def quiesce(
+    cfg: Config,
+    store: Store,
+    address: str,
+    logins: list[str],
+    *,
+    stopping: threading.Event | None = None,
+    poke: Callable[[], None] | None = None,
+) -> None:
+    """The account is in cutover: two kick rounds on every node, `limits.cutover_grace` apart (module docstring)."""
+    limits = cfg.limits
+    started = time.monotonic()
+    first = kick_everywhere(store, address, logins, timeout=limits.kick_timeout, node_timeout=limits.node_timeout,
+                            stopping=stopping, poke=poke)  # fmt: skip
+    grace = max(0.0, limits.cutover_grace - (time.monotonic() - started))
+    if stopping is not None and stopping.wait(grace):
+        raise InterruptedError("sidecar stopping")
+    if stopping is None:
+        time.sleep(grace)
+    second = kick_everywhere(store, address, logins, timeout=limits.kick_timeout, node_timeout=limits.node_timeout,
+                             stopping=stopping, poke=poke)  # fmt: skip
+    log.info("%s: sessions closed and route caches cleared on %d node(s) in %.1f s (%s)", address,
+             len(set(first) | set(second)), time.monotonic() - started, "; ".join(f"{n}: {d}" for n, d in
+             sorted(second.items())))  # fmt: skip
