@@ -30,6 +30,7 @@ def migrate(s: Store, address: str) -> None:
 def test_report_and_finalize_name_the_blocked_sweep_and_the_fix(cfg_path: Path, store: Store) -> None:  # noqa: F811
     cfg = config_mod.load(cfg_path)
     migrate(store, A)
+    store.set_inventory("file:/legacy-users", "account", [A])  # the legacy side's list: alice is all there is
     assert build_report(cfg, store).readiness.ready
     assert finalize.check(cfg, store).ready
     store.set_sweep_block(A, NO_CREDENTIALS)
