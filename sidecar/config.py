@@ -141,6 +141,9 @@ class TargetConfig:
     doveadm: str = _f("doveadm", "doveadm executable (kick proxied sessions, warm indexes)")
     dovecot_config: str = _f("", "dovecot.conf of the target (empty: Dovecot's default)")
     postfix_config: str = _f("", "Postfix config directory of the target (empty: /etc/postfix)")
+    dovecot_version: str = _f(
+        "", "Dovecot version whose configuration syntax to render, 2.3 or 2.4 (empty: `dovecot --version`)"
+    )
 
 
 @dataclass

@@ -87,6 +87,7 @@ def lab_up(
     messages_per_user: int | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
     nodes: int = 1,
+    sysroot: Path | None = None,
 ) -> dict[str, Any]:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
 
@@ -164,6 +165,7 @@ def lab_up(
             store_url=store_url,
             sidecar=sidecar,
             settings=settings or {},
+            sysroot=sysroot,
         )
         config_path = Path(tgt.config)
         if not sidecar:

@@ -32,7 +32,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class TargetStack:
     sidecar: bool  # whether start_target runs the sidecar
     logs: dict[str, Path]
     pids: dict[str, int | None]
+    sysroot: str = ""  # a Debian 13 root (sidecar.lab.debroot) whose Dovecot 2.4 / Postfix 3.10 run the stack
 
     def to_json(self) -> dict[str, Any]:
         """What clients of the lab need: addresses and ports (the demo prints this)."""
@@ -137,14 +138,60 @@ def start_target(
     settings: Mapping[str, Mapping[str, Any]] | None = None,
     postfix_overrides: Mapping[str, str] | None = None,
     dovecot_overrides: Mapping[str, str] | None = None,
+    sysroot: Path | None = None,
 ) -> TargetStack:
     """Render the target's configuration into lab_dir, start the sidecar (optional), Dovecot and Postfix.
 
     `legacy`: keys of the [legacy] config section (host, imap_port, smtp_port, ...; ca_file defaults to the
     lab CA). `settings`: further sections of autoport.toml, e.g. {"limits": {"copy_concurrency": 1}}.
     `postfix_overrides` / `dovecot_overrides`: template variables (tests: a stand-in checkpassword, ...).
+    `sysroot`: run Postfix and Dovecot from this Debian 13 root (sidecar.lab.debroot; lab_dir must be inside
+    it); the sidecar stays on the host and reaches their tools through wrappers in lab_dir/target/bin.
     """
     lab_dir = lab_dir.resolve()
+    if sysroot is not None:
+        with _tools(lab_dir, str(sysroot)):
+            return _start_target(lab_dir, host=host, domains=domains, legacy=legacy, store_url=store_url,
+                                 sidecar=sidecar, settings=settings, postfix_overrides=postfix_overrides,
+                                 dovecot_overrides=dovecot_overrides, sysroot=sysroot)  # fmt: skip
+    return _start_target(lab_dir, host=host, domains=domains, legacy=legacy, store_url=store_url,
+                         sidecar=sidecar, settings=settings, postfix_overrides=postfix_overrides,
+                         dovecot_overrides=dovecot_overrides, sysroot=None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _tools(lab_dir: Path, sysroot: str) -> Iterator[None]:
+    """With a sysroot: its Postfix/Dovecot commands first on PATH (for us and for what we start)."""
+    if not sysroot:
+        yield
+        return
+    from sidecar.lab import debroot
+
+    root = Path(sysroot).resolve()
+    if not lab_dir.is_relative_to(root):
+        raise LabError(f"with a Debian 13 root the lab must live inside it ({debroot.lab_parent(root)}/...)")
+    bin_dir = debroot.write_wrappers(root, lab_dir / "target" / "bin")
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{bin_dir}:{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _start_target(
+    lab_dir: Path,
+    *,
+    host: str,
+    domains: Iterable[str],
+    legacy: Mapping[str, Any] | None,
+    store_url: str | None,
+    sidecar: bool,
+    settings: Mapping[str, Mapping[str, Any]] | None,
+    postfix_overrides: Mapping[str, str] | None,
+    dovecot_overrides: Mapping[str, str] | None,
+    sysroot: Path | None,
+) -> TargetStack:
     if any(c.isspace() for c in str(lab_dir)):
         # Dovecot splits checkpassword args on spaces, Postfix lists on spaces
         raise LabError(f"lab directory must not contain white space: {lab_dir}")
@@ -283,6 +330,7 @@ def start_target(
         sidecar=sidecar,
         logs=logs,
         pids={},
+        sysroot=str(sysroot or ""),
     )
     _save(lab_dir, stack)
     try:
@@ -301,6 +349,11 @@ def start_target(
 
 
 def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
+    with _tools(lab_dir, stack.sysroot):
+        return _start_component_here(lab_dir, stack, name)
+
+
+def _start_component_here(lab_dir: Path, stack: TargetStack, name: str) -> int:
     log = stack.logs[name]
     log.parent.mkdir(parents=True, exist_ok=True)
     if name == SIDECAR:
@@ -348,7 +401,7 @@ def _stop_component(lab_dir: Path, name: str, stack: TargetStack | None) -> None
     pid = proc.load_state(lab_dir).get("pids", {}).get(name)
     if pid and name == POSTFIX and stack is not None and proc.pid_alive(int(pid)):
         # the orderly way first (children finish their deliveries); the pid below is the fallback
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
+        with contextlib.suppress(subprocess.SubprocessError, OSError, LabError), _tools(lab_dir, stack.sysroot):
             subprocess.run(
                 ["postfix", "-c", str(stack.postfix_config), "stop"],
                 stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False,

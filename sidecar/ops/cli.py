@@ -148,6 +148,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     from sidecar.lab import launcher
 
+    if args.action == "debroot":
+        from sidecar.lab import debroot
+
+        try:
+            root = debroot.ensure(Path(args.dir))
+        except debroot.DebrootError as e:
+            print(f"autoport lab debroot: {e}", file=sys.stderr)
+            return 1
+        print(f"{root}: {debroot.tool_version(root, 'dovecot', '--version')}; labs go in {debroot.lab_parent(root)}/")
+        return 0
     lab_dir = Path(args.dir).resolve()
     if args.action == "up":
         info = launcher.lab_up(
@@ -159,6 +169,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
             bare_logins=args.bare_logins,
             seed=args.seed,
             nodes=args.nodes,
+            sysroot=Path(args.sysroot) if args.sysroot else None,
         )
         if args.json:
             print(json.dumps(info, indent=2))
@@ -207,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("lab", help="start/stop a legacy server and a target stack on loopback")
-    s.add_argument("action", choices=["up", "down", "restart", "info"])
+    s.add_argument("action", choices=["up", "down", "restart", "info", "debroot"])
     s.add_argument("name", nargs="?", help="component to restart (lab restart)")
     s.add_argument("--dir", required=True, help="lab directory (created)")
     s.add_argument("--json", action="store_true", help="print the lab description as JSON")
@@ -218,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bare-logins", action="store_true", help="legacy users log in with bare local parts")
     s.add_argument("--seed", type=int, default=1, help="mailbox generator seed")
     s.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="front-end nodes (2 needs --store postgresql)")
+    s.add_argument(
+        "--sysroot", metavar="ROOT", help="run the target's Postfix/Dovecot from this Debian 13 root (`lab debroot "
+        "--dir ROOT` builds it; --dir must then be inside ROOT/l/)",
+    )
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")
