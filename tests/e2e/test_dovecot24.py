@@ -93,7 +93,7 @@ def test_the_stack_runs_dovecot_24_and_postfix_310(lab: dict[str, Any], root: Pa
     assert debroot.tool_version(root, "postconf", "-h", "mail_version").startswith("3.10")
     conf = Path(lab["target"]["dovecot_config"])
     text = (conf.parent / "conf.d" / "10-auth.conf").read_text()
-    assert "driver = lua" in text and "checkpassword" not in text
+    assert "driver = lua" in text and "driver = checkpassword" not in text
     out = subprocess.run(
         ["chroot", str(root), "doveconf", "-c", str(conf), "-n"], capture_output=True, text=True, check=True
     )
