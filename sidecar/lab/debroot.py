@@ -147,7 +147,7 @@ def _configure(tmp: Path, final: Path) -> None:
     if not link.is_symlink():
         link.symlink_to("/")
     (tmp / LAB_PARENT).mkdir(mode=0o755, exist_ok=True)
-    os.chmod(tmp, 0o755)  # mkdtemp made it 0700: the mail daemons' users must reach labs inside it
+    os.chmod(tmp, 0o755)  # noqa: S103 - mkdtemp made it 0700: the mail daemons' users must reach labs inside it
     _ensure_vmail(tmp)
     align_ids(tmp)
     # nothing in the root starts by itself (no init); the packages' own instances are never used

@@ -9,10 +9,12 @@ sent during the move delivered exactly once. Skipped, with the reason, when the 
 from __future__ import annotations
 
 import imaplib
+import os
 import poplib
 import re
 import smtplib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +42,7 @@ def lab(root: Path) -> Iterator[dict[str, Any]]:
     d = lab_dir_in(root, "d24-")
     try:
         # a longer cutover window: the held-mail test sends while the account is in cutover
-        yield launcher.lab_up(d, users=4, sysroot=root, settings={"limits": {"cutover_grace": 6.0}})
+        yield launcher.lab_up(d, users=6, sysroot=root, settings={"limits": {"cutover_grace": 6.0}})
     finally:
         launcher.lab_down(d)
         remove_lab(d)
@@ -181,3 +183,63 @@ def test_mail_held_at_cutover_is_released_once(lab: dict[str, Any], store: Store
     assert re.search(rf"{re.escape(user['address'])} migrated in .* 1 held message\(s\) released", sidecar_log)
     # delivered by Postfix 3.10 over LMTP into Dovecot 2.4
     assert "status=sent" in (Path(lab["logs"]) / "target-postfix.log").read_text()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Dovecot 2.4.1 (Debian 13): `doveadm kick USER`, `doveadm proxy kick USER` and `kick -h LEGACY-IP` all "
+    "answer '1 connections kicked' but the proxied imap-login session stays open (also with "
+    "login_proxy_max_disconnect_delay = 0); on 2.3 the same kick ends it. docs/dovecot24.md",
+)
+def test_proxied_session_is_kicked_at_cutover(lab: dict[str, Any], store: Store) -> None:
+    tg = lab["target"]
+    user = lab["users"][4]
+    c = imaplib.IMAP4(tg["host"], tg["imap"], timeout=30)
+    try:
+        c.login(user["login"], user["password"])  # proxied to the legacy server, copy queued
+        c.select("INBOX", readonly=True)
+        wait_state(store, user["address"], State.MIGRATED)
+        # the sidecar ran `doveadm proxy kick` (Dovecot 2.4's, through the root): the proxied session ends
+        deadline = time.monotonic() + 20
+        with pytest.raises((imaplib.IMAP4.abort, OSError, EOFError)):
+            while time.monotonic() < deadline:
+                c.noop()
+                time.sleep(0.2)
+    finally:
+        c.shutdown()
+    # and the next login is local
+    view = imap_view(tg["host"], tg["imap"], user)
+    assert "INBOX" in view
+
+
+def test_sidecar_unreachable_is_a_temporary_failure(lab: dict[str, Any], store: Store) -> None:
+    # the Lua passdb maps a socket it cannot reach to INTERNAL_FAILURE: [UNAVAILABLE], never a wrong password
+    tg = lab["target"]
+    user = lab["users"][5]
+    sock = Path(lab["dir"]) / "run" / "auth.sock"
+    moved = sock.with_name("auth.sock.away")
+    sock.rename(moved)
+    try:
+        with (
+            imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c,
+            pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"),
+        ):
+            c.login(user["login"], user["password"])
+    finally:
+        moved.rename(sock)
+    assert store.get(user["address"]) is None
+    log = (Path(lab["logs"]) / "target-dovecot.log").read_text()
+    assert "autoport: sidecar at" in log and user["password"] not in log
+
+
+def test_doctor_recognises_the_lua_passdb(lab: dict[str, Any]) -> None:
+    # doctor runs doveconf/postconf: the lab's wrappers make them the root's (2.4 / 3.10)
+    bin_dir = Path(lab["dir"]) / "target" / "bin"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    autoport = str(Path(sys.executable).parent / "autoport")
+    out = subprocess.run(
+        [autoport, "--config", lab["config"], "doctor"], capture_output=True, text=True, timeout=120, env=env,
+        check=False,
+    )  # fmt: skip
+    assert "the Lua passdb (Dovecot 2.4)" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
