@@ -286,7 +286,12 @@ def render_dovecot(
     into a directory of our own.
     """
     driver = str(variables.get("sql_driver", ""))
-    templates = dovecot_templates(driver, root=root, series=str(variables.get("dovecot_series") or "2.3"))
+    series = str(variables.get("dovecot_series") or "2.3")
+    templates = dovecot_templates(driver, root=root, series=series)
+    if series == "2.4" and "auth_allow_cleartext" not in variables:
+        # 2.4 renamed disable_plaintext_auth to auth_allow_cleartext, inverted
+        allow = "yes" if str(variables.get("disable_plaintext_auth")) == "no" else "no"
+        variables = {**variables, "auth_allow_cleartext": allow}
     texts = {dest: render_template(src, variables, root=root) for dest, src in templates.items()}
     # the SQL files may name a PostgreSQL passfile but never hold a secret; still, only Dovecot reads them
     modes = {dest: (0o640 if dest.endswith(".conf.ext") else 0o644) for dest in texts}
