@@ -288,10 +288,9 @@ def render_dovecot(
     driver = str(variables.get("sql_driver", ""))
     series = str(variables.get("dovecot_series") or "2.3")
     templates = dovecot_templates(driver, root=root, series=series)
-    if series == "2.4" and "auth_allow_cleartext" not in variables:
-        # 2.4 renamed disable_plaintext_auth to auth_allow_cleartext, inverted
-        allow = "yes" if str(variables.get("disable_plaintext_auth")) == "no" else "no"
-        variables = {**variables, "auth_allow_cleartext": allow}
+    if series == "2.4":
+        # 2.4 renamed disable_plaintext_auth to auth_allow_cleartext, inverted: always derived from the former
+        variables = {**variables, "auth_allow_cleartext": allow_cleartext(variables.get("disable_plaintext_auth"))}
     texts = {dest: render_template(src, variables, root=root) for dest, src in templates.items()}
     # the SQL files may name a PostgreSQL passfile but never hold a secret; still, only Dovecot reads them
     modes = {dest: (0o640 if dest.endswith(".conf.ext") else 0o644) for dest in texts}
@@ -311,6 +310,11 @@ def render_dovecot(
             _chgrp(config_dir / dest, "dovecot")
     save_variables(config_dir, variables)
     return warnings
+
+
+def allow_cleartext(disable_plaintext_auth: object) -> str:
+    """Dovecot 2.4's auth_allow_cleartext for 2.3's disable_plaintext_auth ("no" -> "yes", else "no")."""
+    return "yes" if str(disable_plaintext_auth) == "no" else "no"
 
 
 VARIABLES_FILE = ".autoport-render.json"
@@ -558,6 +562,7 @@ def dovecot_vars(cfg: Config, *, queue_directory: str = "/var/spool/postfix") ->
         "autoport_finalized": "",  # "yes" after `autoport finalize`: the store's sql passdb only
         # Dovecot 2.4 (dovecot/2.4/): chosen from `dovecot --version` unless [target] dovecot_version says
         "dovecot_series": installed_series(cfg.target.dovecot_version),
+        "auth_allow_cleartext": allow_cleartext("yes"),  # derived from disable_plaintext_auth when rendering
         "auth_socket_path": cfg.sockets.auth,  # the Lua passdb asks the sidecar here
         "auth_timeout": "30",
         "pgsql_parameters": pgsql_parameters_block(url) if driver == "pgsql" else "",
