@@ -91,6 +91,8 @@ def ensure(root: Path = DEFAULT_ROOT, *, mirror: str = MIRROR, log: Path | None 
     with _lock(root):
         if ready(root):  # built by someone else while we waited
             return root
+        for stale in root.parent.glob(f".{root.name}.build.*"):  # a builder killed halfway (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.build.", dir=root.parent))
         try:
             _debootstrap(tmp, mirror, log)
