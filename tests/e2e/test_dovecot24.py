@@ -8,6 +8,7 @@ sent during the move delivered exactly once. Skipped, with the reason, when the 
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import os
 import poplib
@@ -16,9 +17,9 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from harness.debian13 import lab_dir_in, remove_lab, root_or_skip
@@ -30,6 +31,7 @@ from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +57,22 @@ def store(lab: dict[str, Any]) -> Iterator[Store]:
     s.close()
 
 
+@contextlib.contextmanager
+def imap(host: str, port: int) -> Iterator[imaplib.IMAP4]:
+    """An IMAP connection closed whatever happens to it (a kicked session must not leak its socket)."""
+    c = imaplib.IMAP4(host, port, timeout=30)
+    try:
+        yield c
+    finally:
+        with contextlib.suppress(Exception):
+            c.logout()
+        with contextlib.suppress(Exception):
+            c.shutdown()
+
+
 def imap_view(host: str, port: int, user: dict[str, Any]) -> dict[str, Any]:
     view: dict[str, Any] = {}
-    with imaplib.IMAP4(host, port, timeout=30) as c:
+    with imap(host, port) as c:
         c.login(user["login"], user["password"])
         for folder in ("INBOX", "Sent", "Archive/2023"):
             typ, _ = c.select(f'"{folder}"', readonly=True)
@@ -75,7 +90,22 @@ def pop3_uidls(host: str, port: int, user: dict[str, Any], password: str | None 
         p.pass_(password or user["password"])
         return [line.split()[1] for line in p.uidl()[1]]
     finally:
-        p.quit()
+        try:
+            p.quit()
+        except (poplib.error_proto, OSError):
+            p.close()
+
+
+def after_kick(fn: Callable[[], T]) -> T:
+    """fn(), once more if a session opened right after the switch was cut: on 2.4.1 the sidecar's post-migration
+    `doveadm proxy kick` also ends the user's *local* sessions (2.3 kicks proxied ones only), and the state
+    turns `migrated` just before that kick runs. A real client reconnects the same way."""
+    for _ in range(3):
+        try:
+            return fn()
+        except (imaplib.IMAP4.abort, poplib.error_proto, OSError):
+            time.sleep(1.0)
+    return fn()
 
 
 def wait_state(store: Store, address: str, want: State, timeout: float = 120) -> list[str]:
@@ -134,8 +164,8 @@ def test_first_logins_are_proxied_then_the_account_migrates(lab: dict[str, Any],
         "(none) -> copying", "copying -> cutover", "cutover -> migrated"
     ]
     # native on 2.4 now: the copier's Maildir (dovecot-uidlist with P fields) served as the legacy server did
-    assert imap_view(tg["host"], tg["imap"], user) == legacy_view
-    assert pop3_uidls(tg["host"], tg["pop3"], user) == legacy_uidls
+    assert after_kick(lambda: imap_view(tg["host"], tg["imap"], user)) == legacy_view
+    assert after_kick(lambda: pop3_uidls(tg["host"], tg["pop3"], user)) == legacy_uidls
     # the deny step: the migrated account's wrong password fails, it never reaches the Lua passdb
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c, pytest.raises(imaplib.IMAP4.error):
         c.login(user["login"], user["password"] + "x")
@@ -149,7 +179,7 @@ def test_first_pop3_login_is_proxied(lab: dict[str, Any], store: Store) -> None:
     account = store.get(user["address"])
     assert account is not None and account.state is not State.FAILED
     wait_state(store, user["address"], State.MIGRATED)
-    assert pop3_uidls(tg["host"], tg["pop3"], user) == legacy_uidls
+    assert after_kick(lambda: pop3_uidls(tg["host"], tg["pop3"], user)) == legacy_uidls
 
 
 def test_smtp_auth_through_dovecot_24(lab: dict[str, Any]) -> None:
@@ -183,12 +213,16 @@ def test_mail_held_at_cutover_is_released_once(lab: dict[str, Any], store: Store
     wait_state(store, user["address"], State.MIGRATED)
     deadline = time.monotonic() + 60
     found: list[bytes] = []
-    while time.monotonic() < deadline:
-        with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
+
+    def search() -> list[bytes]:
+        with imap(tg["host"], tg["imap"]) as c:
             c.login(user["login"], user["password"])
             c.select("INBOX", readonly=True)
             _typ, data = c.uid("SEARCH", "HEADER", "Message-ID", msgid)
-            found = data[0].split()
+            return list(data[0].split())
+
+    while time.monotonic() < deadline:
+        found = after_kick(search)
         if found:
             break
         time.sleep(0.5)
@@ -223,7 +257,7 @@ def test_proxied_session_is_kicked_at_cutover(lab: dict[str, Any], store: Store)
     finally:
         c.shutdown()
     # and the next login is local
-    view = imap_view(tg["host"], tg["imap"], user)
+    view = after_kick(lambda: imap_view(tg["host"], tg["imap"], user))
     assert "INBOX" in view
 
 
