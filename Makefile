@@ -9,7 +9,7 @@ APT_LIST := deploy/apt-packages.txt
 DEMO_DIR ?= /tmp/autoport-demo
 PYTEST_ARGS ?=
 
-.PHONY: install install-apt install-venv demo demo-down test lint clean
+.PHONY: install install-apt install-venv demo demo-down test lint clean debroot
 
 install: install-apt install-venv
 
@@ -38,6 +38,11 @@ test: install lint
 lint: install-venv
 	$(VENV)/bin/ruff check sidecar tests bench fuzz
 	$(VENV)/bin/mypy
+
+# The Debian 13 root (Dovecot 2.4, Postfix 3.10) the 2.4 tests use; built once per machine (the tests build it
+# too when it is missing). See docs/dovecot24.md.
+debroot: install
+	$(VENV)/bin/autoport lab debroot --dir /var/cache/autoport/debian13-root
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -161,6 +161,9 @@ class TargetConfig:
     message_size_limit: int = _f(
         10240000, "largest message Postfix accepts, bytes (0: no limit); no smaller than the legacy server's SIZE"
     )
+    dovecot_version: str = _f(
+        "", "Dovecot version whose configuration syntax to render, 2.3 or 2.4 (empty: `dovecot --version`)"
+    )
 
 
 @dataclass

@@ -88,12 +88,16 @@ def lab_up(
     settings: dict[str, dict[str, Any]] | None = None,
     nodes: int = 1,
     legacy_shared: bool = False,
+    sysroot: Path | None = None,
 ) -> dict[str, Any]:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
 
     nodes=2 adds a second front-end node (Postfix + Dovecot + sidecar on NODE2_HOST, in DIR/node2) sharing the
     store (PostgreSQL: store="postgresql" is required) and the mail root with the first: info["nodes"] lists the
     target descriptions of all nodes, info["target"] is the first.
+
+    sysroot: run the target's Postfix and Dovecot from this Debian 13 root (sidecar.lab.debroot; lab_dir inside
+    it, ROOT/l/NAME); the legacy server and the sidecar stay on the host.
     """
     if nodes not in (1, 2):
         raise LabError("the lab starts one or two front-end nodes")
@@ -169,6 +173,7 @@ def lab_up(
             sidecar=sidecar,
             settings=settings or {},
             namespace_login=_namespace_login(user_list),
+            sysroot=sysroot,
         )
         config_path = Path(tgt.config)
         if not sidecar:

@@ -32,7 +32,7 @@ import secrets
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ class TargetStack:
     logs: dict[str, Path]
     pids: dict[str, int | None]
     smtps: int = 0  # SMTP AUTH with implicit TLS ([target] smtps; 465 in production), 0: not offered
+    sysroot: str = ""  # a Debian 13 root (sidecar.lab.debroot) whose Dovecot 2.4 / Postfix 3.10 run the stack
 
     def to_json(self) -> dict[str, Any]:
         """What clients of the lab need: addresses and ports (the demo prints this)."""
@@ -140,6 +141,7 @@ def start_target(
     postfix_overrides: Mapping[str, str] | None = None,
     dovecot_overrides: Mapping[str, str] | None = None,
     namespace_login: tuple[str, str] | None = None,
+    sysroot: Path | None = None,
 ) -> TargetStack:
     """Render the target's configuration into lab_dir, start the sidecar (optional), Dovecot and Postfix.
 
@@ -148,8 +150,56 @@ def start_target(
     `postfix_overrides` / `dovecot_overrides`: template variables (tests: a stand-in checkpassword, ...).
     `namespace_login`: (login, password) of a legacy user: with [mail] namespace_* = "auto" (the default) the
     target shows the namespace the legacy server answers to NAMESPACE for that user (sidecar/legacy/namespace.py).
+    `sysroot`: run Postfix and Dovecot from this Debian 13 root (sidecar.lab.debroot; lab_dir must be inside
+    it); the sidecar stays on the host and reaches their tools through wrappers in lab_dir/target/bin.
     """
     lab_dir = lab_dir.resolve()
+    if sysroot is not None:
+        with _tools(lab_dir, str(sysroot)):
+            return _start_target(lab_dir, host=host, domains=domains, legacy=legacy, store_url=store_url,
+                                 sidecar=sidecar, settings=settings, postfix_overrides=postfix_overrides,
+                                 dovecot_overrides=dovecot_overrides, namespace_login=namespace_login,
+                                 sysroot=sysroot)  # fmt: skip
+    return _start_target(lab_dir, host=host, domains=domains, legacy=legacy, store_url=store_url,
+                         sidecar=sidecar, settings=settings, postfix_overrides=postfix_overrides,
+                         dovecot_overrides=dovecot_overrides, namespace_login=namespace_login,
+                         sysroot=None)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _tools(lab_dir: Path, sysroot: str) -> Iterator[None]:
+    """With a sysroot: its Postfix/Dovecot commands first on PATH (for us and for what we start)."""
+    if not sysroot:
+        yield
+        return
+    from sidecar.lab import debroot
+
+    root = Path(sysroot).resolve()
+    if not lab_dir.is_relative_to(root):
+        raise LabError(f"with a Debian 13 root the lab must live inside it ({debroot.lab_parent(root)}/...)")
+    bin_dir = debroot.write_wrappers(root, lab_dir / "target" / "bin")
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{bin_dir}:{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _start_target(
+    lab_dir: Path,
+    *,
+    host: str,
+    domains: Iterable[str],
+    legacy: Mapping[str, Any] | None,
+    store_url: str | None,
+    sidecar: bool,
+    settings: Mapping[str, Mapping[str, Any]] | None,
+    postfix_overrides: Mapping[str, str] | None,
+    dovecot_overrides: Mapping[str, str] | None,
+    namespace_login: tuple[str, str] | None,
+    sysroot: Path | None,
+) -> TargetStack:
     if any(c.isspace() for c in str(lab_dir)):
         # Dovecot splits checkpassword args on spaces, Postfix lists on spaces
         raise LabError(f"lab directory must not contain white space: {lab_dir}")
@@ -299,6 +349,7 @@ def start_target(
         logs=logs,
         pids={},
         smtps=smtps if cfg.target.smtps else 0,
+        sysroot=str(sysroot or ""),
     )
     _save(lab_dir, stack)
     try:
@@ -317,6 +368,11 @@ def start_target(
 
 
 def _start_component(lab_dir: Path, stack: TargetStack, name: str) -> int:
+    with _tools(lab_dir, stack.sysroot):
+        return _start_component_here(lab_dir, stack, name)
+
+
+def _start_component_here(lab_dir: Path, stack: TargetStack, name: str) -> int:
     log = stack.logs[name]
     log.parent.mkdir(parents=True, exist_ok=True)
     if name == SIDECAR:
@@ -364,7 +420,7 @@ def _stop_component(lab_dir: Path, name: str, stack: TargetStack | None) -> None
     pid = proc.load_state(lab_dir).get("pids", {}).get(name)
     if pid and name == POSTFIX and stack is not None and proc.pid_alive(int(pid)):
         # the orderly way first (children finish their deliveries); the pid below is the fallback
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
+        with contextlib.suppress(subprocess.SubprocessError, OSError, LabError), _tools(lab_dir, stack.sysroot):
             subprocess.run(
                 ["postfix", "-c", str(stack.postfix_config), "stop"],
                 stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=False,

@@ -198,10 +198,62 @@ def render_postfix(
 # --- Dovecot ----------------------------------------------------------------------------------------------
 
 
-def dovecot_templates(sql_driver: str, *, root: Path | None = None) -> dict[str, str]:
-    """Rendered file (relative to the Dovecot config dir) -> template (relative to the fragments root)."""
+DOVECOT_SERIES = ("2.3", "2.4")
+
+
+def dovecot_series(version: str | None = None) -> str:
+    """The template set ("2.3" or "2.4") for a Dovecot version string, by default the installed one's
+    (`dovecot --version`, e.g. "2.4.1-4 (7d8c0e5759)"); RenderError when it cannot be told."""
+    if version is None:
+        try:
+            p = subprocess.run(["dovecot", "--version"], capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise RenderError(f"cannot run `dovecot --version` to choose the Dovecot templates: {e}") from None
+        version = p.stdout.strip()
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise RenderError(f"cannot tell the Dovecot version from {version!r} (set [target] dovecot_version)")
+    series = f"{m.group(1)}.{m.group(2)}"
+    if series not in DOVECOT_SERIES:
+        newer = (int(m.group(1)), int(m.group(2))) > (2, 4)
+        if not newer:
+            raise RenderError(f"Dovecot {version} is not supported (2.3 or 2.4)")
+        series = "2.4"  # a later 2.x keeps 2.4's syntax until it says otherwise (dovecot_config_version)
+    return series
+
+
+def installed_series(configured: str = "") -> str:
+    """dovecot_series(configured) when set; else the installed Dovecot's, "2.3" when none can be run (the
+    templates are still rendered; `doveconf -n` then says what is wrong)."""
+    if configured:
+        return dovecot_series(configured)
+    try:
+        return dovecot_series()
+    except RenderError:
+        return "2.3"
+
+
+def dovecot_templates(sql_driver: str, *, root: Path | None = None, series: str = "2.3") -> dict[str, str]:
+    """Rendered file (relative to the Dovecot config dir) -> template (relative to the fragments root).
+
+    series "2.3": dovecot/*.j2 (checkpassword passdb); "2.4": dovecot/2.4/*.j2 (Lua passdb, 2.4 syntax).
+    """
     if sql_driver not in ("sqlite", "pgsql"):
         raise RenderError(f"sql_driver must be sqlite or pgsql, not {sql_driver!r}")
+    if series == "2.4":
+        base24 = (root or fragments_root()) / "dovecot" / "2.4"
+        out24 = {
+            "dovecot.conf": "dovecot/2.4/dovecot.conf.j2",
+            # the driver and connection, included by conf.d/10-auth.conf
+            "dovecot-sql-connect.conf.ext": f"dovecot/2.4/dovecot-sql-{sql_driver}.conf.ext.j2",
+            # passdb step 3, asking the sidecar (2.4 has no checkpassword)
+            "autoport-passdb.lua": "dovecot/2.4/autoport-passdb.lua.j2",
+        }
+        for t in sorted((base24 / "conf.d").glob("*.conf.j2")):
+            out24[f"conf.d/{t.name.removesuffix('.j2')}"] = f"dovecot/2.4/conf.d/{t.name}"
+        return out24
+    if series != "2.3":
+        raise RenderError(f"dovecot_series must be one of {', '.join(DOVECOT_SERIES)}, not {series!r}")
     base = (root or fragments_root()) / "dovecot"
     out = {
         "dovecot.conf": "dovecot/dovecot.conf.j2",
@@ -234,7 +286,11 @@ def render_dovecot(
     into a directory of our own.
     """
     driver = str(variables.get("sql_driver", ""))
-    templates = dovecot_templates(driver, root=root)
+    series = str(variables.get("dovecot_series") or "2.3")
+    templates = dovecot_templates(driver, root=root, series=series)
+    if series == "2.4":
+        # 2.4 renamed disable_plaintext_auth to auth_allow_cleartext, inverted: always derived from the former
+        variables = {**variables, "auth_allow_cleartext": allow_cleartext(variables.get("disable_plaintext_auth"))}
     texts = {dest: render_template(src, variables, root=root) for dest, src in templates.items()}
     # the SQL files may name a PostgreSQL passfile but never hold a secret; still, only Dovecot reads them
     modes = {dest: (0o640 if dest.endswith(".conf.ext") else 0o644) for dest in texts}
@@ -254,6 +310,11 @@ def render_dovecot(
             _chgrp(config_dir / dest, "dovecot")
     save_variables(config_dir, variables)
     return warnings
+
+
+def allow_cleartext(disable_plaintext_auth: object) -> str:
+    """Dovecot 2.4's auth_allow_cleartext for 2.3's disable_plaintext_auth ("no" -> "yes", else "no")."""
+    return "yes" if str(disable_plaintext_auth) == "no" else "no"
 
 
 VARIABLES_FILE = ".autoport-render.json"
@@ -298,6 +359,11 @@ def _chgrp(path: Path, group: str) -> None:
 
 def pgsql_connect(url: str, *, passfile: str = "") -> str:
     """A libpq connection string (host=... dbname=... user=...) from a postgresql:// URL, without password."""
+    return " ".join(f"{k}={_libpq_quote(v)}" for k, v in pgsql_params(url, passfile=passfile).items())
+
+
+def pgsql_params(url: str, *, passfile: str = "") -> dict[str, str]:
+    """The libpq parameters (host, port, dbname, user, ...) of a postgresql:// URL without password."""
     u = urllib.parse.urlsplit(url)
     if u.scheme not in ("postgresql", "postgres"):
         raise RenderError(f"not a postgresql:// URL: {url!r}")
@@ -320,7 +386,18 @@ def pgsql_connect(url: str, *, passfile: str = "") -> str:
             params[key] = query[key]
     if passfile:
         params["passfile"] = passfile
-    return " ".join(f"{k}={_libpq_quote(v)}" for k, v in params.items())
+    return params
+
+
+def pgsql_parameters_block(url: str) -> str:
+    """The lines of Dovecot 2.4's `pgsql NAME { parameters { ... } }` for a postgresql:// URL."""
+    return "\n".join(f"    {k} = {_dovecot_quote(v)}" for k, v in pgsql_params(url).items())
+
+
+def _dovecot_quote(value: str) -> str:
+    if value and not re.search(r'[\s"\\#{}$%]', value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _libpq_quote(value: str) -> str:
@@ -503,4 +580,10 @@ def dovecot_vars(
         "sqlite_path": sqlite_file,
         "pgsql_connect": pg,
         "autoport_finalized": "",  # "yes" after `autoport finalize`: the store's sql passdb only
+        # Dovecot 2.4 (dovecot/2.4/): chosen from `dovecot --version` unless [target] dovecot_version says
+        "dovecot_series": installed_series(cfg.target.dovecot_version),
+        "auth_allow_cleartext": allow_cleartext("yes"),  # derived from disable_plaintext_auth when rendering
+        "auth_socket_path": cfg.sockets.auth,  # the Lua passdb asks the sidecar here
+        "auth_timeout": "30",
+        "pgsql_parameters": pgsql_parameters_block(url) if driver == "pgsql" else "",
     }

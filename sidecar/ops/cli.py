@@ -158,6 +158,16 @@ def cmd_lab(args: argparse.Namespace) -> int:
 def _lab(args: argparse.Namespace) -> int:
     from sidecar.lab import launcher
 
+    if args.action == "debroot":
+        from sidecar.lab import debroot
+
+        try:
+            root = debroot.ensure(Path(args.dir))
+        except debroot.DebrootError as e:
+            print(f"autoport lab debroot: {e}", file=sys.stderr)
+            return 1
+        print(f"{root}: {debroot.tool_version(root, 'dovecot', '--version')}; labs go in {debroot.lab_parent(root)}/")
+        return 0
     lab_dir = Path(args.dir).resolve()
     if args.action == "up":
         info = launcher.lab_up(
@@ -170,6 +180,7 @@ def _lab(args: argparse.Namespace) -> int:
             seed=args.seed,
             nodes=args.nodes,
             legacy_shared=args.legacy_shared,
+            sysroot=Path(args.sysroot) if args.sysroot else None,
         )
         if args.json:
             print(json.dumps(info, indent=2))
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("lab", help="start/stop a legacy server and a target stack on loopback")
-    s.add_argument("action", choices=["up", "down", "restart", "info"])
+    s.add_argument("action", choices=["up", "down", "restart", "info", "debroot"])
     s.add_argument("name", nargs="?", help="component to restart (lab restart)")
     s.add_argument("--dir", required=True, help="lab directory (created)")
     s.add_argument("--json", action="store_true", help="print the lab description as JSON")
@@ -252,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=int, default=1, choices=[1, 2], help="front-end nodes (2 needs --store postgresql)")
     s.add_argument("--legacy-shared", action="store_true",
                    help="legacy server with a public folder and a folder shared between two users")  # fmt: skip
+    s.add_argument(
+        "--sysroot", metavar="ROOT", help="run the target's Postfix/Dovecot from this Debian 13 root (`lab debroot "
+        "--dir ROOT` builds it; --dir must then be inside ROOT/l/)",
+    )
     s.set_defaults(func=cmd_lab)
 
     s = sub.add_parser("demo", help="start a lab and walk through a migration")

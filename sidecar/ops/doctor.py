@@ -242,8 +242,13 @@ def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:
         yield _bad("dovecot", f"doveconf -c {conf} -n failed: {out.strip()[-300:]}",
                    "fix the Dovecot configuration, or set [target] dovecot_config")  # fmt: skip
         return
-    passdbs = [_settings(m.group(1)) for m in re.finditer(r"^passdb \{\n(.*?)^\}", out, re.M | re.S)]
-    cps = [p for p in passdbs if p.get("driver") == "checkpassword"]
+    # 2.3 prints `passdb {`; 2.4 names the blocks (`passdb sql {`), the name standing for a missing driver
+    passdbs = []
+    for m in re.finditer(r"^passdb(?: (\S+))? \{\n(.*?)^\}", out, re.M | re.S):
+        settings = _settings(m.group(2))
+        settings.setdefault("driver", m.group(1) or "")
+        passdbs.append(settings)
+    cps = [p for p in passdbs if p.get("driver") in ("checkpassword", "lua")]
     if finalized:
         if cps:
             yield _bad("dovecot", "finalize ran, but Dovecot still asks the sidecar", "autoport finalize (again)")
@@ -254,6 +259,9 @@ def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:
     if not cps:
         yield _bad("dovecot", f"{conf}: no checkpassword passdb", fix)
         return
+    if cps[0].get("driver") == "lua":  # Dovecot 2.4: dovecot/2.4/autoport-passdb.lua asks the sidecar
+        yield from _check_lua_passdb(cfg, conf, cps[0], passdbs, fix)
+        return
     line = cps[0].get("args", "")
     if "checkpassword" not in line or f"--socket {cfg.sockets.auth}" not in line:
         yield _bad("dovecot", f"checkpassword passdb runs {line!r}, not our shim with --socket {cfg.sockets.auth}", fix)
@@ -262,6 +270,28 @@ def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:
         yield _bad("dovecot", f"{conf}: the first passdb is not the store's sql (migrated accounts)", fix)
         return
     yield _ok("dovecot", f"{conf}: sql passdb, then checkpassword through {cfg.sockets.auth}")
+
+
+def _check_lua_passdb(
+    cfg: Config, conf: str, lua: dict[str, str], passdbs: list[dict[str, str]], fix: str
+) -> Iterator[Finding]:
+    script = lua.get("lua_file", "")
+    if not script:
+        yield _bad("dovecot", f"{conf}: lua passdb without lua_file", fix)
+        return
+    try:
+        with open(script, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        yield _bad("dovecot", f"lua passdb script {script}: {e.strerror}", fix)
+        return
+    if "AUTH1" not in text or f'"{cfg.sockets.auth}"' not in text:
+        yield _bad("dovecot", f"lua passdb {script} is not autoport's, asking {cfg.sockets.auth}", fix)
+        return
+    if not passdbs or passdbs[0].get("driver") != "sql":
+        yield _bad("dovecot", f"{conf}: the first passdb is not the store's sql (migrated accounts)", fix)
+        return
+    yield _ok("dovecot", f"{conf}: sql passdb, then the Lua passdb (Dovecot 2.4) through {cfg.sockets.auth}")
 
 
 def _settings(block: str) -> dict[str, str]:

@@ -167,7 +167,8 @@ def test_templates_stay_ansible_compatible(template: Path) -> None:
         assert re.fullmatch(r"\s*[a-z_][a-z0-9_]*\s*", expr), f"not a plain variable: {{{{{expr}}}}}"
     for stmt in re.findall(r"\{%(.*?)%\}", text):
         assert re.fullmatch(r"\s*(if [a-z_][a-z0-9_]*|else|endif)\s*", stmt), f"not a simple if: {stmt}"
-    assert text.startswith("# autoport: "), "each fragment says what it is in its first line"
+    comment = "-- " if template.name.endswith(".lua.j2") else "# "
+    assert text.startswith(f"{comment}autoport: "), "each fragment says what it is in its first line"
 
 
 def test_pgsql_connect_from_url() -> None:
