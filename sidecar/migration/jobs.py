@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,10 +168,16 @@ class JobRunner:
         heart.start()
         try:
             self.run_job(job)
-        except Exception:
-            log.exception("job %d for %s crashed", job.id, job.address)
-            with contextlib.suppress(StoreError):
-                self.store.finish(job.id, self.owner, error="internal error", retry_at=self.clock() + BACKOFF_BASE)
+        except Exception as e:
+            # Counted like any failure (failed after copy_attempts). Logged by type and place only: an
+            # exception's text can carry what it was given (a UnicodeEncodeError names password characters).
+            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+            log.error("job %d for %s crashed: %s%s", job.id, job.address, type(e).__name__, at)
+            try:
+                self._failure(job, f"internal error ({type(e).__name__}{at})")
+            except Exception as again:  # the store is gone too: the lease expires and the job runs again
+                log.error("job %d for %s: recording the crash failed: %s", job.id, job.address, type(again).__name__)
         finally:
             renewer.set()
 
