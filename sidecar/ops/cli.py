@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
     _add_ops_parsers(sub)
-    from sidecar.ops import doctor, finalize
+    from sidecar.ops import doctor, finalize, users
 
     finalize.add_parser(sub)  # autoport finalize (sidecar/ops/finalize.py)
+    users.add_parser(sub)  # autoport import-users (sidecar/ops/users.py)
     doctor.add_parser(sub)  # autoport doctor (sidecar/ops/doctor.py)
     return p
 
