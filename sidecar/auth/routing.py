@@ -145,7 +145,8 @@ class RoutingPolicy:
     def virtual(self, key: str) -> Reply:
         """Map ``virtual`` (``virtual_alias_maps = socketmap:...:virtual``): an alias of one of our domains ->
         OK with its targets, comma separated (``user+ext@domain`` falls back to ``user@domain``; an imported
-        user's extra address: OK with the account's address); NOTFOUND for every other key, so Postfix keeps the address; TEMP when the store cannot answer (mail is deferred)."""
+        user's extra address: OK with the account's address); NOTFOUND for every other key, so Postfix keeps
+        the address; TEMP when the store cannot answer (mail is deferred)."""
         address = self._address(key)
         if address is None:
             return NOTFOUND
