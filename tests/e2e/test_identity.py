@@ -11,6 +11,7 @@ always as one account checked as `jsmith`. zoe migrates end to end and then logs
 from __future__ import annotations
 
 import base64
+import contextlib
 import imaplib
 import smtplib
 import time
@@ -19,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from harness.labs import running_lab
 from harness.passthrough_helpers import SourceIMAP, hash_accepts, imap_result, pop3_result, smtp_auth_result
+
 from sidecar.lab import legacy
 from sidecar.ops import cli
 from sidecar.states import State
@@ -65,14 +66,10 @@ def smtp_plain(host: str, port: int, login: str, password: str, source: str) -> 
 def all_protocols(lab: dict[str, Any], login: str, password: str, source: str) -> list[bool]:
     host, imap, pop3, sub = tgt(lab)
     results = []
-    try:
+    with contextlib.suppress(UnicodeEncodeError):  # imaplib cannot quote it: the client could not send it
         results.append(imap_result(host, imap, login, password, source)[0] == "OK")
-    except UnicodeEncodeError:
-        pass  # imaplib cannot quote it: the client could not even send it
-    try:
+    with contextlib.suppress(UnicodeEncodeError):
         results.append(pop3_result(host, pop3, login, password, source)[0] == "+OK")
-    except UnicodeEncodeError:
-        pass
     results.append(smtp_plain(host, sub, login, password, source) == 235)
     return results
 
@@ -137,7 +134,7 @@ def _authenticate_plain(host: str, port: int, login: str, password: str) -> str:
 
 def test_non_ascii_password_migrates_end_to_end(lab: dict[str, Any], store: Store) -> None:
     zoe = lab["extra"]["nonascii"]
-    host, imap, pop3, sub = tgt(lab)
+    host, imap, _, sub = tgt(lab)
     assert smtp_plain(host, sub, zoe["login"], zoe["password"], "127.0.0.1") == 235
     assert _authenticate_plain(host, imap, zoe["login"], zoe["password"]) == "OK"  # proxied to legacy
     deadline = time.monotonic() + 180
