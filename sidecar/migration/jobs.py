@@ -196,12 +196,13 @@ class JobRunner:
         if cred is not None:
             return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password)
         if self.cfg.legacy.admin_user and self.cfg.legacy.admin_password:
-            account = self.store.get(address)
-            login = address
-            if account is not None and account.logins:
-                # the legacy server knows the user by the name they log in with there
-                others = [x for x in account.logins if x != address]
-                login = others[0] if others else address
+            # the same legacy login the password check uses (sidecar.auth.logins): the template over the
+            # account's imported login, else its address; never a login name someone once typed
+            from sidecar.auth.logins import legacy_login
+
+            imported = self.store.find_imported(address)
+            name = imported.login if imported is not None and imported.address == address else address
+            login = legacy_login(self.cfg.legacy.login_template, name, address)
             return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
         raise WaitForCredentials(address)
 

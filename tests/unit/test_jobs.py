@@ -298,3 +298,20 @@ def test_any_exception_counts_an_attempt_and_ends_failed_without_logging_the_pas
     assert account is not None and account.state is State.FAILED and account.attempts == 3
     assert "UnicodeEncodeError" in account.last_error and secret not in account.last_error
     assert "pässw" not in caplog.text and "\\xe4" not in caplog.text and "ä" not in caplog.text
+
+
+def test_admin_copy_uses_the_legacy_login_of_the_mapping(store: Store, tmp_path: Path) -> None:
+    from sidecar.store.base import ImportedUser
+
+    rec = Recorder()
+    cfg = config.from_dict(
+        {
+            "target": {"mail_root": str(tmp_path / "mail")},
+            "legacy": {"admin_user": "admin", "admin_password": "admin-pw", "login_template": "%n"},
+        }
+    )
+    runner = JobRunner(cfg, store, CredentialCache(), owner="test", hooks=rec.hooks(), copy=rec.copy)
+    store.record_login(A, "some-typed-spelling")
+    assert runner._source(A).user == "alice"
+    store.import_users([ImportedUser("asmith", A)])
+    assert runner._source(A).user == "asmith"
