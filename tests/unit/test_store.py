@@ -537,10 +537,10 @@ def test_sqlite_files_are_readable_by_dovecot_while_open_in_wal_mode(shared_dir:
         s.set_password_hash(a, HASH)
 
         gid = grp.getgrnam("dovecot").gr_gid
-        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o2770 and db.parent.stat().st_gid == gid
+        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o2750 and db.parent.stat().st_gid == gid
         for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
             st = f.stat()
-            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), f
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid), f
         with contextlib.closing(sqlite3.connect(db)) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -553,10 +553,13 @@ def test_sqlite_files_are_readable_by_dovecot_while_open_in_wal_mode(shared_dir:
         assert p.stdout.strip() == a, p.stderr
     finally:
         s.close()
-    # with the store closed (no -wal/-shm left) Dovecot still reads: it may create them in the 2770 directory
-    assert not Path(f"{db}-shm").exists()
+    # with the store closed Dovecot still reads: -wal and -shm persist (SQLITE_FCNTL_PERSIST_WAL), read-only
+    assert Path(f"{db}-shm").exists() and Path(f"{db}-wal").exists()
     p = as_dovecot_sqlite3(db, "SELECT login FROM dovecot_deny ORDER BY login")
     assert (p.returncode, p.stdout.split()) == (0, ["kim", a]), p.stderr
+    # readable, never writable by Dovecot's group (issue 14)
+    p = as_dovecot_sqlite3(db, "UPDATE accounts SET password_hash = '{PLAIN}x'")
+    assert p.returncode != 0 and "readonly" in p.stderr, p.stderr
 
 
 def test_sqlite_init_repairs_the_empty_root_only_file_dovecot_leaves(shared_dir: Path) -> None:
@@ -569,7 +572,7 @@ def test_sqlite_init_repairs_the_empty_root_only_file_dovecot_leaves(shared_dir:
         s.init()
         st = db.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_ino) == (
-            0o660,
+            0o640,
             grp.getgrnam("dovecot").gr_gid,
             inode,
         )
