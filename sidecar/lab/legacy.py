@@ -150,6 +150,8 @@ class LegacyServer:
             "admin_user": self.admin_user,
             "admin_password": self.admin_password,
             "admin_mode": "master",
+            # the legacy server knows bare names when bare_logins: ask it for the part before @ (issue 14)
+            "login_template": "%n" if self.bare_logins else "%u",
         }
 
     def user(self, name: str) -> LegacyUser:
