@@ -46,9 +46,8 @@ def test_imap_refusal_is_an_auth_error_without_the_password(fake: FakeLegacy) ->
 
 @pytest.mark.parametrize("password", PASSWORDS, ids=repr)
 def test_pop3_login_never_puts_cr_lf_on_a_line(fake: FakeLegacy, password: str) -> None:
-    with pytest.raises(Exception):  # noqa: B017 - the fake refuses every POP3 login
-        with LegacyPop3(params(fake, password)):
-            pass
+    with pytest.raises(SourceAuthError), LegacyPop3(params(fake, password)):  # the fake refuses every login
+        pass
     verbs = [c.verb for c in fake.commands["pop3"]]
     assert set(verbs) <= {"CAPA", "USER", "PASS", "AUTH", "QUIT"}
     assert verbs.count("PASS") + verbs.count("AUTH") == 1
