@@ -411,8 +411,13 @@ class AuthPolicy:
         with self._flights.hold(address):
             # concurrent attempts for this account queue here: look again at what the one before us learnt
             self._check_budgets(req, ident)
-            if self._cached_yes(req, ident, state):
-                return Reply(OK, self._fields(service, req, ident)), "ok-cached"
+            if (address, req.password) in self.positive:
+                # the attempt before us verified this password: read the state again (it may have moved)
+                state = self._state(address)
+                if state is State.MIGRATED:
+                    raise _Decision(FAIL, "migrated")
+                if self._cached_yes(req, ident, state):
+                    return Reply(OK, self._fields(service, req, ident)), "ok-cached"
             self._verify(req, ident)
             self._activate(ident, req.password)
             self.positive.add(address, req.password)
