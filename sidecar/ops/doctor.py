@@ -422,9 +422,8 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     if not users:
         yield Finding(NOTE, "admin", "admin credentials not checked: the store has no account to log in as yet")
         return
-    # the copier package first: importing sidecar.legacy.imap first is a circular import
-    from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams  # isort: skip
-    from sidecar.legacy.imap import LegacySource  # isort: skip
+    from sidecar.legacy.imap import LegacySource
+    from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
 
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))
