@@ -79,7 +79,16 @@ class LegacyConfig:
         "how the admin logs in as a user: authzid (SASL PLAIN authorization id) or master (user*admin)",
         choices=("authzid", "master"),
     )
-    master_separator: str = _f("*", "separator for admin_mode = master (Dovecot's auth_master_user_separator)")
+    master_separator: str = _f(
+        "*",
+        "separator for admin_mode = master (Dovecot's auth_master_user_separator); logins containing it are refused",
+    )
+    login_template: str = _f(
+        "%u",
+        "the login the legacy server is asked for an account: %u its login (imported by import-users, else its "
+        "address), %n the part of %u before @, %d the account's domain, %% a percent sign; e.g. %n, %n@%d, "
+        "CORP\\%n",
+    )
     send_client_ip: bool = _f(True, "pass the client address on (IMAP ID x-originating-ip, SMTP XCLIENT)")
     ready_connections: int = _f(
         2, "connections kept ready (connected, TLS done, not logged in) for password checks while logins come in"
@@ -93,7 +102,12 @@ class MailConfig:
 
     domains: list[str] = _f([], "mail domains served (and migrated) by this host")
     default_domain: str = _f("", "domain added to bare login names (empty: the first of domains)")
-    strip_realm: bool = _f(True, "DOMAIN\\user and user@REALM logins are reduced to user")
+    realms: list[str] = _f(
+        [],
+        "realms stripped from logins: REALM\\user and user@REALM become user (then the login map or "
+        "default_domain); other realms and foreign domains are refused",
+    )
+    strip_realm: bool = _f(False, "ignored (kept so old files load): list the realms to strip in realms")
     lowercase: bool = _f(True, "fold login names and addresses to lower case")
     namespace_prefix: str = _f(
         "auto",
@@ -184,7 +198,14 @@ class LimitsConfig:
     copy_concurrency: int = _f(4, "copy jobs running at once on this node (0: this node runs no copies)")
     legacy_connections: int = _f(8, "connections this node opens to the legacy server at once")
     auth_concurrency: int = _f(16, "password checks in flight toward the legacy server at once")
-    auth_failures_per_account: int = _f(5, "wrong passwords per account per window before refusing locally")
+    auth_failures_per_account: int = _f(
+        5, "wrong passwords per account and client address per window before refusing locally (FAIL)"
+    )
+    auth_failures_per_account_total: int = _f(
+        50,
+        "wrong passwords per account from all clients per window before answering TEMP (never FAIL: guesses from "
+        "elsewhere must not make the user's right password look wrong)",
+    )
     auth_failures_per_client: int = _f(20, "wrong passwords per client address per window")
     auth_failure_window: float = _f(600.0, "seconds over which failures are counted")
     negative_cache_ttl: float = _f(60.0, "seconds a failed (user, password) is answered locally")
@@ -352,6 +373,15 @@ def _check_semantics(cfg: Config, path: str) -> None:
     for d in cfg.mail.domains:
         if not d or "@" in d or " " in d:
             raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")
+    for r in cfg.mail.realms:
+        if not r or "@" in r or "\\" in r or any(c.isspace() for c in r):
+            raise ConfigError(f"{path}: key 'mail.realms' has an invalid realm {r!r}")
+    try:
+        from sidecar.auth.logins import InvalidLogin, legacy_login
+
+        legacy_login(cfg.legacy.login_template, "user@example.org", "user@example.org")
+    except InvalidLogin as e:
+        raise ConfigError(f"{path}: key 'legacy.login_template': {e}") from None
 
 
 def _url_has_password(url: str) -> bool:

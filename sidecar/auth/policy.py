@@ -13,8 +13,17 @@ thread-safe; the server runs it in a thread pool. What each outcome means on the
         handed to the in-memory CredentialCache for the copier. IMAP/POP3/ManageSieve get proxy fields to the
         legacy server; SMTP AUTH (Postfix via Dovecot SASL) and Dovecot submission get a plain OK.
 
-Order of the store writes: transition, add_login, touch_login, enqueue, set_password_hash. Each is idempotent,
-so if the store fails half-way the reply is TEMP and the client's retry completes the rest.
+One identity (issue 14): sidecar.auth.logins.resolve() turns the typed login into (account address, legacy
+login) once, with the login map from the store; the legacy check, the proxy's destuser, the negative and
+positive caches and the remembered credentials use the legacy login, the hash, the login row, the budgets and
+the copy job the address. A login that does not map to exactly one account is FAIL before anything else.
+
+Failure budgets: wrong passwords are counted per (account, client address) and per client address; those
+answer FAIL. An account's total over all clients (limits.auth_failures_per_account_total) answers TEMP: guesses
+from elsewhere can slow the real user down, never turn their right password into "wrong password".
+
+Store writes: a verified login writes everything (state, login row, last login, copy job, and the hash when
+it is not deferred) in one store call, Store.record_login(), one transaction: all or nothing.
 
 The hash: hashing costs ~40 ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
 daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
@@ -43,12 +52,12 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from sidecar.auth import passwords
-from sidecar.auth.logins import InvalidLogin, account_address
+from sidecar.auth.logins import Identity, InvalidLogin, resolve
 from sidecar.config import Config
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
 from sidecar.logsetup import SECRETS
 from sidecar.states import IllegalTransition, State
-from sidecar.store.base import Conflict, Store, StoreUnavailable
+from sidecar.store.base import Store, StoreUnavailable
 from sidecar.wire.authproto import FAIL, OK, TEMP, Reply, Request
 
 log = logging.getLogger("sidecar.auth")
@@ -341,7 +350,11 @@ class AuthPolicy:
         self.busy_wait = busy_wait
         self._clock = clock
         limits = cfg.limits
+        # per (account, client address): FAIL; per account over all clients: TEMP (module docstring)
         self.account_failures = FailureBudget(limits.auth_failures_per_account, limits.auth_failure_window, clock=clock)
+        self.account_total_failures = FailureBudget(
+            limits.auth_failures_per_account_total, limits.auth_failure_window, clock=clock
+        )
         self.client_failures = FailureBudget(limits.auth_failures_per_client, limits.auth_failure_window, clock=clock)
         self.negative = NegativeCache(limits.negative_cache_ttl, clock=clock)
         self.positive = PositiveCache(positive_ttl, clock=clock)
@@ -357,8 +370,9 @@ class AuthPolicy:
         address = ""
         with SECRETS.registered(req.password):
             try:
-                address = account_address(req.user, self.cfg)
-                reply, outcome = self._decide(req, address)
+                ident = resolve(req.user, self.cfg, self.store.find_imported)
+                address = ident.address
+                reply, outcome = self._decide(req, ident)
             except InvalidLogin as e:
                 reply, outcome = Reply(FAIL), f"invalid-login ({e})"
             except _Decision as d:
@@ -380,34 +394,37 @@ class AuthPolicy:
             )
         return reply
 
-    def _decide(self, req: Request, address: str) -> tuple[Reply, str]:
+    def _decide(self, req: Request, ident: Identity) -> tuple[Reply, str]:
+        address = ident.address
         service = req.service.lower()
         if service not in PROXY_SERVICES and service not in PLAIN_OK_SERVICES:
             raise _Decision(FAIL, f"service-not-allowed ({service or 'none'})")
         if service in PROXY_SERVICES and not self._legacy_port(service):
             raise _Decision(TEMP, f"no-legacy-port ({service})")
-        self._check_budgets(req, address)
+        self._check_budgets(req, ident)
         state = self._state(address)
         if state is State.MIGRATED:
-            return self._first_local_login(req, address)
+            return self._migrated_login(req, ident)
         self._not_in_cutover(service, state)
-        if self._cached_yes(req, address, state):
-            return self._proxy_ok(req, address, service, "ok-cached")
+        if self._cached_yes(req, ident, state):
+            return self._proxy_ok(req, ident, service, "ok-cached")
 
         with self._flights.hold(address):
             # concurrent attempts for this account queue here: look again at what the one before us learnt
-            self._check_budgets(req, address)
-            state = self._state(address)
-            if state is State.MIGRATED:
-                raise _Decision(FAIL, "migrated")
-            self._not_in_cutover(service, state)
-            if self._cached_yes(req, address, state):
-                return self._proxy_ok(req, address, service, "ok-cached")
-            self._verify(req, address)
-            self._activate(address, req.user, req.password)
-            self.positive.add(req.user, req.password)
-        self.account_failures.clear(address)
-        return self._proxy_ok(req, address, service, "ok")
+            self._check_budgets(req, ident)
+            if (address, req.password) in self.positive:
+                # the attempt before us verified this password: read the state again (it may have moved)
+                state = self._state(address)
+                if state is State.MIGRATED:
+                    raise _Decision(FAIL, "migrated")
+                self._not_in_cutover(service, state)
+                if self._cached_yes(req, ident, state):
+                    return self._proxy_ok(req, ident, service, "ok-cached")
+            self._verify(req, ident)
+            self._activate(ident, req.password)
+            self.positive.add(address, req.password)
+        self.account_failures.clear(self._pair(req, address))
+        return self._proxy_ok(req, ident, service, "ok")
 
     @staticmethod
     def _not_in_cutover(service: str, state: State | None) -> None:
@@ -416,42 +433,65 @@ class AuthPolicy:
         if service in PROXY_SERVICES and state in (State.CUTOVER, State.MIGRATED):
             raise _Decision(TEMP, f"{state.value}-no-proxy")
 
-    def _proxy_ok(self, req: Request, address: str, service: str, outcome: str) -> tuple[Reply, str]:
+    def _proxy_ok(self, req: Request, ident: Identity, service: str, outcome: str) -> tuple[Reply, str]:
         """The OK, after a last look at the state: the window between that read and the proxied session
         reaching the legacy server is what the cutover's second kick round covers."""
         if service in PROXY_SERVICES:
-            self._not_in_cutover(service, self._state(address))
-        return Reply(OK, self._fields(service, req)), outcome
+            self._not_in_cutover(service, self._state(ident.address))
+        return Reply(OK, self._fields(service, req, ident)), outcome
 
-    def _first_local_login(self, req: Request, address: str) -> tuple[Reply, str]:
-        """A migrated account reaches us only without a hash (dovecot_deny lists those with one): migrated in
-        bulk before its user ever logged in. Verify once on the legacy server, store the hash, answer without
-        proxy fields (the session is local); the next logins are native (sql passdb)."""
+    def _migrated_login(self, req: Request, ident: Identity) -> tuple[Reply, str]:
+        """A migrated account reaches us in two cases. Without a hash (dovecot_deny lists those with one):
+        migrated in bulk before its user ever logged in: verify once on the legacy server, store the hash,
+        answer without proxy fields (the session is local); the next logins are native (sql passdb). With a
+        hash: the login was typed in a spelling Dovecot's sql passdb does not list (a realm, non-ASCII upper
+        case): checked against the stored hash here, never on the legacy server, and answered with `user` set to
+        the account so Dovecot's userdb finds it."""
+        address = ident.address
         with self._flights.hold(address):
-            account = self.store.get(address)
-            if account is None or account.state is not State.MIGRATED or account.has_password:
-                raise _Decision(FAIL, "migrated")
-            self._verify(req, address)
-            self.store.set_password_hash(address, self._hash(req.password))
-            self.store.add_login(address, req.user)
-            self.store.touch_login(address)
-        self.account_failures.clear(address)
-        return Reply(OK, self._fields("", req)), "ok-first-local-login"
+            stored = self.store.password_hash(address)
+            if stored:
+                try:
+                    matches = passwords.verify_password(req.password, stored)
+                except passwords.HashError:
+                    # a scheme we do not check (import-hashes): only Dovecot's spelling logs in, as before
+                    raise _Decision(FAIL, "migrated") from None
+                if not matches:
+                    self._count_failure(req, address)
+                    raise _Decision(FAIL, "migrated-wrong-password")
+                self.account_failures.clear(self._pair(req, address))
+                return Reply(OK, self._fields("", req, ident)), "ok-local-hash"
+            self._verify(req, ident)
+            self.store.record_login(address, ident.login, password_hash=self._hash(req.password), start_copy=False)
+        self.account_failures.clear(self._pair(req, address))
+        return Reply(OK, self._fields("", req, ident)), "ok-first-local-login"
 
-    def _check_budgets(self, req: Request, address: str) -> None:
+    @staticmethod
+    def _pair(req: Request, address: str) -> str:
+        return f"{address}\0{req.remote_ip}"
+
+    def _count_failure(self, req: Request, address: str) -> None:
+        self.account_failures.add(self._pair(req, address))
+        self.account_total_failures.add(address)
+        self.client_failures.add(req.remote_ip)
+
+    def _check_budgets(self, req: Request, ident: Identity) -> None:
         if self.client_failures.exhausted(req.remote_ip):
             raise _Decision(FAIL, "rate-limited-client")
-        if self.account_failures.exhausted(address):
+        if self.account_failures.exhausted(self._pair(req, ident.address)):
             raise _Decision(FAIL, "rate-limited-account")
-        if (req.user, req.password) in self.negative:
+        if self.account_total_failures.exhausted(ident.address):
+            raise _Decision(TEMP, "rate-limited-account-total")
+        if (ident.legacy_login, req.password) in self.negative:
             raise _Decision(FAIL, "cached-no")
 
-    def _cached_yes(self, req: Request, address: str, state: State | None) -> bool:
+    def _cached_yes(self, req: Request, ident: Identity, state: State | None) -> bool:
         """A password verified moments ago for an account still on the legacy side: no new check, no rehash."""
-        if state not in (State.COPYING, State.CUTOVER) or (req.user, req.password) not in self.positive:
+        address = ident.address
+        if state not in (State.COPYING, State.CUTOVER) or (address, req.password) not in self.positive:
             return False
         self.store.touch_login(address)
-        self.credentials.put(address, req.user, req.password)
+        self.credentials.put(address, ident.legacy_login, req.password)
         self._queued(address)
         log.debug("auth %r answered from the positive cache", req.user)
         return True
@@ -459,50 +499,41 @@ class AuthPolicy:
     def _state(self, address: str) -> State | None:
         return self.store.state_of(address)
 
-    def _verify(self, req: Request, address: str) -> None:
+    def _verify(self, req: Request, ident: Identity) -> None:
+        address = ident.address
         if not self._checks.acquire(timeout=self.busy_wait):
             raise _Decision(TEMP, "busy")
         try:
-            proto = self.verifier.verify(req.user, req.password, client_ip=req.remote_ip)
+            proto = self.verifier.verify(ident.legacy_login, req.password, client_ip=req.remote_ip)
         except LegacyAuthError as e:
-            self.negative.add(req.user, req.password)
-            self.account_failures.add(address)
-            self.client_failures.add(req.remote_ip)
+            self.negative.add(ident.legacy_login, req.password)
+            self._count_failure(req, address)
             raise _Decision(FAIL, f"legacy-no ({e.protocol})") from None
         except LegacyUnavailable as e:
             if e.spent:
                 # the legacy server got the credentials but answered too late: it counted an attempt, so
                 # this account's budget does too (else slow "no"s would let a brute force through unbounded)
-                self.account_failures.add(address)
+                self.account_failures.add(self._pair(req, address))
+                self.account_total_failures.add(address)
             raise _Decision(TEMP, f"legacy-unavailable ({e})") from None
         finally:
             self._checks.release()
         log.debug("legacy %s accepted %r", proto, req.user)
 
-    def _activate(self, address: str, login: str, password: str) -> State:
-        """Create or move the account to copying, record the login, queue the copy, store the hash."""
-        state = self._state(address)
-        for _attempt in range(3):
-            if state is State.MIGRATED:
-                raise _Decision(FAIL, "migrated")
-            if state in (State.COPYING, State.CUTOVER):
-                break
-            try:
-                state = self.store.transition(address, State.COPYING, expect=state, reason="first login").state
-                break
-            except (Conflict, IllegalTransition):
-                state = self._state(address)  # another node or thread moved it first: look again
-        else:
-            raise _Decision(TEMP, "state-conflict")
-        self.store.add_login(address, login)
-        self.store.touch_login(address)
+    def _activate(self, ident: Identity, password: str) -> State:
+        """One store call: create or move the account to copying, record the login, queue the copy (and store
+        the hash unless it is deferred)."""
+        address = ident.address
         # credentials first: a runner that leases the job at once must find them
-        self.credentials.put(address, login, password)
-        self.store.enqueue(address, "copy")
+        self.credentials.put(address, ident.legacy_login, password)
+        password_hash = self._hash(password) if self._defer is None else None
+        try:
+            state = self.store.record_login(address, ident.login, password_hash=password_hash)
+        except IllegalTransition:
+            self.credentials.pop(address)
+            raise _Decision(FAIL, "migrated") from None
         self._queued(address)
-        if self._defer is None:
-            self.store.set_password_hash(address, self._hash(password))
-        else:
+        if self._defer is not None:
             self._defer(lambda: self._store_hash(address, password))
         return state
 
@@ -530,8 +561,9 @@ class AuthPolicy:
         legacy = self.cfg.legacy
         return {"imap": legacy.imap_port, "pop3": legacy.pop3_port, "sieve": legacy.sieve_port}.get(service, 0)
 
-    def _fields(self, service: str, req: Request) -> dict[str, str]:
-        fields: dict[str, str] = {}
+    def _fields(self, service: str, req: Request, ident: Identity) -> dict[str, str]:
+        # Dovecot goes on with the account's address as the user name (logs, userdb, Postfix's sasl_username)
+        fields: dict[str, str] = {"user": ident.address}
         if service in PROXY_SERVICES:
             legacy = self.cfg.legacy
             tls = {"imap": legacy.imap_tls, "pop3": legacy.pop3_tls, "sieve": legacy.sieve_tls}[service]
@@ -549,7 +581,7 @@ class AuthPolicy:
             elif tls == "starttls":
                 fields["starttls"] = verify
             fields["proxy_timeout"] = str(max(1, math.ceil(legacy.timeout)))
-            fields["destuser"] = req.user
+            fields["destuser"] = ident.legacy_login
             fields["pass"] = req.password
         if self._uid is not None:
             fields["userdb_uid"] = str(self._uid)

@@ -144,8 +144,9 @@ class RoutingPolicy:
 
     def virtual(self, key: str) -> Reply:
         """Map ``virtual`` (``virtual_alias_maps = socketmap:...:virtual``): an alias of one of our domains ->
-        OK with its targets, comma separated (``user+ext@domain`` falls back to ``user@domain``); NOTFOUND for
-        every other key, so Postfix keeps the address; TEMP when the store cannot answer (mail is deferred)."""
+        OK with its targets, comma separated (``user+ext@domain`` falls back to ``user@domain``; an imported
+        user's extra address: OK with the account's address); NOTFOUND for every other key, so Postfix keeps
+        the address; TEMP when the store cannot answer (mail is deferred)."""
         address = self._address(key)
         if address is None:
             return NOTFOUND
@@ -155,6 +156,11 @@ class RoutingPolicy:
             cut = min((i for i in (local.find(d) for d in self.delimiters) if i > 0), default=-1)
             if targets is None and cut > 0:
                 targets = self.store.alias_targets(f"{local[:cut]}@{domain}")
+            if targets is None:
+                # an extra address of an imported user (autoport import-users) routes with its account
+                owner = self.store.find_imported(address)
+                if owner is not None and address in owner.addresses:
+                    targets = (owner.address,)
         except StoreUnavailable as e:
             log.warning("alias %s: store unavailable: %s", address, e)
             return Reply.temp("state store unavailable")

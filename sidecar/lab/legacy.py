@@ -68,6 +68,7 @@ POP3_ONLY = "pop3-only"
 ALL_PROFILES = (*PROFILES, POP3_ONLY)
 TLS_NAME = "legacy.lab.test"
 ADMIN_USER = "admin"
+OTHER_DOMAIN = "other.test"  # a second legacy domain the target does not serve (issue 14)
 DOVECOT = "legacy-dovecot"
 POSTFIX = "legacy-postfix"
 COMPONENTS = (DOVECOT, POSTFIX)
@@ -117,6 +118,10 @@ class LegacyServer:
     logs: dict[str, Path] = field(default_factory=dict)
     smtps: int = 0  # SMTP AUTH with implicit TLS (465 on a real server)
     message_size_limit: int = 0  # the SIZE its Postfix announces
+    # issue 14, outside `users` (tests count those): "other" (alice@other.test, a domain the target does not
+    # serve, same local part as users[0]), "jsmith" (login jsmith, address john.smith@DOMAIN), "nonascii"
+    # (zoe@DOMAIN, password with non-ASCII characters, quotes and a backslash; has a mailbox)
+    extra_users: dict[str, LegacyUser] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -132,6 +137,7 @@ class LegacyServer:
         d["ca_file"] = Path(d["ca_file"])
         d["logs"] = {k: Path(v) for k, v in d.get("logs", {}).items()}
         d["users"] = [LegacyUser(**u) for u in d["users"]]
+        d["extra_users"] = {k: LegacyUser(**u) for k, u in d.get("extra_users", {}).items()}
         return cls(**d)
 
     def legacy_config(self) -> dict[str, Any]:
@@ -155,6 +161,8 @@ class LegacyServer:
             "admin_user": self.admin_user,
             "admin_password": self.admin_password,
             "admin_mode": "master",
+            # the legacy server knows bare names when bare_logins: ask it for the part before @ (issue 14)
+            "login_template": "%n" if self.bare_logins else "%u",
         }
 
     def user(self, name: str) -> LegacyUser:
@@ -312,13 +320,26 @@ def start_legacy(
         )
         for i, n in enumerate(names)
     ]
+    extras = {
+        "other": LegacyUser(f"alice@{OTHER_DOMAIN}", f"alice@{OTHER_DOMAIN}", _password(seed, "other"), False),
+        "jsmith": LegacyUser(f"john.smith@{domain}", "jsmith", _password(seed, "jsmith"), False),
+        "nonascii": LegacyUser(
+            f"zoe@{domain}", "zoe" if bare_logins else f"zoe@{domain}",
+            "Zö€\"q'\\-" + _password(seed, "zoe")[:8], False,
+        ),
+    }
     admin_password = _password(seed, ADMIN_USER)
-    hashes = _sha512_crypt([u.password for u in lusers] + [admin_password])
+    all_users = [*lusers, *extras.values()]
+    hashes = _sha512_crypt([u.password for u in all_users] + [admin_password])
     user_lines = []
     expected: dict[str, Any] = {}
-    for u, h in zip(lusers, hashes[:-1], strict=True):
+    for u, h in zip(all_users, hashes[:-1], strict=True):
         home = ldir / "mail" / u.login
         home.mkdir(mode=0o700)
+        if u in (extras["other"], extras["jsmith"]):  # no mail: they exist for login checks only
+            mailgen.chown_tree(home, owner)
+            user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
+            continue
         plan = mailgen.MailboxPlan.make(u.address, seed, messages_per_user)
         result = mailgen.write_maildir(
             plan, home / "Maildir", pop3_order="own" if profile == "courier-style" else "uid"
@@ -394,7 +415,8 @@ def start_legacy(
     )
     (ldir / "state").mkdir(mode=0o755)
     pfx = ldir / "postfix"
-    _write(pfx / "vmailbox", "".join(f"{u.address} {u.login}/Maildir/\n" for u in lusers))
+    _write(pfx / "vmailbox", "".join(f"{u.address} {u.login}/Maildir/\n" for u in all_users
+                                     if u.address.endswith("@" + domain)))
     _write(
         pfx / "main.cf",
         _render(
@@ -431,6 +453,7 @@ def start_legacy(
         admin_user=ADMIN_USER,
         admin_password=admin_password,
         users=lusers,
+        extra_users=extras,
         profile=profile,
         ca_file=ca.cert_file,
         tls_name=TLS_NAME,

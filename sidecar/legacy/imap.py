@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import imaplib
 import itertools
 import ssl
 from collections.abc import Iterator
@@ -178,12 +179,31 @@ class LegacySource:
             elif p.admin_user:
                 c.plain_login(p.admin_user, p.admin_password, authorization_identity=p.user)
             else:
-                c.login(p.user, p.password)
+                # the same login as the password check (verify.imap_login): literal or SASL PLAIN for 8-bit,
+                # quotes and backslashes escaped, CR/LF never on a command line
+                from sidecar.legacy.verify import LegacyUnavailable, imap_login
+
+                caps = {
+                    (x.decode("ascii", "replace") if isinstance(x, bytes) else str(x)).upper()
+                    for x in c.capabilities()
+                }
+                try:
+                    imap_login(c._imap, p.user, p.password, caps)
+                except LegacyUnavailable as e:
+                    raise SourceUnavailable(f"legacy IMAP login not possible: {e}") from None
+                except imaplib.IMAP4.abort:
+                    raise
+                except imaplib.IMAP4.error:
+                    raise LoginError("refused") from None
+                c._imap.state = "AUTH"
         except LoginError:
             self.close()
             who = (f"{p.admin_user} for {p.user}" if p.user else p.admin_user) if p.admin_user else p.user
             raise SourceAuthError(f"legacy IMAP login refused for {who}") from None
-        except (OSError, IMAPClientError) as e:
+        except SourceUnavailable:
+            self.close()
+            raise
+        except (OSError, IMAPClientError, imaplib.IMAP4.error) as e:
             self.close()
             raise SourceUnavailable(f"legacy IMAP login failed: {type(e).__name__}") from None
         self.capabilities = frozenset(

@@ -121,9 +121,15 @@ class LegacyPop3:
             elif p.admin_user:
                 conn.user(f"{p.user}{p.master_separator}{p.admin_user}")
                 conn.pass_(p.admin_password)
+            elif any(c in p.password for c in "\r\n\0") or any(c in p.user for c in "\r\n\0"):
+                # never on a command line (a CR/LF would start a second command): SASL PLAIN or nothing
+                if "\0" in p.password or "\0" in p.user:
+                    raise poplib.error_proto("NUL in credentials")
+                token = f"\0{p.user}\0{p.password}".encode()
+                conn._shortcmd("AUTH PLAIN " + base64.b64encode(token).decode("ascii"))  # type: ignore[attr-defined]
             else:
                 conn.user(p.user)
-                conn.pass_(p.password)
+                conn.pass_(p.password)  # poplib sends UTF-8
         except poplib.error_proto:
             self._drop()
             raise SourceAuthError(f"legacy POP3 login refused for {p.user}") from None

@@ -171,6 +171,33 @@ def _imap_quote(raw: bytes) -> bytes | None:
     return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
+def imap_login(imap: imaplib.IMAP4, login: str, password: str, caps: set[str]) -> None:
+    """Log in on an imaplib connection, the one way the check and the copier both use (issue 14).
+
+    LOGIN with quoted strings; the password as a literal ({N}, sent after the server's continuation) when it is
+    not plain printable ASCII (8-bit, CR, LF), so it never becomes part of a command line; AUTHENTICATE PLAIN
+    (UTF-8, base64) when the server says LOGINDISABLED or the login itself needs a literal. A refusal raises
+    imaplib.IMAP4.error with the server's text; the password is in no message.
+    """
+    user, pw = _raw(login), _raw(password)
+    if b"\0" in user or b"\0" in pw:
+        raise imaplib.IMAP4.error("NUL in a login or password")
+    quoted_user = _imap_quote(user)
+    if "LOGINDISABLED" in caps or quoted_user is None:
+        if "AUTH=PLAIN" not in caps:
+            raise LegacyUnavailable("IMAP: LOGIN not usable and no AUTH=PLAIN")
+        imap.authenticate("PLAIN", lambda _challenge: b"\0" + user + b"\0" + pw)
+        return
+    quoted_pw = _imap_quote(pw)
+    if quoted_pw is None:
+        imap.literal = pw  # type: ignore[assignment]  # imaplib sends it as {N} after the arguments
+        typ, data = imap._simple_command("LOGIN", quoted_user.decode("ascii"))
+    else:
+        typ, data = imap._simple_command("LOGIN", quoted_user.decode("ascii"), quoted_pw.decode("ascii"))
+    if typ != "OK":
+        raise imaplib.IMAP4.error(data[-1] if data else b"LOGIN refused")
+
+
 def _is_ip(text: str) -> bool:
     """A literal IPv4/IPv6 address (what may be passed on in XCLIENT); never anything a peer could inject."""
     try:
@@ -588,22 +615,7 @@ class LegacyVerifier:
                     imap.shutdown()
 
     def _imap_login(self, imap: imaplib.IMAP4, login: str, password: str) -> None:
-        caps = set(imap.capabilities)
-        user, pw = _raw(login), _raw(password)
-        quoted_user = _imap_quote(user)
-        if "LOGINDISABLED" in caps or quoted_user is None:
-            if "AUTH=PLAIN" not in caps:
-                raise LegacyUnavailable("IMAP: LOGIN not usable and no AUTH=PLAIN")
-            imap.authenticate("PLAIN", lambda _challenge: b"\0" + user + b"\0" + pw)
-            return
-        quoted_pw = _imap_quote(pw)
-        if quoted_pw is None:
-            imap.literal = pw  # type: ignore[assignment]  # imaplib sends it as {N} after the arguments
-            typ, data = imap._simple_command("LOGIN", quoted_user.decode("ascii"))
-        else:
-            typ, data = imap._simple_command("LOGIN", quoted_user.decode("ascii"), quoted_pw.decode("ascii"))
-        if typ != "OK":
-            raise imaplib.IMAP4.error(data[-1] if data else b"LOGIN refused")
+        imap_login(imap, login, password, set(imap.capabilities))
 
     def _imap_id(self, imap: imaplib.IMAP4, client_ip: str) -> None:
         """`ID ("x-originating-ip" IP)` when offered and configured (before the credentials)."""

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -196,10 +197,16 @@ class JobRunner:
         heart.start()
         try:
             self.run_job(job)
-        except Exception:
-            log.exception("job %d for %s crashed", job.id, job.address)
-            with contextlib.suppress(StoreError):
-                self.store.finish(job.id, self.owner, error="internal error", retry_at=self.clock() + BACKOFF_BASE)
+        except Exception as e:
+            # Counted like any failure (failed after copy_attempts). Logged by type and place only: an
+            # exception's text can carry what it was given (a UnicodeEncodeError names password characters).
+            where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            at = f" at {os.path.basename(where.filename)}:{where.lineno}" if where else ""
+            log.error("job %d for %s crashed: %s%s", job.id, job.address, type(e).__name__, at)
+            try:
+                self._failure(job, f"internal error ({type(e).__name__}{at})")
+            except Exception as again:  # the store is gone too: the lease expires and the job runs again
+                log.error("job %d for %s: recording the crash failed: %s", job.id, job.address, type(again).__name__)
         finally:
             renewer.set()
 
@@ -218,12 +225,13 @@ class JobRunner:
         if cred is not None:
             return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password)
         if self.cfg.legacy.admin_user and self.cfg.legacy.admin_password:
-            account = self.store.get(address)
-            login = address
-            if account is not None and account.logins:
-                # the legacy server knows the user by the name they log in with there
-                others = [x for x in account.logins if x != address]
-                login = others[0] if others else address
+            # the same legacy login the password check uses (sidecar.auth.logins): the template over the
+            # account's imported login, else its address; never a login name someone once typed
+            from sidecar.auth.logins import legacy_login
+
+            imported = self.store.find_imported(address)
+            name = imported.login if imported is not None and imported.address == address else address
+            login = legacy_login(self.cfg.legacy.login_template, name, address)
             return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
         raise WaitForCredentials(address)
 

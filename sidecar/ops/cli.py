@@ -274,10 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
     s.set_defaults(func=cmd_demo)
     _add_ops_parsers(sub)
-    from sidecar.ops import doctor, finalize, inventory_cli
+    from sidecar.ops import doctor, finalize, inventory_cli, users
 
     finalize.add_parser(sub)  # autoport finalize (sidecar/ops/finalize.py)
     inventory_cli.add_parsers(sub)  # autoport inventory, autoport exclude (sidecar/ops/inventory_cli.py)
+    users.add_parser(sub)  # autoport import-users (sidecar/ops/users.py)
     doctor.add_parser(sub)  # autoport doctor (sidecar/ops/doctor.py)
     return p
 

@@ -167,6 +167,16 @@ class SweepBlock:
     since: float
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportedUser:
+    """One row of the login map (`autoport import-users`, schema v5): the login the legacy server knows, the
+    account address it belongs to, and the mailbox's extra addresses (they route with the account)."""
+
+    login: str
+    address: str
+    addresses: tuple[str, ...] = ()
+
+
 class Store(abc.ABC):
     """The state store. Implementations: sidecar.store.sqlite.SqliteStore, sidecar.store.postgres.PgStore."""
 
@@ -230,6 +240,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def touch_login(self, address: str) -> None:
         """Record that the account logged in now."""
+
+    @abc.abstractmethod
+    def record_login(
+        self, address: str, login: str, *, password_hash: str | None = None, start_copy: bool = True
+    ) -> State:
+        """Everything a verified login writes, in one transaction; returns the account's state afterwards.
+
+        start_copy: create the account or move it to copying (none, discovered, failed -> copying; copying and
+        cutover stay; migrated raises IllegalTransition), and queue its copy job (idempotent). Without
+        start_copy the account must exist (UnknownAccount) and keeps its state. Always: record `login` (lower
+        case) unless it already names another account, set last_login_at, and store password_hash when given
+        (ValueError without its {SCHEME} prefix). Nothing is written when an exception is raised.
+        """
+
+    @abc.abstractmethod
+    def password_hash(self, address: str) -> str | None:
+        """The stored Dovecot hash (for a local check of a migrated account's unusual login spelling)."""
 
     @abc.abstractmethod
     def set_progress(
@@ -330,6 +357,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def aliases(self) -> list[Alias]:
         """All aliases, ordered by alias."""
+
+    # --- the login map (schema v5) -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def import_users(self, users: list[ImportedUser]) -> int:
+        """Add or replace imported users (one transaction; a login's old extra addresses are replaced).
+
+        Conflict when an address or extra address already belongs to another imported login (nothing written).
+        Returns the number of users written.
+        """
+
+    @abc.abstractmethod
+    def imported_users(self) -> list[ImportedUser]:
+        """Every imported user, ordered by login."""
+
+    @abc.abstractmethod
+    def find_imported(self, key: str) -> ImportedUser | None:
+        """The imported user whose login, address or extra address is `key` (exact), or None."""
 
     # --- reporting ----------------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -232,11 +232,58 @@ _V4 = _both(
     )""",
 )
 
+# v5: the login map of `autoport import-users`, in its own tables (the inventory reads them too):
+# imported_users (login -> account address, the legacy login name) and imported_addresses (extra addresses of
+# the same mailbox). The dovecot_* views now also answer for imported logins and extra addresses, so a migrated
+# user logs in natively as `jsmith` (Dovecot lower-cases %u; logins are stored folded). Imported rows may name
+# an account that does not exist yet: the views join accounts, so they answer once it does.
+_IMPORTED_V5 = (
+    """CREATE TABLE imported_users (
+        login TEXT PRIMARY KEY,
+        address TEXT NOT NULL UNIQUE,
+        imported_at {TIME} NOT NULL
+    )""",
+    """CREATE TABLE imported_addresses (
+        address TEXT PRIMARY KEY,
+        login TEXT NOT NULL REFERENCES imported_users (login) ON DELETE CASCADE
+    )""",
+    "CREATE INDEX imported_addresses_login ON imported_addresses (login)",
+)
+_NAMES_V5 = """(SELECT login, address FROM logins
+            UNION SELECT login, address FROM imported_users
+            UNION SELECT x.address AS login, u.address AS address
+                FROM imported_addresses x JOIN imported_users u ON u.login = x.login) n"""
+_VIEWS_V5 = {
+    "dovecot_passdb": f"""dovecot_passdb AS
+        SELECT n.login AS login, a.address AS "user", a.password_hash AS password
+        FROM {_NAMES_V5} JOIN accounts a ON a.address = n.address
+        WHERE a.state = 'migrated' AND a.password_hash IS NOT NULL AND a.password_hash <> ''""",
+    "dovecot_deny": f"""dovecot_deny AS
+        SELECT n.login AS login, a.address AS "user"
+        FROM {_NAMES_V5} JOIN accounts a ON a.address = n.address
+        WHERE a.state = 'migrated' AND a.password_hash IS NOT NULL AND a.password_hash <> ''""",
+    "dovecot_userdb": f"""dovecot_userdb AS
+        SELECT n.login AS login, a.address AS "user"
+        FROM {_NAMES_V5} JOIN accounts a ON a.address = n.address""",
+}
+_V5: dict[Dialect, tuple[str, ...]] = {
+    "sqlite": (
+        *(t.format(**_TYPES["sqlite"]) for t in _IMPORTED_V5),
+        *(f"DROP VIEW {name}" for name in _VIEWS_V5),
+        *(f"CREATE VIEW {body}" for body in _VIEWS_V5.values()),
+    ),
+    "postgresql": (
+        *(t.format(**_TYPES["postgresql"]) for t in _IMPORTED_V5),
+        *(f"CREATE OR REPLACE VIEW {body}" for body in _VIEWS_V5.values()),
+    ),
+}
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
     Migration(2, "aliases; dovecot_deny lists only migrated accounts with a hash", _V2),
     Migration(3, "inventory of legacy accounts and shared folders; exclusions", _V3),
     Migration(4, "cutover handshake between nodes (nodes, kicks, kick_acks); sweeps that cannot run", _V4),
+    Migration(5, "imported users and their extra addresses (login map); dovecot views answer for them", _V5),
 ]
 
 

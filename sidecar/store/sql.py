@@ -30,6 +30,7 @@ from sidecar.store.base import (
     Event,
     Exclusion,
     FolderMark,
+    ImportedUser,
     InventoryChange,
     InventoryEntry,
     Job,
@@ -218,7 +219,10 @@ class SqlStore(Store):
         logins = [
             r[0]
             for r in cur.execute(
-                "SELECT login FROM logins WHERE address = ? ORDER BY login", (address,)
+                "SELECT login FROM logins WHERE address = ? UNION SELECT login FROM imported_users WHERE address = ? "
+                "UNION SELECT x.address FROM imported_addresses x JOIN imported_users u ON u.login = x.login "
+                "WHERE u.address = ? ORDER BY 1",
+                (address, address, address),
             ).fetchall()
         ]
         return _account(row, logins)
@@ -311,6 +315,76 @@ class SqlStore(Store):
 
     def touch_login(self, address: str) -> None:
         self._update(address, "last_login_at = ?", (self._clock(),))
+
+    def record_login(
+        self, address: str, login: str, *, password_hash: str | None = None, start_copy: bool = True
+    ) -> State:
+        if password_hash is not None and not password_hash.startswith("{"):
+            raise ValueError("password hash must start with its Dovecot {SCHEME} prefix")
+        for _ in range(10):
+            try:
+                return self._record_login_once(address, login.lower(), password_hash, start_copy)
+            except _Raced:
+                continue
+        raise Conflict(f"{address}: kept losing the race to create the account")
+
+    def _record_login_once(self, address: str, login: str, password_hash: str | None, start_copy: bool) -> State:
+        with self._write() as cur:
+            row = cur.execute(
+                "SELECT state FROM accounts WHERE address = ?" + self.for_update, (address,)
+            ).fetchone()
+            old = None if row is None else State(row[0])
+            now = self._clock()
+            new = old
+            if start_copy and old not in (State.COPYING, State.CUTOVER):
+                new = State.COPYING
+                check_transition(address, old, new)
+                if row is None:
+                    cur.execute(
+                        "INSERT INTO accounts (address, state, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT (address) DO NOTHING",
+                        (address, new.value, now, now),
+                    )
+                    if cur.rowcount != 1:
+                        raise _Raced
+                    cur.execute(
+                        "INSERT INTO logins (login, address) VALUES (?, ?) "
+                        "ON CONFLICT (login) DO UPDATE SET address = excluded.address",
+                        (address.lower(), address),
+                    )
+                else:
+                    retried = ", attempts = 0" if old is State.FAILED else ""
+                    cur.execute(
+                        f"UPDATE accounts SET state = ?, updated_at = ?{retried} WHERE address = ?",
+                        (new.value, now, address),
+                    )
+                self._event(cur, address, "transition", _transition_detail(old, new, "first login"), now)
+            elif row is None:
+                raise UnknownAccount(f"no account {address}")
+            assert new is not None
+            # a login already naming another account stays with it (the caller's mapping decided the account)
+            cur.execute(
+                "INSERT INTO logins (login, address) VALUES (?, ?) ON CONFLICT (login) DO NOTHING", (login, address)
+            )
+            sets = "last_login_at = ?, updated_at = ?"
+            params: list[Any] = [now, now]
+            if password_hash is not None:
+                sets += ", password_hash = ?"
+                params.append(password_hash)
+            cur.execute(f"UPDATE accounts SET {sets} WHERE address = ?", (*params, address))
+            if start_copy:
+                cur.execute(
+                    "INSERT INTO jobs (address, kind, status, not_before, created_at, updated_at) "
+                    f"VALUES (?, 'copy', 'queued', 0, ?, ?) ON CONFLICT (address, kind) WHERE status IN {_OPEN} "
+                    "DO NOTHING",
+                    (address, now, now),
+                )
+        return new
+
+    def password_hash(self, address: str) -> str | None:
+        with self._read() as cur:
+            row = cur.execute("SELECT password_hash FROM accounts WHERE address = ?", (address,)).fetchone()
+        return None if row is None or not row[0] else str(row[0])
 
     def set_progress(
         self,
@@ -561,6 +635,62 @@ class SqlStore(Store):
                 "SELECT alias, targets, created_at, updated_at FROM aliases ORDER BY alias"
             ).fetchall()
         return [_alias(r) for r in rows]
+
+    # --- the login map (schema v5) -------------------------------------------------------------------------
+    def import_users(self, users: list[ImportedUser]) -> int:
+        now = self._clock()
+        with self._write() as cur:
+            for u in users:
+                owner = cur.execute(
+                    "SELECT login FROM imported_users WHERE address = ? AND login <> ?", (u.address, u.login)
+                ).fetchone()
+                if owner is not None:
+                    raise Conflict(f"address {u.address} is already imported for login {owner[0]}")
+                extra_of = cur.execute(
+                    "SELECT login FROM imported_addresses WHERE (address = ? OR address = ?) AND login <> ?",
+                    (u.login, u.address, u.login),
+                ).fetchone()
+                if extra_of is not None:
+                    raise Conflict(f"login or address of {u.login} is an extra address of login {extra_of[0]}")
+                cur.execute(
+                    "INSERT INTO imported_users (login, address, imported_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (login) DO UPDATE SET address = excluded.address, imported_at = excluded.imported_at",
+                    (u.login, u.address, now),
+                )
+                cur.execute("DELETE FROM imported_addresses WHERE login = ?", (u.login,))
+                for extra in u.addresses:
+                    taken = cur.execute(
+                        "SELECT login FROM imported_addresses WHERE address = ? UNION "
+                        "SELECT login FROM imported_users WHERE (address = ? OR login = ?) AND login <> ?",
+                        (extra, extra, extra, u.login),
+                    ).fetchone()
+                    if taken is not None:
+                        raise Conflict(f"address {extra} is already imported for login {taken[0]}")
+                    cur.execute("INSERT INTO imported_addresses (address, login) VALUES (?, ?)", (extra, u.login))
+        return len(users)
+
+    def _imported(self, cur: Cursor, login: str, address: str) -> ImportedUser:
+        extras = cur.execute(
+            "SELECT address FROM imported_addresses WHERE login = ? ORDER BY address", (login,)
+        ).fetchall()
+        return ImportedUser(login=login, address=address, addresses=tuple(r[0] for r in extras))
+
+    def imported_users(self) -> list[ImportedUser]:
+        with self._read() as cur:
+            rows = cur.execute("SELECT login, address FROM imported_users ORDER BY login").fetchall()
+            return [self._imported(cur, r[0], r[1]) for r in rows]
+
+    def find_imported(self, key: str) -> ImportedUser | None:
+        with self._read() as cur:
+            row = cur.execute(
+                "SELECT login, address FROM imported_users WHERE login = ? OR address = ? UNION "
+                "SELECT u.login, u.address FROM imported_addresses x JOIN imported_users u ON u.login = x.login "
+                "WHERE x.address = ?",
+                (key, key, key),
+            ).fetchall()
+            if len(row) != 1:
+                return None  # none, or (an inconsistent import) more than one: no mapping
+            return self._imported(cur, row[0][0], row[0][1])
 
     # --- reporting ----------------------------------------------------------------------------------------
     def message_log_since(self, since: float = 0.0) -> list[MessageRecord]:

@@ -5,17 +5,20 @@ write in BEGIN IMMEDIATE, which takes SQLite's single write lock up front, so a 
 (transition, lease) cannot interleave with another writer in this or any other process.
 
 Files (DESIGN.md "SQLite shared with Dovecot"): Dovecot's auth worker runs as user dovecot and reads the
-dovecot_* views, and a WAL reader needs write access to the -shm file (and creates -wal/-shm when they are
-missing). So init() makes the database file 0660 with group `dovecot_group`, creates a missing directory
-2770 with that group (setgid: -wal/-shm created later inherit the group), and fixes -wal/-shm when they
-exist. SQLite gives -wal/-shm the database file's mode (and, for root, its owner and group). The file is
-always updated in place, never replaced: Dovecot keeps it open. Only init() creates the file; other opens
-fail with StoreUnavailable when it is missing, instead of silently creating an empty store.
+dovecot_* views. Dovecot's group may read the store, never write it (issue 14): the database, -wal and -shm
+are 0640 with group `dovecot_group`, and a directory we create is 2750 with that group (setgid; Dovecot can
+neither create nor replace files in it). A read-only WAL reader works with a read-only -shm (SQLite >= 3.22)
+as long as -wal and -shm exist, so every connection turns on SQLITE_FCNTL_PERSIST_WAL (_persist_wal): the
+last close keeps both files, and Dovecot reads even while the sidecar is stopped (after finalize). SQLite
+gives -wal/-shm the database file's mode (and, for root, its owner and group). The file is always updated in
+place, never replaced: Dovecot keeps it open. Only init() creates the file; other opens fail with
+StoreUnavailable when it is missing, instead of silently creating an empty store.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import grp
 import logging
 import os
@@ -30,8 +33,42 @@ from sidecar.store.sql import Clock, Cursor, PerThread, SqlStore
 
 log = logging.getLogger(__name__)
 
-FILE_MODE = 0o660
-DIR_MODE = 0o2770
+FILE_MODE = 0o640
+DIR_MODE = 0o2750
+SQLITE_FCNTL_PERSIST_WAL = 10
+_persist_warned = False
+
+
+def _persist_wal(conn: sqlite3.Connection, path: str) -> bool:
+    """Turn on SQLITE_FCNTL_PERSIST_WAL for this connection (Python's sqlite3 has no file_control).
+
+    Only when the sqlite3 module uses the shared libsqlite3 already loaded in this process, and the handle
+    found in the connection object names our file: otherwise nothing is called and False is returned.
+    """
+    global _persist_warned
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            if "libsqlite3.so" not in f.read():
+                raise OSError("the sqlite3 module does not use the shared libsqlite3")
+        lib = ctypes.CDLL("libsqlite3.so.0")
+        lib.sqlite3_db_filename.restype = ctypes.c_char_p
+        lib.sqlite3_db_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.sqlite3_file_control.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p]
+        # CPython's connection object: PyObject_HEAD, then the sqlite3* handle
+        handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
+        name = lib.sqlite3_db_filename(handle, b"main") if handle else None
+        if not name or os.path.realpath(name.decode("utf-8", "replace")) != os.path.realpath(path):
+            raise OSError("cannot find the connection's sqlite3 handle")
+        on = ctypes.c_int(1)
+        if lib.sqlite3_file_control(handle, b"main", SQLITE_FCNTL_PERSIST_WAL, ctypes.byref(on)) != 0:
+            raise OSError("sqlite3_file_control refused SQLITE_FCNTL_PERSIST_WAL")
+        return True
+    except (OSError, AttributeError, ValueError) as e:
+        if not _persist_warned:
+            _persist_warned = True
+            log.warning("sqlite store %s: cannot keep -wal/-shm (%s): Dovecot cannot read the store while no "
+                        "autoport process has it open", path, e)
+        return False
 
 # Primary result codes meaning "cannot answer now" (https://sqlite.org/rescode.html).
 _UNAVAILABLE_CODES = {
@@ -100,6 +137,7 @@ class SqliteStore(SqlStore):
         except BaseException:
             conn.close()
             raise
+        _persist_wal(conn, self.path)
         self._conns.put(conn)
         if not self._permissions_checked:
             self._permissions_checked = True
@@ -194,9 +232,15 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"sqlite store {self.path}: cannot create: {e.strerror}") from None
 
     def _fix_permissions(self, *, quiet: bool) -> None:
-        """Database, -wal and -shm: mode 0660, group dovecot_group (where we own them or are root)."""
+        """Database, -wal and -shm: mode 0640, group dovecot_group (where we own them or are root); the
+        directory without group write (Dovecot could replace the files in a group-writable one)."""
         gid = self._gid(quiet=quiet)
         euid = os.geteuid()
+        directory = os.path.dirname(self.path)
+        with contextlib.suppress(OSError):
+            st = os.stat(directory)
+            if gid is not None and st.st_gid == gid and euid in (0, st.st_uid) and st.st_mode & stat.S_IWGRP:
+                os.chmod(directory, stat.S_IMODE(st.st_mode) & ~stat.S_IWGRP)
         for name in (self.path, self.path + "-wal", self.path + "-shm"):
             try:
                 st = os.stat(name)

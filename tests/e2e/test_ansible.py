@@ -347,8 +347,8 @@ def test_files_owners_and_modes(deployed: Deployment) -> None:
         return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, stat.S_IMODE(st.st_mode)
 
     p = deployed.prefix
-    assert owner(p / "var/lib/autoport") == ("autoport", "dovecot", 0o2770)
-    assert owner(p / "var/lib/autoport/state.db") == ("autoport", "dovecot", 0o660)
+    assert owner(p / "var/lib/autoport") == ("autoport", "dovecot", 0o2750)
+    assert owner(p / "var/lib/autoport/state.db") == ("autoport", "dovecot", 0o640)
     assert owner(p / "etc/autoport/autoport.toml") == ("root", "autoport", 0o640)
     assert owner(p / "etc/dovecot/dovecot-sql.conf.ext")[1:] == ("dovecot", 0o640)
     assert owner(p / "var/lib/postfix")[:2] == ("postfix", "postfix")

@@ -11,12 +11,12 @@ from typing import Any, cast
 
 import pytest
 
-from sidecar.auth.passwords import verify_password
+from sidecar.auth.passwords import hash_password, verify_password
 from sidecar.auth.policy import POSITIVE_TTL, AuthPolicy, CredentialCache
-from sidecar.config import Config, LegacyConfig, LimitsConfig, MailConfig, TargetConfig
+from sidecar.config import Config, HashConfig, LegacyConfig, LimitsConfig, MailConfig, TargetConfig
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
 from sidecar.states import State, check_transition
-from sidecar.store.base import Conflict, Store, StoreUnavailable
+from sidecar.store.base import Conflict, ImportedUser, Store, StoreUnavailable, UnknownAccount
 from sidecar.wire.authproto import FAIL, OK, TEMP, Request
 
 
@@ -31,6 +31,8 @@ class FakeStore:
         self.jobs: dict[str, int] = {}
         self.transitions: list[tuple[str, State | None, State]] = []
         self.down = False
+        self.record_calls = 0
+        self.imported: list[ImportedUser] = []
 
     def _check(self) -> None:
         if self.down:
@@ -66,6 +68,40 @@ class FakeStore:
 
     def touch_login(self, address: str) -> None:
         self._check()
+
+    def record_login(
+        self, address: str, login: str, *, password_hash: str | None = None, start_copy: bool = True
+    ) -> State:
+        self._check()
+        self.record_calls += 1
+        with self.lock:
+            old = self.states.get(address)
+            new = old
+            if start_copy and old not in (State.COPYING, State.CUTOVER):
+                new = State.COPYING
+                check_transition(address, old, new)
+                self.states[address] = new
+                self.transitions.append((address, old, new))
+            elif old is None:
+                raise UnknownAccount(address)
+            self.logins.setdefault(address, set()).add(login.lower())
+            if password_hash is not None:
+                self.hashes[address] = password_hash
+            if start_copy:
+                self.jobs[address] = 1
+            assert new is not None
+            return new
+
+    def password_hash(self, address: str) -> str | None:
+        self._check()
+        return self.hashes.get(address)
+
+    def find_imported(self, key: str) -> ImportedUser | None:
+        self._check()
+        for u in self.imported:
+            if key in (u.login, u.address, *u.addresses):
+                return u
+        return None
 
     def enqueue(self, address: str, kind: str = "copy", *, not_before: float = 0.0) -> Any:
         self._check()
@@ -110,7 +146,7 @@ def make(
         limits=limits or LimitsConfig(),
     )
     store = FakeStore()
-    verifier = FakeVerifier({"alice": "right-pw", "Bob": "bob-pw"})
+    verifier = FakeVerifier({"alice@example.org": "right-pw", "bob@example.org": "bob-pw"})
     clock = Clock()
     policy = AuthPolicy(
         cfg, cast(Store, store), verifier, clock=clock, hasher=kw.pop("hasher", lambda p: "{PLAIN}" + p), **kw
@@ -132,12 +168,13 @@ def test_first_login_creates_account_job_hash_and_proxy_fields() -> None:
     reply = policy.decide(req())
     assert reply.status == OK
     assert reply.fields == {
+        "user": "alice@example.org",
         "proxy": "y",
         "host": "192.0.2.10",
         "port": "143",
         "starttls": "yes",
         "proxy_timeout": "10",
-        "destuser": "alice",
+        "destuser": "alice@example.org",
         "pass": "right-pw",
         "userdb_uid": "5000",
         "userdb_gid": "5001",
@@ -147,8 +184,9 @@ def test_first_login_creates_account_job_hash_and_proxy_fields() -> None:
     assert store.logins == {"alice@example.org": {"alice"}}
     assert store.jobs == {"alice@example.org": 1}
     cred = policy.credentials.get("alice@example.org")
-    assert cred is not None and (cred.login, cred.password) == ("alice", "right-pw")
-    assert verifier.calls == [("alice", "198.51.100.7")]
+    assert cred is not None and (cred.login, cred.password) == ("alice@example.org", "right-pw")
+    assert verifier.calls == [("alice@example.org", "198.51.100.7")]
+    assert store.record_calls == 1  # one store call for every write of the first login
 
 
 def test_real_argon2_hash_is_stored() -> None:
@@ -166,7 +204,7 @@ def test_deferred_hash_is_stored_after_the_answer_in_verification_order() -> Non
     assert store.states == {"alice@example.org": State.COPYING} and store.jobs == {"alice@example.org": 1}
     assert store.hashes == {} and len(later) == 1
     clock.now += POSITIVE_TTL + 1  # the user changed the password on the legacy server: verified again
-    verifier.passwords["alice"] = "newer-pw"
+    verifier.passwords["alice@example.org"] = "newer-pw"
     assert policy.decide(req(password="newer-pw")).status == OK
     for run in later:
         run()
@@ -246,6 +284,19 @@ def test_migrated_account_fails_without_asking_legacy() -> None:
     assert verifier.calls == []
 
 
+def test_migrated_account_in_another_spelling_is_checked_against_its_hash_not_legacy() -> None:
+    """`CORP\\alice` is not a login row Dovecot's sql passdb finds: checkpassword checks the stored hash (the old
+    legacy password no longer works) and answers with user=the account, without proxy fields."""
+    policy, store, verifier, _ = make()
+    policy.cfg.mail.realms = ["CORP"]
+    store.states["alice@example.org"] = State.MIGRATED
+    store.hashes["alice@example.org"] = hash_password("new-pw", HashConfig(scheme="SHA512-CRYPT"))
+    assert policy.decide(req(user="CORP\\alice")).status == FAIL  # right-pw is the legacy password
+    reply = policy.decide(req(user="CORP\\alice", password="new-pw"))
+    assert reply.status == OK and reply.fields["user"] == "alice@example.org" and "proxy" not in reply.fields
+    assert verifier.calls == []
+
+
 @pytest.mark.parametrize(
     ("before", "after", "moved"),
     [
@@ -286,12 +337,13 @@ def test_a_login_verified_while_the_cutover_began_gets_no_proxy_answer() -> None
     assert policy.decide(req()).status == TEMP
 
 
-def test_login_as_typed_is_recorded_and_sent_upstream() -> None:
+def test_folded_login_is_recorded_and_the_legacy_login_sent_upstream() -> None:
     policy, store, verifier, _ = make()
     reply = policy.decide(req(user="Bob", password="bob-pw"))
-    assert reply.status == OK and reply.fields["destuser"] == "Bob"
-    assert store.logins == {"bob@example.org": {"Bob"}}
-    assert verifier.calls[0][0] == "Bob"
+    assert reply.status == OK and reply.fields["destuser"] == "bob@example.org"
+    assert reply.fields["user"] == "bob@example.org"
+    assert store.logins == {"bob@example.org": {"bob"}}
+    assert verifier.calls[0][0] == "bob@example.org"
 
 
 def test_invalid_login_fails_without_asking_legacy() -> None:
@@ -311,16 +363,30 @@ def test_negative_cache_answers_repeats_locally_until_ttl() -> None:
     assert len(verifier.calls) == 3
 
 
-def test_account_failure_budget() -> None:
+def test_account_failure_budget_is_per_client_address() -> None:
     limits = LimitsConfig(auth_failures_per_account=3, auth_failure_window=600, negative_cache_ttl=0)
     policy, _, verifier, clock = make(limits=limits)
     for i in range(3):
-        assert policy.decide(req(password=f"guess{i}", ip=f"203.0.113.{i}")).status == FAIL
+        assert policy.decide(req(password=f"guess{i}", ip="203.0.113.9")).status == FAIL
     assert len(verifier.calls) == 3
-    assert policy.decide(req(ip="203.0.113.99")).status == FAIL  # budget spent: not even the right password
+    assert policy.decide(req(ip="203.0.113.9")).status == FAIL  # that client's budget is spent
     assert len(verifier.calls) == 3
+    # the attacker's guesses never turn the real user's right password into "wrong password"
+    assert policy.decide(req(ip="198.51.100.7")).status == OK
     clock.now += 601
-    assert policy.decide(req()).status == OK
+    assert policy.decide(req(ip="203.0.113.9")).status == OK
+
+
+def test_guesses_from_many_clients_give_the_user_temp_at_worst() -> None:
+    limits = LimitsConfig(
+        auth_failures_per_account=3, auth_failures_per_account_total=6, auth_failures_per_client=1000,
+        negative_cache_ttl=0,
+    )
+    policy, _, verifier, _ = make(limits=limits)
+    for i in range(6):
+        assert policy.decide(req(password=f"guess{i}", ip=f"203.0.113.{i}")).status == FAIL
+    assert policy.decide(req(ip="198.51.100.7")).status == TEMP  # never FAIL for the right password
+    assert len(verifier.calls) == 6
 
 
 def test_client_failure_budget() -> None:
@@ -397,7 +463,8 @@ def test_positive_cache_never_masks_migration() -> None:
     policy, store, verifier, _ = make()
     assert policy.decide(req()).status == OK
     store.states["alice@example.org"] = State.MIGRATED
-    assert policy.decide(req()).status == FAIL
+    store.hashes["alice@example.org"] = "{PLAIN}right-pw"  # a scheme the local check does not take
+    assert policy.decide(req()).status == FAIL  # never proxy fields from the positive cache
     assert len(verifier.calls) == 1
 
 
@@ -422,3 +489,33 @@ def test_a_check_that_timed_out_after_the_credentials_counts_against_the_budget(
     policy.verifier = type("V", (), {"verify": staticmethod(slow)})()
     assert [policy.decide(req()).status for _ in range(4)] == [TEMP, TEMP, FAIL, FAIL]
     assert len(verifier.calls) == 2
+
+
+ATTACKS = [
+    "alice@other.example", "OTHER\\alice", "alice@example.org*admin", "bob@example.org.", "alice@v1@example.org",
+    "\u212alice@example.org", "ali\u200bce@example.org", "alice@xn--exmple-cua.org", "alice@exämple.org",
+]
+
+
+@pytest.mark.parametrize("login", ATTACKS)
+def test_attack_spellings_are_refused_before_anything(login: str) -> None:
+    policy, store, verifier, _ = make()
+    assert policy.decide(req(user=login)).status == FAIL
+    assert verifier.calls == [] and store.states == {} and store.hashes == {} and store.logins == {}
+    assert len(policy.credentials) == 0
+
+
+def test_imported_login_checks_and_stores_one_identity() -> None:
+    policy, store, verifier, _ = make()
+    policy.cfg.mail.realms = ["CORP"]
+    store.imported.append(ImportedUser("jsmith", "john.smith@example.org", ("sales@example.org",)))
+    verifier.passwords["jsmith"] = "js-pw"
+    for typed in ("jsmith", "CORP\\jsmith", "John.Smith@example.org", "sales@example.org"):
+        reply = policy.decide(req(user=typed, password="js-pw"))
+        assert reply.status == OK, typed
+        assert reply.fields["destuser"] == "jsmith" and reply.fields["user"] == "john.smith@example.org"
+        policy.positive.discard("john.smith@example.org")
+    assert {c[0] for c in verifier.calls} == {"jsmith"}
+    assert set(store.states) == {"john.smith@example.org"} and set(store.hashes) == {"john.smith@example.org"}
+    cred = policy.credentials.get("john.smith@example.org")
+    assert cred is not None and cred.login == "jsmith"

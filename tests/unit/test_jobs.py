@@ -313,3 +313,45 @@ def test_job_resumed_after_the_switch_releases_mail_and_schedules_sweeps(store: 
     assert rec.released == [A] and rec.kicked == [A] and rec.copies == []
     assert [j.status for j in store.jobs(A) if j.kind == "copy"] == ["done"]
     assert [j.status for j in store.jobs(A) if j.kind == "sweep"] == ["queued"]
+
+
+def test_any_exception_counts_an_attempt_and_ends_failed_without_logging_the_password(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: a copy that raised UnicodeEncodeError (imaplib and a non-ASCII password) retried forever,
+    never counted an attempt, and its logged traceback named password characters."""
+    rec = Recorder()
+    creds = CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    first_login(store, creds)
+    secret = "pässwörd-\u20ac"
+    for _ in range(3):
+        rec.fail_with.append(UnicodeEncodeError("ascii", secret, 1, 2, "ordinal not in range(128)"))
+    with caplog.at_level("DEBUG"):
+        for _ in range(3):
+            job = store.lease(runner.owner, seconds=60)
+            assert job is not None
+            runner._run_guarded(job)
+            with store._write() as cur:  # type: ignore[attr-defined]  # due now (skip the backoff)
+                cur.execute("UPDATE jobs SET not_before = 0 WHERE status = 'queued'")
+    account = store.get(A)
+    assert account is not None and account.state is State.FAILED and account.attempts == 3
+    assert "UnicodeEncodeError" in account.last_error and secret not in account.last_error
+    assert "pässw" not in caplog.text and "\\xe4" not in caplog.text and "ä" not in caplog.text
+
+
+def test_admin_copy_uses_the_legacy_login_of_the_mapping(store: Store, tmp_path: Path) -> None:
+    from sidecar.store.base import ImportedUser
+
+    rec = Recorder()
+    cfg = config.from_dict(
+        {
+            "target": {"mail_root": str(tmp_path / "mail")},
+            "legacy": {"admin_user": "admin", "admin_password": "admin-pw", "login_template": "%n"},
+        }
+    )
+    runner = JobRunner(cfg, store, CredentialCache(), owner="test", hooks=rec.hooks(), copy=rec.copy)
+    store.record_login(A, "some-typed-spelling")
+    assert runner._source(A).user == "alice"
+    store.import_users([ImportedUser("asmith", A)])
+    assert runner._source(A).user == "asmith"

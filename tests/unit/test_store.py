@@ -29,6 +29,7 @@ from sidecar.store import open_store, schema
 from sidecar.store.base import (
     Conflict,
     FolderMark,
+    ImportedUser,
     MessageRecord,
     Store,
     StoreError,
@@ -536,10 +537,10 @@ def test_sqlite_files_are_readable_by_dovecot_while_open_in_wal_mode(shared_dir:
         s.set_password_hash(a, HASH)
 
         gid = grp.getgrnam("dovecot").gr_gid
-        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o2770 and db.parent.stat().st_gid == gid
+        assert stat.S_IMODE(db.parent.stat().st_mode) == 0o2750 and db.parent.stat().st_gid == gid
         for f in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
             st = f.stat()
-            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, gid), f
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, gid), f
         with contextlib.closing(sqlite3.connect(db)) as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
@@ -552,10 +553,13 @@ def test_sqlite_files_are_readable_by_dovecot_while_open_in_wal_mode(shared_dir:
         assert p.stdout.strip() == a, p.stderr
     finally:
         s.close()
-    # with the store closed (no -wal/-shm left) Dovecot still reads: it may create them in the 2770 directory
-    assert not Path(f"{db}-shm").exists()
+    # with the store closed Dovecot still reads: -wal and -shm persist (SQLITE_FCNTL_PERSIST_WAL), read-only
+    assert Path(f"{db}-shm").exists() and Path(f"{db}-wal").exists()
     p = as_dovecot_sqlite3(db, "SELECT login FROM dovecot_deny ORDER BY login")
     assert (p.returncode, p.stdout.split()) == (0, ["kim", a]), p.stderr
+    # readable, never writable by Dovecot's group (issue 14)
+    p = as_dovecot_sqlite3(db, "UPDATE accounts SET password_hash = '{PLAIN}x'")
+    assert p.returncode != 0 and "readonly" in p.stderr, p.stderr
 
 
 def test_sqlite_init_repairs_the_empty_root_only_file_dovecot_leaves(shared_dir: Path) -> None:
@@ -568,7 +572,7 @@ def test_sqlite_init_repairs_the_empty_root_only_file_dovecot_leaves(shared_dir:
         s.init()
         st = db.stat()
         assert (stat.S_IMODE(st.st_mode), st.st_gid, st.st_ino) == (
-            0o660,
+            0o640,
             grp.getgrnam("dovecot").gr_gid,
             inode,
         )
@@ -725,3 +729,75 @@ def test_inventory_replaces_one_source_at_a_time_and_exclusions_keep_their_date(
     assert [x.address for x in s.exclusions()] == ["c@example.org"]
     assert s.remove_exclusion("c@example.org") and not s.remove_exclusion("c@example.org")
     assert s.exclusions() == []
+
+
+# --- issue 14: one store call per verified login; the login map (schema v5) ---------------------------------
+
+
+def test_record_login_writes_everything_in_one_call(backend: Backend, store: SqlStore) -> None:
+    a = "alice@example.org"
+    assert store.record_login(a, "ALICE", password_hash=HASH) is State.COPYING
+    acc = store.get(a)
+    assert acc is not None and acc.state is State.COPYING and acc.has_password and acc.last_login_at
+    assert acc.logins == ("alice", a)
+    assert [(j.kind, j.status) for j in store.jobs(a)] == [("copy", "queued")]
+    # again (another login): state kept, no second job, no new transition event
+    assert store.record_login(a, "alice") is State.COPYING
+    assert len(store.jobs(a)) == 1
+    assert [e.detail for e in store.events(a) if e.kind == "transition"] == ["(none) -> copying: first login"]
+    # failed -> copying resets the attempts; cutover stays
+    store.set_error(a, "boom")
+    store.transition(a, State.FAILED)
+    assert store.record_login(a, a) is State.COPYING and store.get(a).attempts == 0  # type: ignore[union-attr]
+    store.transition(a, State.CUTOVER)
+    assert store.record_login(a, a) is State.CUTOVER
+    store.transition(a, State.MIGRATED)
+    with pytest.raises(IllegalTransition):
+        store.record_login(a, a, password_hash="{ARGON2ID}other")
+    assert store.password_hash(a) == HASH  # nothing written
+    # a migrated account's first local login: no state change, no job, the hash stored
+    store.record_login(a, "a.l", password_hash="{ARGON2ID}new", start_copy=False)
+    assert store.password_hash(a) == "{ARGON2ID}new" and store.state_of(a) is State.MIGRATED
+    with pytest.raises(UnknownAccount):
+        store.record_login("ghost@example.org", "ghost", start_copy=False)
+    with pytest.raises(ValueError):
+        store.record_login(a, a, password_hash="plain")
+
+
+def test_record_login_never_moves_a_login_of_another_account(store: SqlStore) -> None:
+    store.record_login("bob@example.org", "shared")
+    store.record_login("carol@example.org", "shared")
+    assert store.find_by_login("shared").address == "bob@example.org"  # type: ignore[union-attr]
+
+
+def test_concurrent_record_login_makes_one_account_and_one_job(backend: Backend, store: SqlStore) -> None:
+    other = backend.open()
+    results = run_threads(8, lambda i: (store if i % 2 else other).record_login("kim@example.org", "kim"))
+    assert results == [State.COPYING] * 8
+    assert len(store.jobs("kim@example.org")) == 1
+
+
+def test_imported_users_and_what_dovecot_sees(backend: Backend, store: SqlStore) -> None:
+    j = "john.smith@example.org"
+    assert store.import_users([ImportedUser("jsmith", j, ("sales@example.org", "js@example.net"))]) == 1
+    assert store.find_imported("jsmith") == ImportedUser("jsmith", j, ("js@example.net", "sales@example.org"))
+    assert store.find_imported(j) == store.find_imported("sales@example.org") == store.find_imported("jsmith")
+    assert store.find_imported("nobody") is None
+    assert views(backend, "jsmith") == ([], [], [])  # no account yet
+    store.record_login(j, "jsmith", password_hash=HASH)
+    for login in ("jsmith", "sales@example.org", j):
+        assert views(backend, login) == ([], [], [(j,)])
+    store.transition(j, State.CUTOVER)
+    store.transition(j, State.MIGRATED)
+    for login in ("jsmith", "sales@example.org", "js@example.net", j):
+        assert views(backend, login) == ([(j, HASH)], [("Y",)], [(j,)])
+    acc = store.get(j)
+    assert acc is not None and set(acc.logins) == {"jsmith", j, "sales@example.org", "js@example.net"}
+    # re-import replaces the extra addresses; conflicts write nothing
+    store.import_users([ImportedUser("jsmith", j, ("sales@example.org",))])
+    assert store.find_imported("js@example.net") is None
+    with pytest.raises(Conflict):
+        store.import_users([ImportedUser("mary", "mary@example.org"), ImportedUser("bad", j)])
+    with pytest.raises(Conflict):
+        store.import_users([ImportedUser("mary", "mary@example.org", ("sales@example.org",))])
+    assert [u.login for u in store.imported_users()] == ["jsmith"]
