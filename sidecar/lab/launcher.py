@@ -24,9 +24,10 @@ import contextlib
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sidecar.lab import proc
+from sidecar.lab.info import LabInfo, LegacyInfo, TargetInfo
 from sidecar.lab.proc import LabError
 
 LEGACY_HOST = "127.0.0.2"
@@ -87,7 +88,7 @@ def lab_up(
     messages_per_user: int | None = None,
     settings: dict[str, dict[str, Any]] | None = None,
     nodes: int = 1,
-) -> dict[str, Any]:
+) -> LabInfo:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
 
     nodes=2 adds a second front-end node (Postfix + Dovecot + sidecar on NODE2_HOST, in DIR/node2) sharing the
@@ -115,7 +116,7 @@ def lab_up(
             legacy_cfg: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("domains", "users_file")}
             domains = list(spec["domains"])
             user_list = ext["users"]
-            legacy_info = {
+            legacy_info: LegacyInfo = {
                 "host": spec["host"],
                 "imap": spec.get("imap_port", 143) or None,
                 "pop3": spec.get("pop3_port", 110) or None,
@@ -168,7 +169,7 @@ def lab_up(
         config_path = Path(tgt.config)
         if not sidecar:
             _run_autoport(config_path, "store", "init")
-        node_infos = [_target_info(tgt)]
+        node_infos: list[TargetInfo] = [_target_info(tgt)]
         if nodes == 2:
             node_dir = lab_dir / "node2"
             node_dir.mkdir(exist_ok=True)
@@ -192,7 +193,7 @@ def lab_up(
             lab_down(lab_dir)
         raise
     state = proc.load_state(lab_dir)
-    info: dict[str, Any] = {
+    info: LabInfo = {
         "dir": str(lab_dir),
         "config": str(config_path),
         "legacy": legacy_info,
@@ -209,13 +210,14 @@ def lab_up(
     return info
 
 
-def _target_info(tgt: Any) -> dict[str, Any]:
-    return {
+def _target_info(tgt: Any) -> TargetInfo:
+    info = {
         **tgt.to_json(),
         "postfix_config": str(tgt.postfix_config),
         "dovecot_config": str(tgt.dovecot_config),
         "mail_root": str(tgt.mail_root),
     }
+    return cast(TargetInfo, info)
 
 
 def _start_store(lab_dir: Path, kind: str) -> str:
@@ -290,16 +292,16 @@ def lab_restart(lab_dir: Path, name: str) -> int:
     raise LabError(f"unknown lab component {name!r} (sidecar, target-postfix, target-dovecot, legacy-postfix, ...)")
 
 
-def lab_info(lab_dir: Path) -> dict[str, Any]:
+def lab_info(lab_dir: Path) -> LabInfo:
     state = proc.load_state(lab_dir.resolve())
     if "info" not in state:
         raise LabError(f"no lab in {lab_dir}")
-    info: dict[str, Any] = state["info"]
+    info: LabInfo = state["info"]
     info["pids"] = {k: v for k, v in (state.get("pids") or {}).items() if v and proc.pid_alive(v)}
     return info
 
 
-def print_summary(info: dict[str, Any]) -> None:
+def print_summary(info: LabInfo) -> None:
     lg, tg = info["legacy"], info["target"]
     print(f"lab in {info['dir']} (logs in {info['logs']}, config {info['config']})")
     print(f"  legacy  {lg['host']}: IMAP {lg['imap']}  POP3 {lg['pop3']}  SMTP {lg['smtp']}  sieve {lg['sieve']}")
