@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import Milter
 import pytest
+from harness.fakes import FakeStore
 from Milter.testctx import TestCtx as MilterTestCtx
 
 from sidecar.config import Config
@@ -33,22 +34,6 @@ from sidecar.edge import milter as m
 from sidecar.store.base import MessageRecord, Store
 
 LEGACY = "192.0.2.25"
-
-
-class FakeStore:
-    def __init__(self, *, fail: bool = False, block: threading.Event | None = None) -> None:
-        self.rows: list[MessageRecord] = []
-        self.calls = 0
-        self.fail = fail
-        self.block = block
-
-    def log_messages(self, records: list[MessageRecord]) -> None:
-        self.calls += 1
-        if self.block is not None:
-            self.block.wait(10)
-        if self.fail:
-            raise RuntimeError("disk full")
-        self.rows += records
 
 
 class Harness:

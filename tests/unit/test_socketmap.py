@@ -16,31 +16,19 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from harness.fakes import FakeStore
 
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
 from sidecar.edge.socketmap import SocketmapServer, parse_address, start_socketmap_server
 from sidecar.states import State
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.base import Store
 from sidecar.wire import netstring
 
 LMTP = "lmtp:unix:private/dovecot-lmtp"
 RELAY = "legacy:[192.0.2.25]:25"
 HOLD = "retry:4.3.2 mailbox migration in progress"
 STATES = {"ann@example.org": State.MIGRATED, "bob@example.org": State.CUTOVER, "cy@example.org": State.COPYING}
-
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.down = False
-        self.block: threading.Event | None = None
-
-    def state_of(self, address: str) -> State | None:
-        if self.block is not None:
-            self.block.wait(10)
-        if self.down:
-            raise StoreUnavailable("down")
-        return STATES.get(address)
 
 
 class Running:
@@ -102,7 +90,7 @@ def serve() -> Iterator[Callable[..., Running]]:
     tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
 
     def start(**kw: Any) -> Running:
-        r = Running(tmp, FakeStore(), **kw)
+        r = Running(tmp, FakeStore(dict(STATES)), **kw)
         started.append(r)
         return r
 
@@ -325,7 +313,8 @@ def test_inet_listener() -> None:
     async def run() -> bytes:
         cfg = Config()
         cfg.mail.domains = ["example.org"]
-        server = await start_socketmap_server("inet:127.0.0.1:0", RoutingPolicy(cfg, cast(Store, FakeStore())))
+        policy = RoutingPolicy(cfg, cast(Store, FakeStore(dict(STATES))))
+        server = await start_socketmap_server("inet:127.0.0.1:0", policy)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(netstring.encode(b"transport ann@example.org"))
