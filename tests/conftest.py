@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.fakes import FakeStore
 from harness.labs import make_lab_dir, running_lab
+from harness.milter_wire import SERVER as MILTER_SERVER
+from harness.shim import FakePolicy, Server
+from harness.socketmap_server import STATES, Running
 
 from sidecar.lab.info import LabInfo
 from sidecar.store import open_store
@@ -69,3 +77,54 @@ def lab_dir() -> Iterator[Path]:
     launcher.lab_down(d)
     if not os.environ.get("AUTOPORT_KEEP_LABS"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- servers for unit tests: the checkpassword auth server, the socketmap, the milter (shared by their own tests
+# and by test_bad_input)
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """The auth server on a UNIX socket with harness.shim.FakePolicy, for the real checkpassword shim."""
+    s = Server(str(tmp_path / "auth.sock"), FakePolicy())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Running]]:
+    """serve(**server limits) starts a socketmap server over the fake store holding STATES; all stopped after."""
+    started: list[Running] = []
+    tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
+
+    def start(**kw: Any) -> Running:
+        r = Running(tmp, FakeStore(dict(STATES)), **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def milter_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """run_milter() in a subprocess on a UNIX socket (its path, the process); SIGUSR1 stops it."""
+    d = Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
+    path = str(d / "milter.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MILTER_SERVER, f"unix:{path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield path, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+    shutil.rmtree(d, ignore_errors=True)

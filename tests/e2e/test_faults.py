@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.cli import AUTOPORT
 from harness.fake_legacy import FakeLegacy
 from harness.shim import run_shim
 
@@ -34,7 +34,6 @@ from sidecar.wire import authproto, netstring
 from sidecar.wire.authproto import Request
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
 need_root_dovecot = pytest.mark.skipif(
     shutil.which("dovecot") is None or os.geteuid() != 0, reason="needs dovecot and root"
 )

@@ -8,13 +8,11 @@ import imaplib
 import os
 import signal
 import smtplib
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.cli import autoport
 
 from sidecar.lab import proc
 from sidecar.states import State
@@ -22,15 +20,9 @@ from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
 
 
 LAB = {"prefix": "ap-final-", "users": 2}
-
-
-def autoport(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTOPORT, "--config", lab["config"], *args], capture_output=True, text=True, timeout=180,
-                          check=False)  # fmt: skip
 
 
 def login(lab: dict[str, Any], user: dict[str, Any]) -> None:

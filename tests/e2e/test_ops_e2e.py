@@ -6,11 +6,11 @@ from __future__ import annotations
 import imaplib
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
+from harness.cli import autoport
 from harness.e2e_mail import dovecot_config, message_id, send, target_count, wait_for
 
 from sidecar.states import State
@@ -20,13 +20,6 @@ pytestmark = pytest.mark.e2e
 
 
 LAB = {"prefix": "ap-ops-", "users": 3}
-
-
-def autoport(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar.ops.cli", "--config", lab["config"], *args],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
 
 
 def imap_inbox(host: str, port: int, login: str, password: str) -> list[bytes]:
