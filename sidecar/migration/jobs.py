@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import Config
+from sidecar.mta import commands
 from sidecar.states import IllegalTransition, State
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
 
@@ -82,14 +82,14 @@ def default_hooks(cfg: Config, store: Store) -> Hooks:
             return 0
 
     def after(address: str, logins: list[str]) -> None:
-        doveadm = [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+        doveadm, conf = cfg.target.doveadm, cfg.target.dovecot_config
         for login in sorted(set(logins) | {address}):
             # proxied sessions of this user reconnect, now to the local mailbox
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([*doveadm, "proxy", "kick", login], capture_output=True, timeout=10, check=False)
+            with contextlib.suppress(commands.CommandError):
+                commands.proxy_kick(doveadm, conf, login)
         # warm Dovecot's index so the first local login does not pay for it
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([*doveadm, "index", "-u", address, "*"], capture_output=True, timeout=120, check=False)
+        with contextlib.suppress(commands.CommandError):
+            commands.index_mailboxes(doveadm, conf, address)
 
     return Hooks(release_held=release, after_migrated=after)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import jinja2
 
 from sidecar.config import Config, sqlite_path
+from sidecar.mta import commands
 
 # The repository (or installed share directory) that holds postfix/ and dovecot/.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -156,18 +157,14 @@ def check_postfix(config_dir: Path) -> list[str]:
         raise RenderError(f"postfix -c {config_dir} check failed ({rc}): {out.strip()[-2000:]}")
     warnings = [line for line in out.splitlines() if _POSTFIX_WARNING.search(line)]
     # postconf reports unknown or unused parameters (a typo in a name) that `postfix check` lets pass
-    p = subprocess.run(
-        ["postconf", "-c", str(config_dir), "-n"], capture_output=True, text=True, check=False, timeout=60
-    )
-    if p.returncode != 0:
-        raise RenderError(f"postconf -c {config_dir} -n failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    warnings += [line for line in p.stderr.splitlines() if line.strip()]
-    p = subprocess.run(
-        ["postconf", "-c", str(config_dir), "-M"], capture_output=True, text=True, check=False, timeout=60
-    )
-    if p.returncode != 0:
-        raise RenderError(f"postconf -c {config_dir} -M failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    warnings += [line for line in p.stderr.splitlines() if line.strip()]
+    for flag in ("-n", "-M"):
+        try:
+            p = commands.postconf(config_dir, flag, check=False)
+        except commands.CommandNotRun as e:
+            raise RenderError(f"cannot run {e}") from None
+        if p.returncode != 0:
+            raise RenderError(f"postconf -c {config_dir} {flag} failed ({p.returncode}): {p.err.strip()[-2000:]}")
+        warnings += [line for line in p.err.splitlines() if line.strip()]
     return warnings
 
 

@@ -14,12 +14,12 @@ import csv
 import dataclasses
 import io
 import re
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 from sidecar.auth import passwords
 from sidecar.config import Config
+from sidecar.mta import commands
 from sidecar.states import IllegalTransition, State
 from sidecar.store.base import Account, Alias, Conflict, Store
 
@@ -156,14 +156,14 @@ def set_password(cfg: Config, store: Store, address: str, password: str) -> Acco
 
 def dovecot_schemes(cfg: Config) -> frozenset[str]:
     """The password schemes this host's Dovecot verifies (`doveadm pw -l`)."""
-    cmd = [cfg.target.doveadm, *(["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else []), "pw", "-l"]
+    cmd = commands.doveadm_argv(cfg.target.doveadm, cfg.target.dovecot_config, "pw", "-l")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
+        return commands.password_schemes(cfg.target.doveadm, cfg.target.dovecot_config)
+    except commands.CommandNotRun as e:
         raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {e}") from None
-    if p.returncode != 0 or not p.stdout.split():
-        raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {p.stderr.strip()[:200]}")
-    return frozenset(s.upper() for s in p.stdout.split())
+    except commands.CommandFailed as e:
+        err = e.stderr.decode("utf-8", "replace").strip()[:200]
+        raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

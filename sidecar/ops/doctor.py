@@ -33,10 +33,10 @@ import smtplib
 import socket
 import ssl
 import stat
-import subprocess
 from collections.abc import Callable, Iterator
 
 from sidecar.config import Config, unix_path
+from sidecar.mta import commands
 
 OK = "ok"
 PROBLEM = "PROBLEM"
@@ -185,10 +185,10 @@ def check_store(cfg: Config) -> tuple[list[Finding], list[str], bool]:
 
 def _cmd(argv: list[str]) -> tuple[int, str]:
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
+        r = commands.run(argv, timeout=60, check=False)
+    except commands.CommandNotRun as e:
         return 127, str(e)
-    return p.returncode, p.stdout + p.stderr
+    return r.returncode, r.out + r.err
 
 
 def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
@@ -197,7 +197,8 @@ def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
     pf_dir = cfg.target.postfix_config or "/etc/postfix"
     sm = postfix_socketmap(cfg.sockets.socketmap)
     fix = "deploy postfix/main.cf.j2 (Ansible postfix role, or sidecar.mta.render.render_postfix) and `postfix reload`"
-    rc, out = _cmd(["postconf", "-c", pf_dir, "-h", "transport_maps", "address_verify_transport_maps", "smtpd_milters"])
+    rc, out = _cmd(commands.postfix_argv(pf_dir, "postconf", "-h", "transport_maps", "address_verify_transport_maps",
+                                         "smtpd_milters"))  # fmt: skip
     if rc != 0:
         yield _bad("postfix", f"postconf -c {pf_dir} failed: {out.strip()[-300:]}", "set [target] postfix_config")
         return
@@ -224,7 +225,7 @@ def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
 
 def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:
     conf = cfg.target.dovecot_config or "/etc/dovecot/dovecot.conf"
-    rc, out = _cmd(["doveconf", "-c", conf, "-n"])
+    rc, out = _cmd(["doveconf", "-c", conf, "-n"])  # commands.doveconf, with the exit status kept
     if rc != 0:
         yield _bad("dovecot", f"doveconf -c {conf} -n failed: {out.strip()[-300:]}",
                    "fix the Dovecot configuration, or set [target] dovecot_config")  # fmt: skip
