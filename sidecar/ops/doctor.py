@@ -280,7 +280,7 @@ def _tls_fix(e: ssl.SSLError, cfg: Config) -> tuple[str, str]:
 
 
 def _probe(name: str, port: int, tls: str, cfg: Config, talk: Callable[[float, ssl.SSLContext], str]) -> Finding:
-    from sidecar.legacy.verify import tls_context
+    from sidecar.legacy.tls import tls_context
 
     lg = cfg.legacy
     where = f"{name} {lg.host}:{port} ({tls})"
@@ -429,7 +429,7 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))
     if params.ssl_context is None and lg.imap_tls != "none":
-        from sidecar.legacy.verify import tls_context
+        from sidecar.legacy.tls import tls_context
 
         params = dataclasses.replace(params, ssl_context=tls_context(lg))
     try:
