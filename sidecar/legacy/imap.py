@@ -13,13 +13,12 @@ import itertools
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from sidecar.legacy.errors import LegacyAuthFailed, LegacyError, LegacyProtocolError, LegacyUnavailable
-from sidecar.migration.copier.folders import LegacyFolder
 from sidecar.wire.fetchparse import (
     DEFAULT_MEMORY_LIMIT,
     FetchParseError,
@@ -27,6 +26,9 @@ from sidecar.wire.fetchparse import (
     FetchResponse,
     Tagged,
 )
+
+if TYPE_CHECKING:  # imported where used: migration.copier imports this module (an import cycle otherwise)
+    from sidecar.migration.copier.folders import LegacyFolder
 
 BODY_ITEMS = b"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])"
 READ_CHUNK = 1 << 16
@@ -206,6 +208,8 @@ class LegacySource:
 
     def list_folders(self) -> list[LegacyFolder]:
         """All folders with their LIST flags (special-use flags included where the server sends them)."""
+        from sidecar.migration.copier.folders import LegacyFolder
+
         c = self._c()
         if "XLIST" in self.capabilities and "SPECIAL-USE" not in self.capabilities:
             rows = self._call("XLIST", c.xlist_folders)
