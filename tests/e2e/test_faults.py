@@ -25,6 +25,7 @@ import pytest
 from harness.cli import AUTOPORT
 from harness.fake_legacy import FakeLegacy
 from harness.shim import run_shim
+from harness.waiting import wait_for
 
 from sidecar.config import LegacyConfig
 from sidecar.legacy.imap import LegacySource
@@ -215,10 +216,8 @@ def test_store_down_is_temporary_everywhere_and_the_sidecar_recovers(sidecar_dir
             assert sc.lookup("ann@example.org").startswith((b"TEMP ", b"TIMEOUT "))
             assert sc.proc.poll() is None
             pg.start()
-            deadline = time.monotonic() + 30
-            while sc.lookup("ann@example.org").startswith((b"TEMP", b"TIMEOUT")):  # recovers by itself
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+            wait_for(lambda: not sc.lookup("ann@example.org").startswith((b"TEMP", b"TIMEOUT")), 30,
+                     "the socketmap to recover by itself", interval=0.5)  # fmt: skip
             assert sc.login("bob@example.org", "right-pw", tmp_path) == 0
         finally:
             sc.stop()

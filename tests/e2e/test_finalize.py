@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from harness.cli import autoport
+from harness.waiting import wait_for
 
 from sidecar.lab import proc
 from sidecar.states import State
@@ -39,22 +40,12 @@ def send(lab: dict[str, Any], rcpt: str, msgid: str) -> None:
 
 
 def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        if account is not None and account.state is want:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{address} did not reach {want.value}")
+    wait_for(lambda: (a := store.get(address)) is not None and a.state is want, timeout,
+             f"{address} to reach {want.value}", interval=0.1)  # fmt: skip
 
 
 def wait_logged(store: Store, rcpt: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if store.message_log(rcpt):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no message-log row for {rcpt}")
+    wait_for(lambda: store.message_log(rcpt), timeout, f"a message-log row for {rcpt}", interval=0.2)
 
 
 def found_in_inbox(lab: dict[str, Any], user: dict[str, Any], msgid: str, timeout: float = 30) -> int:
@@ -104,7 +95,7 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
     # the sidecar goes away: nothing below may depend on it
     pid = lab["pids"]["sidecar"]
     os.kill(pid, signal.SIGTERM)
-    proc.wait_for(lambda: not proc.pid_alive(pid), 20, what="the sidecar to stop")
+    wait_for(lambda: not proc.pid_alive(pid), 20, "the sidecar to stop")
 
     tg = lab["target"]
     for user in (first, second):  # native logins, checked by the store's sql passdb alone

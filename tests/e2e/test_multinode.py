@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.waiting import wait_for
 
 from sidecar.lab import launcher, proc
 from sidecar.states import State
@@ -90,15 +91,9 @@ def test_node_killed_mid_copy_the_other_finishes(lab: dict[str, Any], store: Sto
     user = lab["users"][1]
     login(lab["nodes"][0], user)
     # find the node that leased the copy job, and kill its sidecar while the copy runs
-    deadline = time.monotonic() + 30
-    job = None
-    while time.monotonic() < deadline:
-        jobs = [j for j in store.jobs(user["address"]) if j.status == "leased"]
-        if jobs:
-            job = jobs[0]
-            break
-        time.sleep(0.01)
-    assert job is not None, "no node leased the copy job"
+    leased = wait_for(lambda: [j for j in store.jobs(user["address"]) if j.status == "leased"], 30,
+                      "a node to lease the copy job", interval=0.01)  # fmt: skip
+    job = leased[0]
     pid = int(job.lease_owner.rsplit(":", 1)[1])
     state_at_kill = store.state_of(user["address"])
     os.kill(pid, signal.SIGKILL)
@@ -106,9 +101,8 @@ def test_node_killed_mid_copy_the_other_finishes(lab: dict[str, Any], store: Sto
     killed_node = 0 if pid == proc.load_state(Path(lab["dir"]))["pids"].get("sidecar") else 1
     try:
         wait_state(store, user["address"], State.MIGRATED, timeout=120)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and store.jobs(user["address"])[0].status != "done":  # the copy job
-            time.sleep(0.1)  # held mail released and sessions kicked after the switch, then the job closes
+        # held mail released and sessions kicked after the switch, then the copy job closes
+        wait_for(lambda: store.jobs(user["address"])[0].status == "done", 60, "the copy job to close", interval=0.1)
         (done,) = [j for j in store.jobs(user["address"]) if j.kind == "copy"]
         assert done.status == "done" and done.attempts >= 2  # leased again by the survivor
         lg = lab["legacy"]

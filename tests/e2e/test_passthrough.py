@@ -32,6 +32,7 @@ from harness.passthrough_helpers import (
     pop3_result,
     smtp_auth_result,
 )
+from harness.waiting import wait_for
 
 from sidecar.auth import passwords
 from sidecar.config import HashConfig
@@ -98,10 +99,8 @@ def migrate(store: Store, address: str) -> None:
 
 
 def wait_for_line(mark: LogMark, needle: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(needle in ln for ln in mark.lines()):
-        assert time.monotonic() < deadline, f"{needle!r} not logged in {mark.path}: {mark.lines()[-5:]}"
-        time.sleep(0.1)
+    wait_for(lambda: any(needle in ln for ln in mark.lines()), timeout,
+             lambda: f"{needle!r} in {mark.path}: {mark.lines()[-5:]}", interval=0.1)  # fmt: skip
 
 
 def legacy_auth_lines(mark: LogMark) -> list[str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import imaplib
-import time
 from typing import Any
 
 import pytest
+from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.migration import sieve
@@ -32,14 +32,12 @@ def scripts_on(host: str, port: int, login: str, password: str) -> dict[str, tup
 
 
 def wait_migrated(store: Store, address: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def settled() -> Any:
         account = store.get(address)
-        if account is not None and account.state in (State.MIGRATED, State.FAILED):
-            assert account.state is State.MIGRATED, account.last_error
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{address} did not migrate")
+        return account if account is not None and account.state in (State.MIGRATED, State.FAILED) else None
+
+    account = wait_for(settled, timeout, f"{address} to migrate", interval=0.1)
+    assert account.state is State.MIGRATED, account.last_error
 
 
 def test_scripts_and_active_script_arrive_unchanged(lab: dict[str, Any], store: Store) -> None:

@@ -6,13 +6,12 @@ import imaplib
 import json
 import smtplib
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from harness.waiting import wait_for as wait_for  # its home is harness/waiting.py
 from sidecar.states import State
 from sidecar.store.base import Store
 
@@ -60,17 +59,6 @@ def send(
             return replies, None
         code, msg = s.data(make_message(rcpts, mid, sender=sender, headers=headers))
         return replies, (code, msg.decode())
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def legacy_count(lab: dict[str, Any], address: str, mid: str) -> int:

@@ -14,6 +14,7 @@ from typing import cast
 import pytest
 from harness.fakes import FakeStore
 from harness.socketmap_server import STATES, Running, ask, is_closed, read_replies
+from harness.waiting import wait_for
 
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
@@ -173,13 +174,8 @@ def test_stuck_store_answers_timeout_then_recovers(serve: Callable[..., Running]
     assert ask(r.connect(), b"verify ann@example.org") == [b"TIMEOUT state store not answering"]
     r.store.block.set()
     r.store.block = None
-    deadline = time.monotonic() + 5
-    while True:
-        reply = ask(r.connect(), b"transport ann@example.org")
-        if reply == [b"OK " + LMTP.encode()] or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert reply == [b"OK " + LMTP.encode()]
+    wait_for(lambda: ask(r.connect(), b"transport ann@example.org") == [b"OK " + LMTP.encode()], 5,
+             "the store to answer again")  # fmt: skip
 
 
 def test_many_concurrent_clients(serve: Callable[..., Running]) -> None:
