@@ -47,7 +47,7 @@ from sidecar.auth.logins import InvalidLogin, account_address
 from sidecar.config import Config
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
 from sidecar.logsetup import SECRETS
-from sidecar.states import IllegalTransition, State
+from sidecar.states import IllegalTransition, State, in_flight, is_local
 from sidecar.store.base import Conflict, Store, StoreUnavailable
 from sidecar.wire.authproto import FAIL, OK, TEMP, Reply, Request
 
@@ -388,7 +388,7 @@ class AuthPolicy:
             raise _Decision(TEMP, f"no-legacy-port ({service})")
         self._check_budgets(req, address)
         state = self._state(address)
-        if state is State.MIGRATED:
+        if is_local(state):
             return self._first_local_login(req, address)
         if self._cached_yes(req, address, state):
             return Reply(OK, self._fields(service, req)), "ok-cached"
@@ -397,7 +397,7 @@ class AuthPolicy:
             # concurrent attempts for this account queue here: look again at what the one before us learnt
             self._check_budgets(req, address)
             state = self._state(address)
-            if state is State.MIGRATED:
+            if is_local(state):
                 raise _Decision(FAIL, "migrated")
             if self._cached_yes(req, address, state):
                 return Reply(OK, self._fields(service, req)), "ok-cached"
@@ -413,7 +413,7 @@ class AuthPolicy:
         proxy fields (the session is local); the next logins are native (sql passdb)."""
         with self._flights.hold(address):
             account = self.store.get(address)
-            if account is None or account.state is not State.MIGRATED or account.has_password:
+            if account is None or not is_local(account.state) or account.has_password:
                 raise _Decision(FAIL, "migrated")
             self._verify(req, address)
             self.store.set_password_hash(address, self._hash(req.password))
@@ -432,7 +432,7 @@ class AuthPolicy:
 
     def _cached_yes(self, req: Request, address: str, state: State | None) -> bool:
         """A password verified moments ago for an account still on the legacy side: no new check, no rehash."""
-        if state not in (State.COPYING, State.CUTOVER) or (req.user, req.password) not in self.positive:
+        if not in_flight(state) or (req.user, req.password) not in self.positive:
             return False
         self.store.touch_login(address)
         self.credentials.put(address, req.user, req.password)
@@ -467,9 +467,9 @@ class AuthPolicy:
         """Create or move the account to copying, record the login, queue the copy, store the hash."""
         state = self._state(address)
         for _attempt in range(3):
-            if state is State.MIGRATED:
+            if is_local(state):
                 raise _Decision(FAIL, "migrated")
-            if state in (State.COPYING, State.CUTOVER):
+            if in_flight(state):
                 break
             try:
                 state = self.store.transition(address, State.COPYING, expect=state, reason="first login").state

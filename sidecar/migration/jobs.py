@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import Config
 from sidecar.mta import commands
-from sidecar.states import IllegalTransition, State
+from sidecar.states import IllegalTransition, State, is_held, is_local
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -233,7 +233,7 @@ class JobRunner:
 
         address = job.address
         account = self.store.get(address)
-        if account is None or account.state is not State.MIGRATED:
+        if account is None or not is_local(account.state):
             self.store.finish(job.id, self.owner)
             return
         try:
@@ -277,7 +277,7 @@ class JobRunner:
         self.stats["started"] += 1
         try:
             account = self.store.get(address)
-            if account is not None and account.state is State.MIGRATED:
+            if account is not None and is_local(account.state):
                 # a node died after the switch but before the steps after it: they are idempotent, redo them
                 self.hooks.release_held(address)
                 self.hooks.after_migrated(address, list(account.logins))
@@ -358,7 +358,7 @@ class JobRunner:
             self.stats["failed"] += 1
             log.error("copy of %s failed %d times, giving up: %s (user stays on the legacy server)", address,
                       failures, reason)
-            was_held = account.state is State.CUTOVER
+            was_held = is_held(account.state)
             with contextlib.suppress(StoreError, IllegalTransition):
                 self.store.transition(address, State.FAILED, reason=reason)
             if was_held:  # held mail goes back to the legacy relay now

@@ -42,7 +42,7 @@ from collections.abc import Iterable
 from sidecar.auth.routing import HOLD_REASON, PROBE_DOMAIN
 from sidecar.config import Config
 from sidecar.mta import commands
-from sidecar.states import State
+from sidecar.states import is_held
 from sidecar.store.base import Store
 
 log = logging.getLogger("autoport.release")
@@ -211,7 +211,7 @@ def release_held_many(
     report = ReleaseReport(probe=False)
     wanted = sorted(set(addresses))
     if store is not None:
-        skipped = [a for a in wanted if store.state_of(a) is State.CUTOVER]
+        skipped = [a for a in wanted if is_held(store.state_of(a))]
         if skipped:
             log.warning("release: %s still in cutover; their mail stays held", ", ".join(skipped))
         wanted = [a for a in wanted if a not in skipped]

@@ -20,7 +20,7 @@ from pathlib import Path
 from sidecar.auth import passwords
 from sidecar.config import Config
 from sidecar.mta import commands
-from sidecar.states import IllegalTransition, State
+from sidecar.states import IllegalTransition, State, in_flight, is_local
 from sidecar.store.base import Account, Alias, Conflict, Store
 
 BULK_REASON = "bulk migration with legacy admin credentials"
@@ -100,7 +100,7 @@ def queue_migration(store: Store, address: str) -> Queued:
     state = store.state_of(address)
     before = state.value if state else ""
     for _ in range(3):
-        if state is State.MIGRATED:
+        if is_local(state):
             return Queued(address, before, "already migrated")
         if state in (None, State.DISCOVERED):
             try:
@@ -108,7 +108,7 @@ def queue_migration(store: Store, address: str) -> Queued:
             except (Conflict, IllegalTransition):
                 state = store.state_of(address)  # moved by a login or another node meanwhile: look again
                 continue
-        outcome = "in progress" if state in (State.COPYING, State.CUTOVER) else "queued"
+        outcome = "in progress" if in_flight(state) else "queued"
         store.enqueue(address, "copy")
         store.wake(address, "copy")  # a job waiting for the user's password may run now with admin credentials
         return Queued(address, before, outcome)
