@@ -148,7 +148,7 @@ class HashConfig:
     """How verified passwords are stored (Dovecot-compatible)."""
 
     scheme: str = _f("ARGON2ID", "password scheme", choices=("ARGON2ID", "SHA512-CRYPT", "BLF-CRYPT"))
-    argon2_memory_kib: int = _f(19456, "argon2 memory cost in KiB (19 MiB: 50 ms per Dovecot login here)")
+    argon2_memory_kib: int = _f(19456, "argon2 memory cost in KiB (login cost: docs/design.md, Measured numbers)")
     argon2_time_cost: int = _f(2, "argon2 iterations")
     argon2_parallelism: int = _f(1, "argon2 lanes")
     sha512_rounds: int = _f(5000, "rounds for SHA512-CRYPT")

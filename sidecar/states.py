@@ -1,4 +1,4 @@
-"""The account state machine (DESIGN.md), pure logic and the one place that says where an account lives.
+"""The account state machine (docs/design.md), pure logic and the one place that says where an account lives.
 
 Every component (Dovecot auth, Postfix routing, the milter, the copier) asks this module, through the
 store, where an account's mailbox is right now, so they can never disagree about a user: location(), and

@@ -16,7 +16,7 @@ thread-safe; the server runs it in a thread pool. What each outcome means on the
 Order of the store writes: transition, add_login, touch_login, enqueue, set_password_hash. Each is idempotent,
 so if the store fails half-way the reply is TEMP and the client's retry completes the rest.
 
-The hash: hashing costs ~40 ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
+The hash: hashing costs tens of ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
 daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
 is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
 store or the process fails in between), nothing breaks: until migration the account logs in through the

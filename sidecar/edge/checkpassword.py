@@ -13,9 +13,9 @@ The shim sends one request (sidecar.wire.authproto) over the UNIX socket and rea
               REPLY-PROGRAM is executed (checkpassword protocol). The password travels only through fd 3, the
               socket and, for Dovecot's proxy, the PASS variable of the exec'ed checkpassword-reply.
 
-Start-up cost is the point of this file (DESIGN.md "Shim cost"): it imports only builtin modules (sys, posix,
-_socket, all already loaded or compiled in) and sidecar.wire.authproto (which imports nothing). ``import os`` would
-add ~2 ms and ``import socket`` ~20 ms under ``python3 -I -S``. Run it as
+Start-up cost is the point of this file (docs/design.md, "Measured numbers"): it imports only builtin modules
+(sys, posix, _socket, all already loaded or compiled in) and sidecar.wire.authproto (which imports nothing);
+``import os`` and ``import socket`` would each cost more than the rest of the shim. Run it as
 ``python3 -I -S /path/to/sidecar/checkpassword.py`` for the cheapest start; the console script works too.
 """
 
@@ -26,8 +26,8 @@ if __name__ == "__main__" and "sidecar" not in sys.modules:  # run as a file und
     _edge_dir = __file__.rpartition("/")[0] or "."
     sys.path.insert(0, _edge_dir + "/../..")
 
-import _socket  # the C module: `import socket` costs 20 ms
-import posix  # builtin; `import os` would cost 2 ms and wraps the same calls
+import _socket  # the C module: `import socket` costs far more
+import posix  # builtin; `import os` would cost more and wraps the same calls
 import time  # builtin, loaded at start-up
 
 from sidecar.wire import authproto

@@ -17,7 +17,7 @@ What every failure returns on the wire:
 
 Threading: the policy (a store read) never runs on the event loop. Lookups from all connections are
 gathered into batches and run one batch at a time on one worker thread, so the store is used from a single
-thread and the cost of the thread hop is shared by every request of a batch (bench/socketmap.py measures
+thread and the cost of the thread hop is shared by every request of a batch (bench/socketmap_bench.py measures
 it). An optional cache (cache_ttl > 0) answers repeated keys for that many seconds without the store.
 """
 

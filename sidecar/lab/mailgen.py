@@ -25,7 +25,7 @@ What a mailbox holds (the edge cases a migration must carry over):
 
 write_maildir writes Maildir++ (folders as `.Archive.2023`, names in modified UTF-7) with Dovecot's own metadata:
 dovecot-uidlist (UIDVALIDITY, UIDs with gaps, UIDNEXT), dovecot-keywords, a subscriptions file, file names with
-`S=`/`W=` sizes and `:2,` flags, file mtime = INTERNALDATE. Dovecot serves exactly that (tests/test_lab_legacy.py
+`S=`/`W=` sizes and `:2,` flags, file mtime = INTERNALDATE. Dovecot serves exactly that (tests/e2e/test_lab_legacy.py
 checks it over IMAP). Measured here: writing 1,000 generated messages takes 0.25 s, IMAP APPEND with flags and dates
 through the running legacy Dovecot 2.8 s (before the EXPUNGEs that UID gaps would need); a 10,000 message
 mailbox (about 90 MB) is generated and written in about 4.5 s, mostly generating attachments.

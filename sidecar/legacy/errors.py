@@ -1,4 +1,4 @@
-"""The one error family for talking to the legacy server (STYLE.md 4 and 6).
+"""The one error family for talking to the legacy server: typed errors, temporary where the cause is ours.
 
     LegacyError
       LegacyAuthFailed      a definite "no" to the credentials (permanent for this login)

@@ -2,7 +2,7 @@
 
 Discovery and small commands go through imapclient. The bulk FETCH of message bodies is written to
 imapclient's underlying connection and read back with sidecar.wire.fetchparse (imapclient's own parser
-costs ~8x the CPU, see fetchparse). A raw fetch abandoned half-way leaves the session unusable: it is closed.
+costs several times the CPU, see fetchparse). A raw fetch abandoned half-way leaves the session unusable: it is closed.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     LegacyVerifier(cfg.legacy).verify(login, password, client_ip="198.51.100.7") -> "imap" | "pop3" | "smtp"
 
-Outcomes (typed, STYLE.md 4 and 6):
+Outcomes (typed: legacy/errors.py):
   return              the legacy server accepted the credentials (the protocol that did is returned)
   LegacyAuthError     a definite "no": wrong password, unknown user, or a login that cannot be valid
                       (empty, control characters: refused before any byte is sent)
