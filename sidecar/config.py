@@ -13,10 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-TlsMode = Literal["none", "starttls", "implicit"]
-VerifyProtocol = Literal["imap", "pop3", "smtp"]
+from typing import Any
 
 DEFAULT_PATH = "/etc/autoport/autoport.toml"
 MAX_FILE_BYTES = 1 << 20  # a configuration is a few KiB; anything near this is a mistake (or an attack)
