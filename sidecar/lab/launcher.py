@@ -4,18 +4,7 @@ The same code path serves the end-to-end tests, the quick-start demo and a trial
 server (`--legacy-external SPEC`). Everything it starts is recorded by pid in DIR/lab-state.json and stopped
 by `lab_down`, from any process.
 
-An external legacy SPEC is a TOML file:
-
-    host = "10.1.2.3"              # the legacy server (for a trial: a copy of the real one)
-    imap_port = 143                # 0: none; likewise pop3_port, smtp_port, submission_port, sieve_port
-    imap_tls = "starttls"          # none | starttls | implicit, per protocol (pop3_tls, smtp_tls, ...)
-    tls_verify = true
-    tls_server_name = "mail.example.org"
-    ca_file = ""
-    domains = ["example.org"]
-    users_file = "users.txt"       # one "address [password]" per line (relative to the SPEC file)
-    admin_user = ""                # optional legacy admin/master login
-    admin_password = ""
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/launcher.py.
 """
 
 from __future__ import annotations

@@ -7,11 +7,7 @@
     cluster = PgCluster(Path("/tmp/lab/pg"))   # a lab's cluster in a directory it keeps
     cluster.start(); cluster.pid; cluster.stop()
 
-initdb and pg_ctl (/usr/lib/postgresql/15/bin, or $AUTOPORT_PG_BIN) run as the `postgres` OS user (root may
-not run initdb) on DIR/data. The server listens on the UNIX socket directory DIR/sockets and on 127.0.0.1 at
-a port chosen free at initdb time (kept in DIR/port), with trust authentication and durability off (tests
-and labs only). Every command names this cluster's own data directory, so a PostgreSQL server that happens
-to run on the machine is never touched. The directory's parents must be traversable by `postgres`.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/pgcluster.py.
 """
 
 from __future__ import annotations
