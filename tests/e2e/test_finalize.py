@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from harness.cli import autoport
-from harness.waiting import wait_for
+from harness.waiting import wait_for, wait_state
 
 from sidecar.lab import proc
 from sidecar.states import State
@@ -39,11 +39,6 @@ def send(lab: dict[str, Any], rcpt: str, msgid: str) -> None:
                    "Subject: finalize\r\n\r\nhello\r\n".encode())  # fmt: skip
 
 
-def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> None:
-    wait_for(lambda: (a := store.get(address)) is not None and a.state is want, timeout,
-             f"{address} to reach {want.value}", interval=0.1)  # fmt: skip
-
-
 def wait_logged(store: Store, rcpt: str, timeout: float = 30) -> None:
     wait_for(lambda: store.message_log(rcpt), timeout, f"a message-log row for {rcpt}", interval=0.2)
 
@@ -67,7 +62,7 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
 ) -> None:
     first, second = lab["users"]
     login(lab, first)
-    wait_state(store, first["address"], State.MIGRATED)
+    wait_state(store, first["address"], State.MIGRATED, fail_fast=False)
     # the second user has not logged in; mail for them goes to the legacy server
     send(lab, second["address"], f"<before-{time.time_ns()}@sender.test>")
     wait_logged(store, second["address"])
@@ -81,7 +76,7 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
     assert store.events("") == []  # nothing recorded, nothing written
 
     login(lab, second)  # the second user logs in: the account is known now and migrates
-    wait_state(store, second["address"], State.MIGRATED)
+    wait_state(store, second["address"], State.MIGRATED, fail_fast=False)
     # the relayed message is recent: refused for --quiet-days 7, accepted with a window that starts now
     assert autoport(lab, "finalize", "--check").returncode == 1
     out = autoport(lab, "finalize", "--check", "--quiet-days", "0")

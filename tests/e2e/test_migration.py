@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from harness.waiting import wait_state
 
 from sidecar.states import State
 from sidecar.store.base import Store
@@ -48,20 +49,6 @@ def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
         p.quit()
 
 
-def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        state = account.state.value if account else "(none)"
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        if account is not None and account.state in (want, State.FAILED):
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"{address} did not reach {want.value}: {seen}")
-
-
 def test_first_login_migrates_and_clients_see_the_same_mailbox(lab: dict[str, Any], store: Store) -> None:
     lg, tg = lab["legacy"], lab["target"]
     user = lab["users"][0]
@@ -70,7 +57,7 @@ def test_first_login_migrates_and_clients_see_the_same_mailbox(lab: dict[str, An
 
     # first login on the target, with the legacy password: the session is the legacy mailbox (proxied)
     assert imap_view(tg["host"], tg["imap"], user) == legacy_view
-    states = wait_state(store, user["address"], State.MIGRATED)
+    states = wait_state(store, user["address"], State.MIGRATED, interval=0.05)
     assert states[-1] == "migrated", states
     assert "failed" not in states
 

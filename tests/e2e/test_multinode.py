@@ -11,12 +11,11 @@ import imaplib
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.waiting import wait_for
+from harness.waiting import wait_for, wait_state
 
 from sidecar.lab import launcher, proc
 from sidecar.states import State
@@ -35,17 +34,6 @@ def login(node: dict[str, Any], user: dict[str, Any]) -> None:
     with imaplib.IMAP4(node["host"], node["imap"], timeout=60) as c:
         c.login(user["login"], user["password"])
         c.select("INBOX", readonly=True)
-
-
-def wait_state(store: Store, address: str, want: State, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        if account is not None and account.state in (want, State.FAILED):
-            assert account.state is want, account
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{address} did not reach {want.value}: {store.get(address)}")
 
 
 def inbox_count(host: str, port: int, user: dict[str, Any]) -> tuple[bytes, int]:
@@ -77,7 +65,7 @@ def test_simultaneous_first_logins_on_both_nodes_copy_once(lab: dict[str, Any], 
     for t in threads:
         t.join(60)
     assert errors == []
-    wait_state(store, user["address"], State.MIGRATED)
+    wait_state(store, user["address"], State.MIGRATED, timeout=120)
     assert len([j for j in store.jobs(user["address"]) if j.kind == "copy"]) == 1
     transitions = [e.detail.split(":")[0] for e in store.events(user["address"]) if e.kind == "transition"]
     assert sorted(transitions) == sorted(["(none) -> copying", "copying -> cutover", "cutover -> migrated"])

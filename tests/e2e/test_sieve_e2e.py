@@ -8,7 +8,7 @@ import imaplib
 from typing import Any
 
 import pytest
-from harness.waiting import wait_for
+from harness.waiting import wait_state
 
 from sidecar import config
 from sidecar.migration import sieve
@@ -31,15 +31,6 @@ def scripts_on(host: str, port: int, login: str, password: str) -> dict[str, tup
     return out
 
 
-def wait_migrated(store: Store, address: str, timeout: float = 90) -> None:
-    def settled() -> Any:
-        account = store.get(address)
-        return account if account is not None and account.state in (State.MIGRATED, State.FAILED) else None
-
-    account = wait_for(settled, timeout, f"{address} to migrate", interval=0.1)
-    assert account.state is State.MIGRATED, account.last_error
-
-
 def test_scripts_and_active_script_arrive_unchanged(lab: dict[str, Any], store: Store) -> None:
     lg, tg = lab["legacy"], lab["target"]
     user = lab["users"][0]  # even-numbered lab users have "filters" (active) and "vacation"
@@ -48,7 +39,7 @@ def test_scripts_and_active_script_arrive_unchanged(lab: dict[str, Any], store: 
 
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
         c.login(user["login"], user["password"])
-    wait_migrated(store, user["address"])
+    wait_state(store, user["address"], State.MIGRATED)
 
     after = scripts_on(tg["host"], tg["managesieve"], user["login"], user["password"])  # native login now
     assert after == before
@@ -61,7 +52,7 @@ def test_user_without_scripts_migrates_without_complaint(lab: dict[str, Any], st
     user = lab["users"][1]
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
         c.login(user["login"], user["password"])
-    wait_migrated(store, user["address"])
+    wait_state(store, user["address"], State.MIGRATED)
     assert scripts_on(tg["host"], tg["managesieve"], user["login"], user["password"]) == {}
     assert not [e for e in store.events(user["address"]) if e.kind.startswith("sieve")]
 
