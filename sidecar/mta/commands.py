@@ -2,7 +2,8 @@
 
 Postfix: postqueue, postsuper, sendmail, postconf, `postfix reload`; Dovecot: doveconf and doveadm (reload,
 proxy kick, auth cache flush, index, pw -l). Each takes the instance's config (`-c DIR` / `-c FILE`; none:
-the default instance). `postfix check` needs a terminal for its diagnostics and stays in mta/render.run_tty.
+the default instance). `postfix check` runs on a pseudo-terminal (run_tty): Postfix prints its diagnostics
+only to a terminal.
 
 CommandNotRun: the program could not be started or timed out. CommandFailed: it ran and exited non-zero
 (returncode, stdout, stderr kept). Both are CommandError; callers word their own messages from them.
@@ -11,7 +12,11 @@ CommandNotRun: the program could not be started or timed out. CommandFailed: it 
 from __future__ import annotations
 
 import dataclasses
+import os
+import pty
+import select
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +74,53 @@ def run(argv: Sequence[str], *, timeout: float, stdin: bytes = b"", check: bool 
 
 
 # --- Postfix ----------------------------------------------------------------------------------------------------
+def run_tty(argv: Sequence[str], *, timeout: float = 60.0) -> tuple[int, str]:
+    """Run a command with stdout/stderr on a pseudo-terminal; (exit status, output).
+
+    Postfix commands print their diagnostics only when stderr is a terminal (otherwise to syslog, which a
+    lab or a container may not have), so validation needs a terminal to see why `postfix check` failed.
+    """
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    except OSError as e:
+        os.close(master)
+        os.close(slave)
+        raise CommandNotRun(argv, f"cannot run {argv[0]}: {e.strerror}") from None
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: every holder of the terminal has closed it
+                    data = b""
+                if not data:
+                    break
+                chunks.append(data)
+                continue
+            # nothing to read: done once the command has exited (daemons it started may keep the terminal)
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise CommandNotRun(argv, f"{argv[0]} did not finish within {timeout:.0f}s")
+    finally:
+        os.close(master)
+    rc = proc.wait()
+    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    return rc, text
+
+
+def postfix_check(config_dir: PathLike, *, timeout: float = 60.0) -> tuple[int, str]:
+    """`postfix -c DIR check` on a terminal: (exit status, what it printed)."""
+    return run_tty(postfix_argv(config_dir, "postfix", "check"), timeout=timeout)
+
+
 def postfix_argv(config_dir: PathLike, tool: str, *args: str) -> list[str]:
     """A Postfix tool with `-c DIR` (sendmail spells it `-C`)."""
     flag = "-C" if tool == "sendmail" else "-c"

@@ -225,7 +225,7 @@ def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
 
 def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:
     conf = cfg.target.dovecot_config or "/etc/dovecot/dovecot.conf"
-    rc, out = _cmd(["doveconf", "-c", conf, "-n"])  # commands.doveconf, with the exit status kept
+    rc, out = _cmd(["doveconf", "-c", conf, "-n"])
     if rc != 0:
         yield _bad("dovecot", f"doveconf -c {conf} -n failed: {out.strip()[-300:]}",
                    "fix the Dovecot configuration, or set [target] dovecot_config")  # fmt: skip
