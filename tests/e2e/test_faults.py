@@ -14,7 +14,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from typing import Any
 import pytest
 from harness.cli import AUTOPORT
 from harness.fake_legacy import FakeLegacy
+from harness.labs import make_lab_dir
 from harness.shim import run_shim
 from harness.waiting import wait_for
 
@@ -71,8 +71,7 @@ def test_starttls_trouble_never_falls_back_to_plaintext(advertised: bool) -> Non
 def lab_legacy() -> Iterator[Any]:
     from sidecar.lab.legacy import start_legacy, stop_legacy
 
-    d = Path(tempfile.mkdtemp(prefix="ap-tls-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = make_lab_dir("ap-tls-")
     srv = start_legacy(d, host="127.0.0.26", users=1, messages_per_user=0)
     try:
         yield srv
@@ -193,8 +192,7 @@ class Sidecar:
 
 @pytest.fixture
 def sidecar_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ap-flt-", dir="/tmp"))
-    os.chmod(d, 0o755)  # PostgreSQL runs as its own user
+    d = make_lab_dir("ap-flt-")  # PostgreSQL runs as its own user
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -14,14 +14,13 @@ import os
 import select
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
+from harness.labs import make_lab_dir
 from harness.waiting import wait_for
 
 from sidecar.auth.passwords import hash_password
@@ -42,8 +41,7 @@ QUOTE_PASSWORD = 'a "quoted" \\ pass'  # quotable
 
 @pytest.fixture(scope="module")
 def legacy() -> Iterator[LegacyServer]:
-    d = Path(tempfile.mkdtemp(prefix="ap-la-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = make_lab_dir("ap-la-")
     srv = start_legacy(d, host=HOST, users=2, messages_per_user=0)
     try:
         users = srv.dir / "users"

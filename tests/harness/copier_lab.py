@@ -16,13 +16,13 @@ import poplib
 import pwd
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import imapclient
 
-from harness.fakes import FakeStore as FakeStore  # the copier tests use it as lab.FakeStore
+from harness.fakes import FakeStore as FakeStore
+from harness.labs import make_lab_dir  # the copier tests use it as lab.FakeStore
 from sidecar.lab.proc import free_port, free_ports, read_pidfile, stop_pid, wait_port
 
 PASSWORD = "Legacy-pw-1"  # lab only
@@ -358,9 +358,7 @@ def snapshot(inst: Server, user: str, password: str = PASSWORD) -> Snapshot:
 
 def lab_dir() -> Path:
     """A fresh directory Dovecot's processes (users dovecot, vmail) can traverse (pytest's tmp_path: 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="copier-lab-"))
-    d.chmod(0o755)
-    return d
+    return make_lab_dir("copier-lab-")
 
 
 def private_host() -> str:
