@@ -309,7 +309,7 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
 @need_root_dovecot
 @pytest.mark.e2e
 def test_disk_full_during_a_copy_fails_cleanly_and_is_retried(tmp_path: Path) -> None:
-    import copier_lab as lab
+    from harness import copier_lab as lab
 
     from sidecar import config
     from sidecar.auth.policy import CredentialCache

@@ -22,7 +22,6 @@ from sidecar.store.base import Store
 pytestmark = pytest.mark.e2e
 
 
-
 LAB = {"prefix": "ap-final-", "users": 2}
 
 

@@ -19,7 +19,6 @@ from sidecar.lab import proc
 pytestmark = pytest.mark.e2e
 
 
-
 def _lab_processes(lab_dir: Path) -> list[str]:
     """Command lines of live processes whose command line or cwd mentions the lab directory."""
     found = []

@@ -90,14 +90,14 @@ def test_no_password_in_logs_store_config_or_processes(lab: dict[str, Any]) -> N
     used = _exercise(lab)
     needles = [pw.encode() for pw in used]
     assert all(len(n) >= 8 for n in needles)
-    lab = Path(lab["dir"])
+    lab_dir = Path(lab["dir"])
     places: list[tuple[str, bytes]] = []
     # logs, the store (database, WAL, shm), the generated configuration (target dir, autoport.toml, run/)
     for sub in ("logs", "store", "target", "run"):
-        for p in _files(lab / sub):
+        for p in _files(lab_dir / sub):
             with open(p, "rb") as f:
                 places.append((str(p), f.read()))
-    places.append(("autoport.toml", (lab / "autoport.toml").read_bytes()))
+    places.append(("autoport.toml", (lab_dir / "autoport.toml").read_bytes()))
     scanned_logs = [p for p, _ in places if "/logs/" in p]
     assert any(p.endswith("sidecar.log") for p in scanned_logs)
     assert any(p.endswith("target-dovecot.log") for p in scanned_logs)

@@ -334,7 +334,6 @@ def test_socketmap_hostile_keys_get_an_answer_and_the_server_keeps_serving(serve
     assert netstring.Decoder().feed(netstring.encode(b"x")) == [b"x"]
 
 
-
 # --- milter ----------------------------------------------------------------------------------------------------
 
 
@@ -392,7 +391,6 @@ def test_milter_garbage_on_the_real_socket_then_serves(milter_server: tuple[str,
         s.connect(path)
         s.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
         assert read_packet(s)[0] == b"O"
-
 
 
 # --- config files -------------------------------------------------------------------------------------------------
