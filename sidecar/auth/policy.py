@@ -1,6 +1,28 @@
 """The pass-through authentication decision: one login attempt in, OK (with Dovecot fields) / FAIL / TEMP out.
 
-More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/policy.py.
+AuthPolicy.decide() never touches a socket (the server does, sidecar.edge.auth_server). It is synchronous and
+thread-safe; the server runs it in a thread pool. What each outcome means on the wire:
+
+  FAIL  invalid login name; account already migrated (a second lock behind Dovecot's deny passdb);
+        a service that must not run on an unmigrated account; the legacy server said no; the answer is in the
+        negative cache; a failure budget (per account, per client address) is spent.
+  TEMP  legacy server unavailable; the state store unavailable; too many checks in flight; no legacy port for
+        the service; anything unexpected (a bug is our cause, so the client retries).
+  OK    legacy said yes. The account exists in state copying (or stays copying/cutover; failed goes back
+        to copying), its Dovecot hash is refreshed, the login recorded, a copy job queued, and the plaintext
+        handed to the in-memory CredentialCache for the copier. IMAP/POP3/ManageSieve get proxy fields to the
+        legacy server; SMTP AUTH (Postfix via Dovecot SASL) and Dovecot submission get a plain OK.
+
+Order of the store writes: transition, add_login, touch_login, enqueue, set_password_hash. Each is idempotent,
+so if the store fails half-way the reply is TEMP and the client's retry completes the rest.
+
+The hash: hashing costs tens of ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
+daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
+is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
+store or the process fails in between), nothing breaks: until migration the account logs in through the
+legacy server anyway, and a migrated account without a hash is not in the deny view, so its first login
+verifies on the legacy server once and stores the hash then (_first_local_login). Without `defer` (unit tests)
+the hash is stored before the answer.
 """
 
 from __future__ import annotations

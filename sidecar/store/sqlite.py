@@ -4,7 +4,13 @@ Concurrency: one connection per thread, WAL mode (readers never block the writer
 write in BEGIN IMMEDIATE, which takes SQLite's single write lock up front, so a read-check-write sequence
 (transition, lease) cannot interleave with another writer in this or any other process.
 
-More (the reasons and limits behind this module): docs/modules.md, sidecar/store/sqlite.py.
+Files (SQLite shared with Dovecot): Dovecot's auth worker runs as user dovecot and reads the
+dovecot_* views, and a WAL reader needs write access to the -shm file (and creates -wal/-shm when they are
+missing). So init() makes the database file 0660 with group `dovecot_group`, creates a missing directory
+2770 with that group (setgid: -wal/-shm created later inherit the group), and fixes -wal/-shm when they
+exist. SQLite gives -wal/-shm the database file's mode (and, for root, its owner and group). The file is
+always updated in place, never replaced: Dovecot keeps it open. Only init() creates the file; other opens
+fail with StoreUnavailable when it is missing, instead of silently creating an empty store.
 """
 
 from __future__ import annotations
