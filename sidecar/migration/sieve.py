@@ -4,7 +4,22 @@
     result = copy_scripts(cfg.legacy, login, "", home, owner=..., use_admin=True)   # legacy admin credentials
     result.scripts == {"filters": b"...", "vacation": b"..."}; result.active == "filters"
 
-More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/sieve.py.
+The target's layout is the one dovecot/conf.d/90-sieve.conf.j2 sets (`sieve = file:~/sieve;active=~/.dovecot.sieve`):
+every script as ~/sieve/NAME.sieve, and ~/.dovecot.sieve a symlink to sieve/ACTIVE.sieve (none when no script
+is active), all owned by the mail user; ManageSieve on the target then lists the same scripts, the same one
+ACTIVE. Script bodies are copied byte for byte (a `fileinto` naming a legacy-style folder is not rewritten).
+
+The client is our own (about 200 lines): sievelib (PyPI, Debian python3-sievelib) exists, but it cannot use the
+TLS context the rest of autoport uses (CA file plus the certificate name in legacy.tls_server_name, checked
+whatever address we dial), has no bound on what the server sends, and would be one more dependency for
+LISTSCRIPTS and GETSCRIPT. Only what the copy needs: greeting and capabilities, STARTTLS (legacy.sieve_tls, or
+implicit TLS), AUTHENTICATE "PLAIN" (authzid for admin_mode = authzid, user*admin for master), LISTSCRIPTS,
+GETSCRIPT, LOGOUT.
+
+Errors (typed; the password is never in a message): SieveAuthError (the server refused the login),
+SieveUnavailable (cannot connect, TLS failure, BYE, timeout), SieveProtocolError (a reply we cannot parse),
+SieveScriptError (one script too big, badly named or unreadable). The job runner records any of them as an
+event of kind "sieve-failed" and goes on with the migration: mail matters more than filters.
 """
 
 from __future__ import annotations
