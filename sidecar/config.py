@@ -13,10 +13,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-TlsMode = Literal["none", "starttls", "implicit"]
-VerifyProtocol = Literal["imap", "pop3", "smtp"]
+from typing import Any
 
 DEFAULT_PATH = "/etc/autoport/autoport.toml"
 MAX_FILE_BYTES = 1 << 20  # a configuration is a few KiB; anything near this is a mistake (or an attack)
@@ -185,7 +182,7 @@ class HashConfig:
     """How verified passwords are stored (Dovecot-compatible)."""
 
     scheme: str = _f("ARGON2ID", "password scheme", choices=("ARGON2ID", "SHA512-CRYPT", "BLF-CRYPT"))
-    argon2_memory_kib: int = _f(19456, "argon2 memory cost in KiB (19 MiB: 50 ms per Dovecot login here)")
+    argon2_memory_kib: int = _f(19456, "argon2 memory cost in KiB (login cost: docs/design.md, Measured numbers)")
     argon2_time_cost: int = _f(2, "argon2 iterations")
     argon2_parallelism: int = _f(1, "argon2 lanes")
     sha512_rounds: int = _f(5000, "rounds for SHA512-CRYPT")

@@ -1,4 +1,4 @@
-"""Logging for the sidecar, with redaction at the logger (STYLE.md 8): no call site has to remember it.
+"""Logging for the sidecar, with redaction at the logger: no call site has to remember it.
 
 setup_logging(cfg) configures the "sidecar" logger (and so every "sidecar.*" child) to write to
 log.destination, and installs one RedactingFilter on the logger *and on its handlers*: a logger's own

@@ -1,7 +1,8 @@
-"""The account state machine (DESIGN.md), pure logic and the one place that says where an account lives.
+"""The account state machine (docs/design.md), pure logic and the one place that says where an account lives.
 
 Every component (Dovecot auth, Postfix routing, the milter, the copier) asks this module, through the
-store, where an account's mailbox is right now, so they can never disagree about a user.
+store, where an account's mailbox is right now, so they can never disagree about a user: location(), and
+the predicates on it, is_local(), is_held() and in_flight().
 
     (none) --mail seen--> discovered
     (none|discovered) --login, legacy says yes--> copying
@@ -14,6 +15,7 @@ store, where an account's mailbox is right now, so they can never disagree about
 from __future__ import annotations
 
 import enum
+from typing import TypeGuard
 
 
 class State(enum.StrEnum):
@@ -70,3 +72,19 @@ def location(state: State | None) -> Location:
     if state is State.CUTOVER:
         return Location.HELD
     return Location.LEGACY
+
+
+def is_local(state: State | None) -> TypeGuard[State]:
+    """The account lives on the target: native login, local delivery (migrated)."""
+    return location(state) is Location.LOCAL
+
+
+def is_held(state: State | None) -> TypeGuard[State]:
+    """Mail for the account waits in Postfix's queue (the final delta is running)."""
+    return location(state) is Location.HELD
+
+
+def in_flight(state: State | None) -> TypeGuard[State]:
+    """Between the first login and the switch (copying, cutover): sessions still go to the legacy server and
+    nothing but the copier writes the target mailbox."""
+    return state in (State.COPYING, State.CUTOVER)

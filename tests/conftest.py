@@ -2,19 +2,33 @@
 
 tests/unit  pure logic, codecs, fakes; no server started (PostgreSQL-backed cases carry the postgres marker).
 tests/e2e   real Postfix, Dovecot, legacy servers and the sidecar on loopback: every test gets the e2e marker.
-The harness (tests/harness) holds what both use: labs, mail clients, waiting on conditions.
+The harness (tests/harness) holds what both use: labs, mail clients, waiting on conditions, the fake store,
+the CLI runner. Fixtures shared across modules live here and nowhere else: `lab` (one per module that sets LAB,
+else one for the session), `store` (that lab's store), `lab_dir` (an empty directory for a lab of one's own).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.labs import make_lab_dir
+from harness.fakes import FakeStore
+from harness.labs import make_lab_dir, running_lab
+from harness.milter_wire import SERVER as MILTER_SERVER
+from harness.shim import FakePolicy, Server
+from harness.socketmap_server import STATES, Running
+
+from sidecar.lab.info import LabInfo
+from sidecar.store import open_store
+from sidecar.store.base import Store
 
 _E2E_DIR = Path(__file__).parent / "e2e"
 
@@ -27,18 +41,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[dict[str, Any]]:
-    """One lab for the session: legacy (dovecot profile, 8 users), target stack, sidecar, SQLite store."""
-    from sidecar.lab import launcher
-
-    d = make_lab_dir()
-    info = launcher.lab_up(d, users=8)
-    try:
+def session_lab() -> Iterator[LabInfo]:
+    """The lab of modules that set no LAB: legacy (dovecot profile, 8 users), target stack, sidecar, SQLite store."""
+    with running_lab(users=8) as info:
         yield info
-    finally:
-        launcher.lab_down(d)
-        if not os.environ.get("AUTOPORT_KEEP_LABS"):
-            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[LabInfo]:
+    """The one lab fixture. A module that needs its own lab sets LAB = {"prefix": ..., **launcher.lab_up keywords};
+    the others share session_lab."""
+    options: dict[str, Any] | None = getattr(request.module, "LAB", None)
+    if options is None:
+        yield request.getfixturevalue("session_lab")
+        return
+    with running_lab(**options) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def store(lab: LabInfo) -> Iterator[Store]:
+    """The lab's state store, opened from the test process (a module may override it, e.g. to seed states)."""
+    s = open_store(lab["store"])
+    yield s
+    s.close()
 
 
 @pytest.fixture
@@ -51,3 +77,54 @@ def lab_dir() -> Iterator[Path]:
     launcher.lab_down(d)
     if not os.environ.get("AUTOPORT_KEEP_LABS"):
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --- servers for unit tests: the checkpassword auth server, the socketmap, the milter (shared by their own tests
+# and by test_bad_input)
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    """The auth server on a UNIX socket with harness.shim.FakePolicy, for the real checkpassword shim."""
+    s = Server(str(tmp_path / "auth.sock"), FakePolicy())
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Running]]:
+    """serve(**server limits) starts a socketmap server over the fake store holding STATES; all stopped after."""
+    started: list[Running] = []
+    tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
+
+    def start(**kw: Any) -> Running:
+        r = Running(tmp, FakeStore(dict(STATES)), **kw)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def milter_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """run_milter() in a subprocess on a UNIX socket (its path, the process); SIGUSR1 stops it."""
+    d = Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
+    path = str(d / "milter.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MILTER_SERVER, f"unix:{path}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    yield path, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+    shutil.rmtree(d, ignore_errors=True)

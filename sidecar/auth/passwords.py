@@ -4,13 +4,7 @@
     {SHA512-CRYPT}$6$SALT$HASH                           libxcrypt (the system's libcrypt.so.1) via ctypes
     {BLF-CRYPT}$2b$10$...                                libxcrypt
 
-Why libxcrypt: the stdlib `crypt` module is deprecated (gone in 3.13) and warns on import; passlib is
-unmaintained; libxcrypt is what Debian's own login, passwd and Dovecot's crypt-based schemes use, and it does
-both SHA512-CRYPT and bcrypt (so no extra Python dependency). `crypt_rn`/`crypt_gensalt_rn` are the reentrant
-calls (thread-safe: the policy hashes in a thread pool).
-
-Passwords are str as they arrived (UTF-8 with surrogateescape, see sidecar.wire.authproto): the bytes hashed are
-the bytes the user typed, as Dovecot hashes them.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/passwords.py.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from elsewhere can slow the real user down, never turn their right password into
 Store writes: a verified login writes everything (state, login row, last login, copy job, and the hash when
 it is not deferred) in one store call, Store.record_login(), one transaction: all or nothing.
 
-The hash: hashing costs ~40 ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
+The hash: hashing costs tens of ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
 daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
 is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
 store or the process fails in between), nothing breaks: until migration the account logs in through the
@@ -56,7 +56,7 @@ from sidecar.auth.logins import Identity, InvalidLogin, resolve
 from sidecar.config import Config
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
 from sidecar.logsetup import SECRETS
-from sidecar.states import IllegalTransition, State
+from sidecar.states import IllegalTransition, State, in_flight, is_local
 from sidecar.store.base import Store, StoreUnavailable
 from sidecar.wire.authproto import FAIL, OK, TEMP, Reply, Request
 
@@ -403,7 +403,7 @@ class AuthPolicy:
             raise _Decision(TEMP, f"no-legacy-port ({service})")
         self._check_budgets(req, ident)
         state = self._state(address)
-        if state is State.MIGRATED:
+        if is_local(state):
             return self._migrated_login(req, ident)
         self._not_in_cutover(service, state)
         if self._cached_yes(req, ident, state):
@@ -415,7 +415,7 @@ class AuthPolicy:
             if (address, req.password) in self.positive:
                 # the attempt before us verified this password: read the state again (it may have moved)
                 state = self._state(address)
-                if state is State.MIGRATED:
+                if is_local(state):
                     raise _Decision(FAIL, "migrated")
                 self._not_in_cutover(service, state)
                 if self._cached_yes(req, ident, state):
@@ -488,7 +488,7 @@ class AuthPolicy:
     def _cached_yes(self, req: Request, ident: Identity, state: State | None) -> bool:
         """A password verified moments ago for an account still on the legacy side: no new check, no rehash."""
         address = ident.address
-        if state not in (State.COPYING, State.CUTOVER) or (address, req.password) not in self.positive:
+        if not in_flight(state) or (address, req.password) not in self.positive:
             return False
         self.store.touch_login(address)
         self.credentials.put(address, ident.legacy_login, req.password)

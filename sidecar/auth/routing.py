@@ -1,31 +1,6 @@
 """Where Postfix sends mail for a recipient: the policy behind the socketmap (no sockets here).
 
-Two maps, both asked with the full recipient address:
-
-``transport`` (``transport_maps = socketmap:unix:PATH:transport``)
-    our domains, by the account's location (sidecar.states.location):
-    LOCAL  -> ``cfg.target.local_transport``                     (e.g. ``lmtp:unix:private/dovecot-lmtp``)
-    HELD   -> ``retry:4.3.2 mailbox migration in progress``       (deferred in Postfix's queue, never bounced)
-    LEGACY -> ``{target.legacy_transport}:[{legacy.host}]:{legacy.smtp_port}``  (unknown accounts included)
-``verify`` (``address_verify_transport_maps = socketmap:unix:PATH:verify``)
-    the legacy relay for every account of our domains that is not migrated (held accounts included: the
-    recipient probe must ask the legacy server, not hit ``retry:``), the local transport for migrated ones.
-
-Other answers, and why:
-- ``discard:`` for the release probe domain (``*@autoport.invalid``, transport map only): sidecar.migration.release
-  sends one tiny null-sender message there to push the held address out of qmgr's one-entry resolve cache
-  before it flushes held mail (postfix/README.md, "Releasing held mail"). .invalid never exists in DNS.
-- NOTFOUND for other domains, and for keys that are not a full address (``*``, ``domain``, ``@domain``):
-  Postfix then uses its default transport. socketmap is a "pattern" table for Postfix (dict_sockmap sets
-  DICT_FLAG_PATTERN), so trivial-rewrite only ever sends the full address (``user+ext@domain``) and, every
-  30 s, the wildcard ``*``; it never sends the stripped address or the domain. So the address extension is
-  stripped here: ``user+ext@domain`` routes like ``user@domain`` unless ``user+ext@domain`` is itself an
-  account.
-- TEMP when the store cannot answer (StoreUnavailable): Postfix defers and retries; nothing is lost.
-- PERM for a request we will never answer (unknown map name, a key with control characters or too long):
-  Postfix logs it and also defers the mail (a lookup error is never a bounce), so nothing is lost either.
-
-The lookup path only reads: it never writes the store (the milter records mail seen).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/routing.py.
 """
 
 from __future__ import annotations

@@ -2,21 +2,7 @@
 
     autoport-checkpassword --socket /run/autoport/auth.sock [--timeout SECONDS] REPLY-PROGRAM [ARGS...]
 
-Dovecot runs it once per login (as the dovecot user) with ``user NUL password NUL [timestamp] NUL`` on fd 3
-and SERVICE, TCPREMOTEIP, TCPLOCALIP in the environment; REPLY-PROGRAM is Dovecot's checkpassword-reply.
-The shim sends one request (sidecar.wire.authproto) over the UNIX socket and reads one reply:
-
-    exit 1    FAIL from the sidecar, or credentials that cannot be valid (empty, oversized, control chars)
-    exit 111  TEMP, sidecar unreachable, timeout, malformed reply: Dovecot says [UNAVAILABLE], client retries
-    exit 2    misuse: no fd 3, malformed fd 3, no --socket, no reply program, exec failed
-    exec      OK: each reply field key=value is set as environment variable KEY, EXTRA lists them, and
-              REPLY-PROGRAM is executed (checkpassword protocol). The password travels only through fd 3, the
-              socket and, for Dovecot's proxy, the PASS variable of the exec'ed checkpassword-reply.
-
-Start-up cost is the point of this file (DESIGN.md "Shim cost"): it imports only builtin modules (sys, posix,
-_socket, all already loaded or compiled in) and sidecar.wire.authproto (which imports nothing). ``import os`` would
-add ~2 ms and ``import socket`` ~20 ms under ``python3 -I -S``. Run it as
-``python3 -I -S /path/to/sidecar/checkpassword.py`` for the cheapest start; the console script works too.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/checkpassword.py.
 """
 
 import sys
@@ -26,8 +12,8 @@ if __name__ == "__main__" and "sidecar" not in sys.modules:  # run as a file und
     _edge_dir = __file__.rpartition("/")[0] or "."
     sys.path.insert(0, _edge_dir + "/../..")
 
-import _socket  # the C module: `import socket` costs 20 ms
-import posix  # builtin; `import os` would cost 2 ms and wraps the same calls
+import _socket  # the C module: `import socket` costs far more
+import posix  # builtin; `import os` would cost more and wraps the same calls
 import time  # builtin, loaded at start-up
 
 from sidecar.wire import authproto

@@ -5,13 +5,7 @@ Collector.snapshot() is the dashboard's (and /api/summary's) view: accounts per 
 still relayed to the legacy server. Collector.registry is a prometheus_client CollectorRegistry of our own
 (nothing from the process-global default registry) whose collect() reads the same sources.
 
-Everything here blocks on the store: call it from a worker thread, never from the event loop. A store
-error never escapes: the snapshot says `store_ok: false` and the `autoport_store_up` gauge drops to 0.
-
-The copy rate is sampled: every `sample()` (the web server calls it every few seconds) records the
-progress of the accounts in copying/cutover; the rate is the sum of the increases over the last
-RATE_WINDOW seconds. The job runner writes progress every 200 messages, so the rate is coarse; progress
-an account made between its last write and leaving copying/cutover is not counted.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/metrics.py.
 """
 
 from __future__ import annotations

@@ -6,26 +6,7 @@ is CONTINUE instead of its default TEMPFAIL, and what could not be recorded is c
 ``MilterStats.dropped``. Records go to a bounded queue drained by one writer thread in batches
 (store.log_messages), so a slow store never stalls Postfix's milter conversation.
 
-Postfix settings this milter needs (main.cf; Postfix's default macro lists already carry what we read):
-
-    smtpd_milters = unix:/run/autoport/milter.sock  # cfg.sockets.milter, same notation
-    non_smtpd_milters = $smtpd_milters             # optional: also log locally submitted mail
-    milter_default_action = accept                 # milter down or timing out: mail still flows
-    milter_protocol = 6
-    milter_connect_macros = j {daemon_name} {daemon_addr} v _ {client_addr}
-    milter_mail_macros = i {auth_type} {auth_authen} {auth_author} {mail_addr} {mail_host} {mail_mailer}
-    milter_rcpt_macros = i {rcpt_addr} {rcpt_host} {rcpt_mailer}
-    milter_end_of_data_macros = i
-
-The last four equal Postfix 3.7's defaults (apart from {client_addr}, added as a fallback for the connect
-address); write them out anyway so a site-wide override cannot silently take the routing macros away.
-
-A UNIX socket, not loopback TCP: over TCP, Postfix's milter client and libmilter stall on Nagle's algorithm
-against delayed ACKs (small writes with no reply between them), which halved Postfix's accept rate in
-bench/smtp_bench.py; over a UNIX socket the same milter costs ~5% (bench/results/routing.md). The daemon gives
-the socket sockets.postfix_group and sockets.mode once libmilter has created it.
-{rcpt_mailer}/{rcpt_host} are the transport and nexthop Postfix resolved for the recipient (through our
-socketmap), i.e. the route: ``legacy:[192.0.2.25]:25``, ``lmtp:private/dovecot-lmtp``, ``retry``, ``error``.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/milter.py.
 """
 
 from __future__ import annotations

@@ -1,20 +1,6 @@
 """SMTP AUTH relay: Postfix's Dovecot SASL client -> this socket -> Dovecot's auth-client socket.
 
-Why it exists: Postfix 3.7's Dovecot SASL client (src/xsasl/xsasl_dovecot_server.c) turns every `FAIL` from
-Dovecot into "535 5.7.8 authentication failed", also when Dovecot marks the failure temporary (`temp`, for
-example when the legacy server cannot be reached to check a not-yet-migrated user's password, or the store is
-down). A mail client that gets 535 asks its user for a new password; the user did nothing wrong. Postfix
-answers "454 4.7.0 Temporary authentication failure" only when it loses its connection to the auth server
-in the middle of a request. So this relay passes every line through unchanged, except a temporary `FAIL`:
-that one closes the connection instead, and Postfix answers 454 (then reconnects for its next request).
-
-The relay is transparent otherwise (handshake, mechanisms, CONT rounds, OK with its fields), never parses
-or logs the credentials in AUTH/CONT lines, and holds no state. After `autoport finalize` Postfix talks to
-Dovecot's socket directly again (postfix/main.cf.j2), so the relay retires with the sidecar.
-
-Dovecot's auth protocol (doc/auth-protocol in Dovecot 2.3): tab-separated lines. The server's reply to a
-request is `OK <id> [args]`, `CONT <id> <data>` or `FAIL <id> [args]`; a temporary failure carries the
-argument `temp` (and, from Dovecot 2.3, `code=temp_fail`).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/saslrelay.py.
 """
 
 from __future__ import annotations

@@ -5,20 +5,7 @@ Wire: each request is one netstring ``NAME KEY``, each reply one netstring ``OK 
 100 s in all) and sends one request at a time; other clients may pipeline, and get their replies strictly in
 request order.
 
-What every failure returns on the wire:
-- broken framing (not a netstring, length prefix too long, request above MAX_REQUEST): the connection is
-  closed. Postfix retries a closed connection once, then defers the mail ("table lookup error"): temporary.
-- a netstring that is not ``NAME KEY`` (no space, not UTF-8): ``PERM malformed request``; the connection
-  stays open.
-- the policy raised: ``TEMP internal error``.
-- the store did not answer within request_timeout: ``TIMEOUT state store not answering``; while that lookup is
-  still stuck, new requests get the same answer at once instead of queueing without bound.
-- a client silent for idle_timeout seconds (with or without a partial request): closed.
-
-Threading: the policy (a store read) never runs on the event loop. Lookups from all connections are
-gathered into batches and run one batch at a time on one worker thread, so the store is used from a single
-thread and the cost of the thread hop is shared by every request of a batch (bench/socketmap.py measures
-it). An optional cache (cache_ttl > 0) answers repeated keys for that many seconds without the store.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/socketmap.py.
 """
 
 from __future__ import annotations

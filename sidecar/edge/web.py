@@ -7,27 +7,7 @@ Paths (GET or HEAD only; one request per connection, `Connection: close`):
     /metrics       Prometheus text format, from a CollectorRegistry of our own (no query)
     /dashboard     the same page for browsers (a refusal asks for HTTP Basic credentials; same query)
 
-Every path needs the token of [dashboard] token: `Authorization: Bearer TOKEN`, or HTTP Basic with the
-token as the password (any user name), compared in constant time. Refusals challenge with Bearer only, so
-a browser shows the refusal page, which says what to do, instead of a bare password dialog (headless
-Chromium shows nothing at all for a Basic challenge it cannot answer); /dashboard, the page for browsers,
-challenges with Basic, so the browser asks for the password and keeps sending it. Without a configured
-token every request is refused (401) with a page that says how to set one. /metrics needs the token too,
-from anywhere: Prometheus sends it with `authorization: {credentials_file: ...}` in its scrape config, and
-a token-less loophole "for localhost" would hand the numbers to every local user of the host.
-
-Layers: parse_head() and encode_response() are the pure HTTP/1.x codec; Dashboard decides (auth,
-routing, query validation) and never touches a socket; WebServer owns the socket, the limits and the
-timeouts. The store is read on one worker thread of our own (never on the event loop).
-
-What a peer gets for bad input: a request head over MAX_HEAD bytes, a request line over MAX_LINE or
-more than MAX_HEADERS headers -> 431 or 400; anything unparsable -> 400; a body -> 400; another method
--> 405; another HTTP version -> 505; unknown path -> 404 (after authentication: 401 first); bad query
--> 400; no complete head within HEAD_TIMEOUT seconds -> 408; more than MAX_CONNECTIONS at once -> 503.
-The connection is closed after every answer and the server keeps serving.
-
-Why the standard library and not an ASGI server: three read-only GET endpoints do not justify a
-dependency, and a hand-made handler keeps every limit visible in this file.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/edge/web.py.
 """
 
 from __future__ import annotations

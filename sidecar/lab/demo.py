@@ -16,9 +16,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from sidecar.lab import launcher
+from sidecar.lab.info import LabUser
 
 
 def _say(text: str) -> None:
@@ -53,9 +53,9 @@ This message arrived while the mailbox was being moved. It is delivered exactly 
 """
 
 
-def _inbox(host: str, port: int, user: dict[str, Any]) -> tuple[str, int]:
+def _inbox(host: str, port: int, user: LabUser) -> tuple[str, int]:
     with imaplib.IMAP4(host, port, timeout=30) as c:
-        c.login(user["login"], user["password"])
+        c.login(user["login"], user["password"] or "")
         _typ, data = c.select("INBOX", readonly=True)
         uidvalidity = (c.response("UIDVALIDITY")[1][0] or b"?").decode()
         return uidvalidity, int(data[0] or 0)
@@ -86,7 +86,7 @@ def _follow(config: str, address: str, timeout: float = 120) -> str:
     return seen
 
 
-def _wait_for_count(host: str, port: int, user: dict[str, Any], count: int, timeout: float = 30) -> tuple[str, int]:
+def _wait_for_count(host: str, port: int, user: LabUser, count: int, timeout: float = 30) -> tuple[str, int]:
     deadline = time.monotonic() + timeout
     while True:
         got = _inbox(host, port, user)
@@ -108,11 +108,11 @@ def run(lab_dir: Path, *, keep: bool = False) -> int:
         launcher.print_summary(info)
         lg, tg = info["legacy"], info["target"]
         _say("greetings")
-        print(f"legacy IMAP: {_greeting_imap(lg['host'], lg['imap'])}")
+        print(f"legacy IMAP: {_greeting_imap(lg['host'], lg['imap'] or 143)}")
         print(f"target IMAP: {_greeting_imap(tg['host'], tg['imap'])}")
         print(f"target POP3: {_greeting_pop3(tg['host'], tg['pop3'])}")
         print(f"target SMTP: {_greeting_smtp(tg['host'], tg['smtp'])}")
-        user: dict[str, Any] = info["users"][0]
+        user = info["users"][0]
         _say(f"{user['login']} logs in on the TARGET with the password they have on the legacy server")
         before = _inbox(tg["host"], tg["imap"], user)
         print(f"login OK; INBOX has {before[1]} messages, UIDVALIDITY {before[0]}")

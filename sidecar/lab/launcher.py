@@ -4,18 +4,7 @@ The same code path serves the end-to-end tests, the quick-start demo and a trial
 server (`--legacy-external SPEC`). Everything it starts is recorded by pid in DIR/lab-state.json and stopped
 by `lab_down`, from any process.
 
-An external legacy SPEC is a TOML file:
-
-    host = "10.1.2.3"              # the legacy server (for a trial: a copy of the real one)
-    imap_port = 143                # 0: none; likewise pop3_port, smtp_port, submission_port, sieve_port
-    imap_tls = "starttls"          # none | starttls | implicit, per protocol (pop3_tls, smtp_tls, ...)
-    tls_verify = true
-    tls_server_name = "mail.example.org"
-    ca_file = ""
-    domains = ["example.org"]
-    users_file = "users.txt"       # one "address [password]" per line (relative to the SPEC file)
-    admin_user = ""                # optional legacy admin/master login
-    admin_password = ""
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/launcher.py.
 """
 
 from __future__ import annotations
@@ -24,9 +13,10 @@ import contextlib
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sidecar.lab import proc
+from sidecar.lab.info import LabInfo, LegacyInfo, TargetInfo
 from sidecar.lab.proc import LabError
 
 LEGACY_HOST = "127.0.0.2"
@@ -89,7 +79,7 @@ def lab_up(
     nodes: int = 1,
     legacy_shared: bool = False,
     sysroot: Path | None = None,
-) -> dict[str, Any]:
+) -> LabInfo:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
 
     nodes=2 adds a second front-end node (Postfix + Dovecot + sidecar on NODE2_HOST, in DIR/node2) sharing the
@@ -120,7 +110,7 @@ def lab_up(
             legacy_cfg: dict[str, Any] = {k: v for k, v in spec.items() if k not in ("domains", "users_file")}
             domains = list(spec["domains"])
             user_list = ext["users"]
-            legacy_info = {
+            legacy_info: LegacyInfo = {
                 "host": spec["host"],
                 "imap": spec.get("imap_port", 143) or None,
                 "pop3": spec.get("pop3_port", 110) or None,
@@ -178,7 +168,7 @@ def lab_up(
         config_path = Path(tgt.config)
         if not sidecar:
             _run_autoport(config_path, "store", "init")
-        node_infos = [_target_info(tgt)]
+        node_infos: list[TargetInfo] = [_target_info(tgt)]
         if nodes == 2:
             node_dir = lab_dir / "node2"
             node_dir.mkdir(exist_ok=True)
@@ -203,7 +193,7 @@ def lab_up(
             lab_down(lab_dir)
         raise
     state = proc.load_state(lab_dir)
-    info: dict[str, Any] = {
+    info: LabInfo = {
         "dir": str(lab_dir),
         "config": str(config_path),
         "legacy": legacy_info,
@@ -241,13 +231,14 @@ def _namespace_login(users: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
-def _target_info(tgt: Any) -> dict[str, Any]:
-    return {
+def _target_info(tgt: Any) -> TargetInfo:
+    info = {
         **tgt.to_json(),
         "postfix_config": str(tgt.postfix_config),
         "dovecot_config": str(tgt.dovecot_config),
         "mail_root": str(tgt.mail_root),
     }
+    return cast(TargetInfo, info)
 
 
 def _start_store(lab_dir: Path, kind: str) -> str:
@@ -322,16 +313,16 @@ def lab_restart(lab_dir: Path, name: str) -> int:
     raise LabError(f"unknown lab component {name!r} (sidecar, target-postfix, target-dovecot, legacy-postfix, ...)")
 
 
-def lab_info(lab_dir: Path) -> dict[str, Any]:
+def lab_info(lab_dir: Path) -> LabInfo:
     state = proc.load_state(lab_dir.resolve())
     if "info" not in state:
         raise LabError(f"no lab in {lab_dir}")
-    info: dict[str, Any] = state["info"]
+    info: LabInfo = state["info"]
     info["pids"] = {k: v for k, v in (state.get("pids") or {}).items() if v and proc.pid_alive(v)}
     return info
 
 
-def print_summary(info: dict[str, Any]) -> None:
+def print_summary(info: LabInfo) -> None:
     lg, tg = info["legacy"], info["target"]
     print(f"lab in {info['dir']} (logs in {info['logs']}, config {info['config']})")
     print(f"  legacy  {lg['host']}: IMAP {lg['imap']}  POP3 {lg['pop3']}  SMTP {lg['smtp']}  sieve {lg['sieve']}")

@@ -1,17 +1,13 @@
 """A throwaway PostgreSQL cluster, from the Debian postgresql package alone.
 
     with PgCluster() as pg:             # new temporary directory, deleted afterwards
-        url = pg.create_schema()        # a fresh schema (search_path in the URL), 2 ms
-        url = pg.create_database()      # or a fresh database, 30-300 ms
+        url = pg.create_schema()        # a fresh schema (search_path in the URL): cheap
+        url = pg.create_database()      # or a fresh database: dearer
 
     cluster = PgCluster(Path("/tmp/lab/pg"))   # a lab's cluster in a directory it keeps
     cluster.start(); cluster.pid; cluster.stop()
 
-initdb and pg_ctl (/usr/lib/postgresql/15/bin, or $AUTOPORT_PG_BIN) run as the `postgres` OS user (root may
-not run initdb) on DIR/data. The server listens on the UNIX socket directory DIR/sockets and on 127.0.0.1 at
-a port chosen free at initdb time (kept in DIR/port), with trust authentication and durability off (tests
-and labs only). Every command names this cluster's own data directory, so a PostgreSQL server that happens
-to run on the machine is never touched. The directory's parents must be traversable by `postgres`.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/pgcluster.py.
 """
 
 from __future__ import annotations
@@ -193,7 +189,7 @@ class PgCluster:
         """A fresh, empty database (reused when it exists); its URL."""
         name = name or "t_" + uuid.uuid4().hex[:12]
         if not self.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)):
-            # FILE_COPY: 30-300 ms instead of 300-800 ms with the WAL_LOG default (fsync is off anyway)
+            # FILE_COPY: several times faster than the WAL_LOG default (fsync is off anyway)
             self.execute(f'CREATE DATABASE "{name}" STRATEGY = FILE_COPY')
         return self.url(name)
 

@@ -2,7 +2,7 @@
 
 Discovery and small commands go through imapclient. The bulk FETCH of message bodies is written to
 imapclient's underlying connection and read back with sidecar.wire.fetchparse (imapclient's own parser
-costs ~8x the CPU, see fetchparse). A raw fetch abandoned half-way leaves the session unusable: it is closed.
+costs several times the CPU, see fetchparse). A raw fetch abandoned half-way leaves the session unusable: it is closed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import imapclient
 from imapclient.exceptions import IMAPClientError, LoginError
 
+from sidecar.legacy.errors import LegacyAuthFailed, LegacyError, LegacyProtocolError, LegacyUnavailable
 from sidecar.legacy.folder import LegacyFolder
 from sidecar.wire.fetchparse import (
     DEFAULT_MEMORY_LIMIT,
@@ -32,19 +33,19 @@ BODY_ITEMS = b"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])"
 READ_CHUNK = 1 << 16
 
 
-class SourceError(Exception):
+class SourceError(LegacyError):
     """The legacy server refused or broke a command (permanent for this pass; the job runner retries)."""
 
 
-class SourceAuthError(SourceError):
+class SourceAuthError(SourceError, LegacyAuthFailed):
     """The legacy server rejected the credentials."""
 
 
-class SourceUnavailable(SourceError):
+class SourceUnavailable(SourceError, LegacyUnavailable):
     """The legacy server cannot be reached or dropped the connection (temporary)."""
 
 
-class SourceProtocolError(SourceUnavailable):
+class SourceProtocolError(SourceUnavailable, LegacyProtocolError):
     """The legacy server sent a response we cannot parse (malformed FETCH, bad literal).
 
     Temporary: the pass stops, nothing partial is committed, the job runner retries (a broken proxy or a
@@ -78,7 +79,7 @@ class SourceParams:
         """From sidecar.config.LegacyConfig; use_admin selects the admin credentials (bulk migration)."""
         ctx = None
         if legacy.imap_tls != "none" or legacy.pop3_tls != "none":
-            from sidecar.legacy.verify import tls_context
+            from sidecar.legacy.tls import tls_context
 
             # the same verification as the password check: CA file, and the legacy server's certificate name
             # (tls_server_name) checked even though we connect to its new address

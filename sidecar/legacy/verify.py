@@ -2,7 +2,7 @@
 
     LegacyVerifier(cfg.legacy).verify(login, password, client_ip="198.51.100.7") -> "imap" | "pop3" | "smtp"
 
-Outcomes (typed, STYLE.md 4 and 6):
+Outcomes (typed: legacy/errors.py):
   return              the legacy server accepted the credentials (the protocol that did is returned)
   LegacyAuthError     a definite "no": wrong password, unknown user, or a login that cannot be valid
                       (empty, control characters: refused before any byte is sent)
@@ -61,6 +61,9 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sidecar.config import LegacyConfig
+from sidecar.legacy.errors import LegacyAuthFailed
+from sidecar.legacy.errors import LegacyUnavailable as LegacyUnavailable  # its home is legacy/errors.py
+from sidecar.legacy.tls import tls_context as tls_context  # re-exported: others import it from here
 
 log = logging.getLogger("sidecar.legacy.verify")
 
@@ -77,26 +80,13 @@ _IMAP_ATOM_SPECIALS = frozenset('(){ %*"\\]')
 READY_WARM_SECONDS = 120.0
 
 
-class LegacyAuthError(Exception):
+class LegacyAuthError(LegacyAuthFailed):
     """The legacy server (or our own pre-check) definitely refused the credentials."""
 
     def __init__(self, protocol: str, reason: str) -> None:
         super().__init__(f"{protocol}: {reason}")
         self.protocol = protocol
         self.reason = reason
-
-
-class LegacyUnavailable(Exception):
-    """No answer could be had from the legacy server: a temporary failure.
-
-    `spent` is true when the credentials may already have reached the server (a timeout inside the
-    session): the legacy server likely counted an attempt, so verify() tries no other protocol (each would
-    cost it one more, and a legacy server that slows down after wrong passwords slows down further).
-    """
-
-    def __init__(self, message: str, *, spent: bool = False) -> None:
-        super().__init__(message)
-        self.spent = spent
 
 
 def check_login(login: str) -> None:
@@ -120,48 +110,6 @@ def _clean(text: object, password: str) -> str:
         s = s.replace(password, "<redacted>")
     s = "".join(c if c.isprintable() else " " for c in s)
     return s[:200]
-
-
-class _NamedTLSContext(ssl.SSLContext):
-    """An SSLContext that checks the certificate for one configured name, whatever host was dialled.
-
-    imaplib, poplib and smtplib pass the host they connected to as server_hostname; the legacy server's new
-    address usually is not the name in its certificate (legacy.tls_server_name).
-    """
-
-    expected_name: str = ""
-
-    def wrap_socket(
-        self,
-        sock: socket.socket,
-        server_side: bool = False,
-        do_handshake_on_connect: bool = True,
-        suppress_ragged_eofs: bool = True,
-        server_hostname: str | bytes | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLSocket:
-        return super().wrap_socket(
-            sock,
-            server_side=server_side,
-            do_handshake_on_connect=do_handshake_on_connect,
-            suppress_ragged_eofs=suppress_ragged_eofs,
-            server_hostname=self.expected_name or server_hostname,
-            session=session,
-        )
-
-
-def tls_context(cfg: LegacyConfig) -> ssl.SSLContext:
-    ctx = _NamedTLSContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.expected_name = cfg.tls_server_name or cfg.host
-    if cfg.tls_verify:
-        if cfg.ca_file:
-            ctx.load_verify_locations(cafile=cfg.ca_file)
-        else:
-            ctx.load_default_certs()
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def _imap_quote(raw: bytes) -> bytes | None:

@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import socket
-import subprocess
 import threading
 import time
 import traceback
@@ -33,7 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config import Config
-from sidecar.states import IllegalTransition, State
+from sidecar.mta import commands
+from sidecar.states import IllegalTransition, State, is_held, is_local
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -104,14 +104,14 @@ def default_hooks(cfg: Config, store: Store, *, poke: Callable[[], None] | None 
             return 0
 
     def after(address: str, logins: list[str]) -> None:
-        doveadm = [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+        doveadm, conf = cfg.target.doveadm, cfg.target.dovecot_config
         for login in sorted(set(logins) | {address}):
             # proxied sessions of this user reconnect, now to the local mailbox
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run([*doveadm, "proxy", "kick", login], capture_output=True, timeout=10, check=False)
+            with contextlib.suppress(commands.CommandError):
+                commands.proxy_kick(doveadm, conf, login)
         # warm Dovecot's index so the first local login does not pay for it
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            subprocess.run([*doveadm, "index", "-u", address, "*"], capture_output=True, timeout=120, check=False)
+        with contextlib.suppress(commands.CommandError):
+            commands.index_mailboxes(doveadm, conf, address)
 
     def quiesce(address: str, logins: list[str]) -> None:
         from sidecar.migration.cutover import quiesce
@@ -274,7 +274,7 @@ class JobRunner:
 
         address = job.address
         account = self.store.get(address)
-        if account is None or account.state is not State.MIGRATED:
+        if account is None or not is_local(account.state):
             self.store.finish(job.id, self.owner)
             return
         if not self._sweeping(account.migrated_at):
@@ -339,7 +339,7 @@ class JobRunner:
         self.stats["started"] += 1
         try:
             account = self.store.get(address)
-            if account is not None and account.state is State.MIGRATED:
+            if account is not None and is_local(account.state):
                 # a node died after the switch but before the steps after it: they are idempotent, redo them
                 self.hooks.release_held(address)
                 self.hooks.after_migrated(address, list(account.logins))
@@ -446,7 +446,7 @@ class JobRunner:
             self.stats["failed"] += 1
             log.error("copy of %s failed %d times, giving up: %s (user stays on the legacy server)", address,
                       failures, reason)
-            was_held = account.state is State.CUTOVER
+            was_held = is_held(account.state)
             with contextlib.suppress(StoreError, IllegalTransition):
                 self.store.transition(address, State.FAILED, reason=reason)
             if was_held:  # held mail goes back to the legacy relay now

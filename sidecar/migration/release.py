@@ -36,13 +36,13 @@ import itertools
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterable
 
 from sidecar.auth.routing import HOLD_REASON, PROBE_DOMAIN
 from sidecar.config import Config
-from sidecar.states import State
+from sidecar.mta import commands
+from sidecar.states import is_held
 from sidecar.store.base import Store
 
 log = logging.getLogger("autoport.release")
@@ -76,22 +76,15 @@ class ReleaseReport:
     seconds: float = 0.0
 
 
-def _postfix_args(cfg: Config, tool: str, flag: str = "-c") -> list[str]:
-    args = [tool]
-    if cfg.target.postfix_config:
-        args += [flag, cfg.target.postfix_config]
-    return args
+def _postfix_args(cfg: Config, tool: str) -> list[str]:
+    return commands.postfix_argv(cfg.target.postfix_config, tool)
 
 
 def _run(args: list[str], *, stdin: bytes = b"") -> bytes:
     try:
-        p = subprocess.run(args, input=stdin, capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise ReleaseError(f"{args[0]}: {e}") from None
-    if p.returncode != 0:
-        err = p.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise ReleaseError(f"{' '.join(args)}: exit {p.returncode}: {err[-1] if err else ''}")
-    return p.stdout
+        return commands.run(args, stdin=stdin, timeout=COMMAND_TIMEOUT).stdout
+    except commands.CommandError as e:
+        raise ReleaseError(str(e)) from None
 
 
 def list_queue(cfg: Config) -> list[QueuedMessage]:
@@ -150,7 +143,7 @@ def _send_probe(cfg: Config) -> str:
     """Submit the cache-busting probe (null sender, discarded by the transport map); its recipient."""
     rcpt = f"release-{os.getpid()}-{next(_probe_seq)}-{time.monotonic_ns()}@{PROBE_DOMAIN}"
     body = f"Subject: autoport release probe\nAuto-Submitted: auto-generated\n\n{rcpt}\n".encode()
-    _run([*_postfix_args(cfg, "sendmail", "-C"), "-f", "", "-N", "never", "--", rcpt], stdin=body)
+    _run([*_postfix_args(cfg, "sendmail"), "-f", "", "-N", "never", "--", rcpt], stdin=body)
     return rcpt
 
 
@@ -231,7 +224,7 @@ def release_held_many(
     report = ReleaseReport(probe=False)
     wanted = sorted(set(addresses))
     if store is not None:
-        skipped = [a for a in wanted if store.state_of(a) is State.CUTOVER]
+        skipped = [a for a in wanted if is_held(store.state_of(a))]
         if skipped:
             log.warning("release: %s still in cutover; their mail stays held", ", ".join(skipped))
         wanted = [a for a in wanted if a not in skipped]

@@ -38,6 +38,8 @@ import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sidecar.legacy.errors import LegacyAuthFailed, LegacyError, LegacyProtocolError, LegacyUnavailable
+
 if TYPE_CHECKING:
     from sidecar.config import Config, LegacyConfig
     from sidecar.migration.copier import SourceParams
@@ -57,19 +59,19 @@ _SAFE_NAME = re.compile(r"^[^/\x00-\x1f\x7f.][^/\x00-\x1f\x7f]{0,127}$")
 Owner = tuple[int, int] | None
 
 
-class SieveError(Exception):
+class SieveError(LegacyError):
     """Base class of ManageSieve errors."""
 
 
-class SieveAuthError(SieveError):
+class SieveAuthError(SieveError, LegacyAuthFailed):
     """The legacy ManageSieve server refused the credentials."""
 
 
-class SieveUnavailable(SieveError):
+class SieveUnavailable(SieveError, LegacyUnavailable):
     """Cannot reach the legacy ManageSieve server, or it hung up (temporary)."""
 
 
-class SieveProtocolError(SieveUnavailable):
+class SieveProtocolError(SieveUnavailable, LegacyProtocolError):
     """A reply that is not ManageSieve as we know it."""
 
 
@@ -377,7 +379,7 @@ def fetch_scripts(
     """Every script of `login` on the legacy server and which one is active (not written anywhere)."""
     ctx = ssl_context
     if ctx is None and legacy.sieve_tls != "none":
-        from sidecar.legacy.verify import tls_context
+        from sidecar.legacy.tls import tls_context
 
         ctx = tls_context(legacy)
     with ManageSieveClient(

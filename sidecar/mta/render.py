@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pty
 import re
-import select
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import jinja2
 
 from sidecar.config import Config, sqlite_path
+from sidecar.mta import commands
+from sidecar.mta.commands import run_tty as run_tty  # moved to mta/commands.py; importable here too
 
 # The repository (or installed share directory) that holds postfix/ and dovecot/.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -101,48 +99,6 @@ def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
-def run_tty(argv: Sequence[str], *, timeout: float = 60.0) -> tuple[int, str]:
-    """Run a command with stdout/stderr on a pseudo-terminal; (exit status, output).
-
-    Postfix commands print their diagnostics only when stderr is a terminal (otherwise to syslog, which a
-    lab or a container may not have), so validation needs a terminal to see why `postfix check` failed.
-    """
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
-    except OSError as e:
-        os.close(master)
-        os.close(slave)
-        raise RenderError(f"cannot run {argv[0]}: {e.strerror}") from None
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: every holder of the terminal has closed it
-                    data = b""
-                if not data:
-                    break
-                chunks.append(data)
-                continue
-            # nothing to read: done once the command has exited (daemons it started may keep the terminal)
-            if proc.poll() is not None:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise RenderError(f"{argv[0]} did not finish within {timeout:.0f}s")
-    finally:
-        os.close(master)
-    rc = proc.wait()
-    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
-    return rc, text
-
-
 # --- Postfix ----------------------------------------------------------------------------------------------
 
 
@@ -151,23 +107,22 @@ def check_postfix(config_dir: Path) -> list[str]:
 
     `postfix check` also creates missing queue directories with their proper owners and modes.
     """
-    rc, out = run_tty(["postfix", "-c", str(config_dir), "check"])
+    try:
+        rc, out = commands.postfix_check(config_dir)
+    except commands.CommandNotRun as e:
+        raise RenderError(str(e)) from None
     if rc != 0:
         raise RenderError(f"postfix -c {config_dir} check failed ({rc}): {out.strip()[-2000:]}")
     warnings = [line for line in out.splitlines() if _POSTFIX_WARNING.search(line)]
     # postconf reports unknown or unused parameters (a typo in a name) that `postfix check` lets pass
-    p = subprocess.run(
-        ["postconf", "-c", str(config_dir), "-n"], capture_output=True, text=True, check=False, timeout=60
-    )
-    if p.returncode != 0:
-        raise RenderError(f"postconf -c {config_dir} -n failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    warnings += [line for line in p.stderr.splitlines() if line.strip()]
-    p = subprocess.run(
-        ["postconf", "-c", str(config_dir), "-M"], capture_output=True, text=True, check=False, timeout=60
-    )
-    if p.returncode != 0:
-        raise RenderError(f"postconf -c {config_dir} -M failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    warnings += [line for line in p.stderr.splitlines() if line.strip()]
+    for flag in ("-n", "-M"):
+        try:
+            p = commands.postconf(config_dir, flag, check=False)
+        except commands.CommandNotRun as e:
+            raise RenderError(f"cannot run {e}") from None
+        if p.returncode != 0:
+            raise RenderError(f"postconf -c {config_dir} {flag} failed ({p.returncode}): {p.err.strip()[-2000:]}")
+        warnings += [line for line in p.err.splitlines() if line.strip()]
     return warnings
 
 
@@ -206,10 +161,9 @@ def dovecot_series(version: str | None = None) -> str:
     (`dovecot --version`, e.g. "2.4.1-4 (7d8c0e5759)"); RenderError when it cannot be told."""
     if version is None:
         try:
-            p = subprocess.run(["dovecot", "--version"], capture_output=True, text=True, timeout=30, check=False)
-        except (OSError, subprocess.SubprocessError) as e:
+            version = commands.run(["dovecot", "--version"], timeout=30, check=False).out.strip()
+        except commands.CommandError as e:
             raise RenderError(f"cannot run `dovecot --version` to choose the Dovecot templates: {e}") from None
-        version = p.stdout.strip()
     m = re.match(r"(\d+)\.(\d+)", version)
     if not m:
         raise RenderError(f"cannot tell the Dovecot version from {version!r} (set [target] dovecot_version)")
@@ -269,12 +223,13 @@ def dovecot_templates(sql_driver: str, *, root: Path | None = None, series: str 
 
 def check_dovecot(conf_file: Path) -> tuple[str, list[str]]:
     """`doveconf -c FILE -n`: (the effective non-default settings, warnings). RenderError when broken."""
-    p = subprocess.run(
-        ["doveconf", "-c", str(conf_file), "-n"], capture_output=True, text=True, check=False, timeout=60
-    )
+    try:
+        p = commands.doveconf(conf_file, "-n", check=False)
+    except commands.CommandNotRun as e:
+        raise RenderError(f"cannot run {e}") from None
     if p.returncode != 0:
-        raise RenderError(f"doveconf -c {conf_file} -n failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
-    return p.stdout, [line for line in p.stderr.splitlines() if line.strip()]
+        raise RenderError(f"doveconf -c {conf_file} -n failed ({p.returncode}): {p.err.strip()[-2000:]}")
+    return p.out, [line for line in p.err.splitlines() if line.strip()]
 
 
 def render_dovecot(

@@ -14,13 +14,13 @@ import csv
 import dataclasses
 import io
 import re
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 from sidecar.auth import passwords
 from sidecar.config import Config
-from sidecar.states import IllegalTransition, State
+from sidecar.mta import commands
+from sidecar.states import IllegalTransition, State, in_flight, is_local
 from sidecar.store.base import Account, Alias, Conflict, Store
 
 BULK_REASON = "bulk migration with legacy admin credentials"
@@ -100,7 +100,7 @@ def queue_migration(store: Store, address: str) -> Queued:
     state = store.state_of(address)
     before = state.value if state else ""
     for _ in range(3):
-        if state is State.MIGRATED:
+        if is_local(state):
             return Queued(address, before, "already migrated")
         if state in (None, State.DISCOVERED):
             try:
@@ -108,7 +108,7 @@ def queue_migration(store: Store, address: str) -> Queued:
             except (Conflict, IllegalTransition):
                 state = store.state_of(address)  # moved by a login or another node meanwhile: look again
                 continue
-        outcome = "in progress" if state in (State.COPYING, State.CUTOVER) else "queued"
+        outcome = "in progress" if in_flight(state) else "queued"
         store.enqueue(address, "copy")
         store.wake(address, "copy")  # a job waiting for the user's password may run now with admin credentials
         return Queued(address, before, outcome)
@@ -159,14 +159,14 @@ def set_password(cfg: Config, store: Store, address: str, password: str) -> Acco
 
 def dovecot_schemes(cfg: Config) -> frozenset[str]:
     """The password schemes this host's Dovecot verifies (`doveadm pw -l`)."""
-    cmd = [cfg.target.doveadm, *(["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else []), "pw", "-l"]
+    cmd = commands.doveadm_argv(cfg.target.doveadm, cfg.target.dovecot_config, "pw", "-l")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
+        return commands.password_schemes(cfg.target.doveadm, cfg.target.dovecot_config)
+    except commands.CommandNotRun as e:
         raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {e}") from None
-    if p.returncode != 0 or not p.stdout.split():
-        raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {p.stderr.strip()[:200]}")
-    return frozenset(s.upper() for s in p.stdout.split())
+    except commands.CommandFailed as e:
+        err = e.stderr.decode("utf-8", "replace").strip()[:200]
+        raise OpsError(f"cannot list Dovecot's password schemes ({' '.join(cmd)}): {err}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,10 +39,10 @@ import smtplib
 import socket
 import ssl
 import stat
-import subprocess
 from collections.abc import Callable, Iterator
 
 from sidecar.config import Config, unix_path
+from sidecar.mta import commands
 
 OK = "ok"
 PROBLEM = "PROBLEM"
@@ -198,10 +198,10 @@ def check_store(cfg: Config) -> tuple[list[Finding], list[str], bool]:
 
 def _cmd(argv: list[str]) -> tuple[int, str]:
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
+        r = commands.run(argv, timeout=60, check=False)
+    except commands.CommandNotRun as e:
         return 127, str(e)
-    return p.returncode, p.stdout + p.stderr
+    return r.returncode, r.out + r.err
 
 
 def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
@@ -210,7 +210,8 @@ def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
     pf_dir = cfg.target.postfix_config or "/etc/postfix"
     sm = postfix_socketmap(cfg.sockets.socketmap)
     fix = "deploy postfix/main.cf.j2 (Ansible postfix role, or sidecar.mta.render.render_postfix) and `postfix reload`"
-    rc, out = _cmd(["postconf", "-c", pf_dir, "-h", "transport_maps", "address_verify_transport_maps", "smtpd_milters"])
+    rc, out = _cmd(commands.postfix_argv(pf_dir, "postconf", "-h", "transport_maps", "address_verify_transport_maps",
+                                         "smtpd_milters"))  # fmt: skip
     if rc != 0:
         yield _bad("postfix", f"postconf -c {pf_dir} failed: {out.strip()[-300:]}", "set [target] postfix_config")
         return
@@ -322,7 +323,7 @@ def _tls_fix(e: ssl.SSLError, cfg: Config) -> tuple[str, str]:
 
 
 def _probe(name: str, port: int, tls: str, cfg: Config, talk: Callable[[float, ssl.SSLContext], str]) -> Finding:
-    from sidecar.legacy.verify import tls_context
+    from sidecar.legacy.tls import tls_context
 
     lg = cfg.legacy
     where = f"{name} {lg.host}:{port} ({tls})"
@@ -471,7 +472,7 @@ def check_admin(cfg: Config, users: list[str]) -> Iterator[Finding]:
     user = users[0]
     params = dataclasses.replace(SourceParams.from_config(lg, user, use_admin=True), timeout=min(lg.timeout, 10))
     if params.ssl_context is None and lg.imap_tls != "none":
-        from sidecar.legacy.verify import tls_context
+        from sidecar.legacy.tls import tls_context
 
         params = dataclasses.replace(params, ssl_context=tls_context(lg))
     try:

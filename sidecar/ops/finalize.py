@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sidecar.config import Config
+from sidecar.mta import commands
 from sidecar.states import State
 
 if TYPE_CHECKING:
@@ -210,13 +211,13 @@ def alias_map(store: Store) -> str:
     return head + "".join(lines)
 
 
-def _run(argv: list[str], what: str) -> None:
+def _run(reload: Callable[[], None], what: str) -> None:
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise FinalizeError(f"{what}: cannot run {argv[0]}: {e}") from None
-    if p.returncode != 0:
-        raise FinalizeError(f"{what} failed ({p.returncode}): {(p.stderr or p.stdout).strip()[-1000:]}")
+        reload()
+    except commands.CommandNotRun as e:
+        raise FinalizeError(f"{what}: cannot run {e}") from None
+    except commands.CommandFailed as e:
+        raise FinalizeError(f"{what} failed ({e.returncode}): {e.output.strip()[-1000:]}") from None
 
 
 def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -> list[str]:
@@ -260,9 +261,8 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
         raise FinalizeError(f"the final configuration did not validate; nothing live was replaced: {e}") from None
     done += [f"warning: {w}" for w in warnings]
     if reload:
-        _run(["postfix", "-c", str(pf_dir), "reload"], f"postfix -c {pf_dir} reload")
-        doveadm = cfg.target.doveadm or "doveadm"
-        _run([doveadm, "-c", str(dv_conf), "reload"], f"doveadm -c {dv_conf} reload")
+        _run(lambda: commands.postfix_reload(pf_dir), f"postfix -c {pf_dir} reload")
+        _run(lambda: commands.doveadm_reload(cfg.target.doveadm, dv_conf), f"doveadm -c {dv_conf} reload")
         done.append("reloaded Postfix and Dovecot")
     store.record_event(
         "", EVENT, f"final configuration without the sidecar: {len(verdict.mailboxes)} account(s), "

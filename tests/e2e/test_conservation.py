@@ -23,13 +23,11 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.lab import launcher, pgcluster, proc
@@ -65,12 +63,10 @@ class Fault:
     end: float = 0.0
 
 
-@pytest.fixture(scope="module")
-def clab() -> Iterator[dict[str, Any]]:
-    limits = {"cutover_grace": 1.0, "lease_seconds": 5.0, "sweep_interval": 2.0, "copy_concurrency": 4}
-    with running_lab("ap-cons-", users=USERS, store="postgresql", messages_per_user=3,
-                     settings={"limits": limits}) as info:
-        yield info
+LAB = {
+    "prefix": "ap-cons-", "users": USERS, "store": "postgresql", "messages_per_user": 3,
+    "settings": {"limits": {"cutover_grace": 1.0, "lease_seconds": 5.0, "sweep_interval": 2.0, "copy_concurrency": 4}},
+}  # fmt: skip
 
 
 def imap_login(host: str, port: int, user: dict[str, Any]) -> None:
@@ -204,8 +200,8 @@ def send_one(tg: dict[str, Any], msgid: str, rcpts: list[str], ledger: Ledger) -
         return [r for r in rcpts if (msgid, r) not in ledger.accepted]
 
 
-def inject_faults(clab: dict[str, Any], faults: list[Fault], stop: threading.Event) -> None:
-    lab_dir = Path(clab["dir"])
+def inject_faults(lab: dict[str, Any], faults: list[Fault], stop: threading.Event) -> None:
+    lab_dir = Path(lab["dir"])
     state = proc.load_state(lab_dir)
     pg = pgcluster.PgCluster(Path(state["pg"]["dir"]))
     steps = [
@@ -217,7 +213,7 @@ def inject_faults(clab: dict[str, Any], faults: list[Fault], stop: threading.Eve
         ("legacy connections cut", lambda: launcher.lab_restart(lab_dir, "legacy-dovecot")),
         ("store down 3 s", lambda: (pg.stop(), time.sleep(3), pg.start())),
         ("postfix reload", lambda: subprocess.run(
-            ["postfix", "-c", clab["target"]["postfix_config"], "reload"], capture_output=True, check=True)),
+            ["postfix", "-c", lab["target"]["postfix_config"], "reload"], capture_output=True, check=True)),
     ]
     for name, action in steps:
         if stop.wait(4):
@@ -237,11 +233,11 @@ def kill_sidecar_hard(lab_dir: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def test_nothing_lost_nothing_twice(clab: dict[str, Any]) -> None:
-    lab_dir = Path(clab["dir"])
-    users: list[dict[str, Any]] = clab["users"]
-    tg, lg = clab["target"], clab["legacy"]
-    store = open_store(config.load(clab["config"]).store.url)
+def test_nothing_lost_nothing_twice(lab: dict[str, Any]) -> None:
+    lab_dir = Path(lab["dir"])
+    users: list[dict[str, Any]] = lab["users"]
+    tg, lg = lab["target"], lab["legacy"]
+    store = open_store(config.load(lab["config"]).store.url)
     try:
         # 1. some users migrated before the run
         for i in BEFORE:
@@ -259,7 +255,7 @@ def test_nothing_lost_nothing_twice(clab: dict[str, Any]) -> None:
                 imap_login(tg["host"], tg["imap"], users[i])
 
         login_thread = threading.Thread(target=logins)
-        fault_thread = threading.Thread(target=inject_faults, args=(clab, faults, stop))
+        fault_thread = threading.Thread(target=inject_faults, args=(lab, faults, stop))
         started = time.time()
         sender.start()
         login_thread.start()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.lab import launcher
@@ -60,10 +61,8 @@ def imap_login(host: str, port: int, login: str, password: str) -> None:
 def wait_for_state(cfg: config.Config, address: str, state: State, timeout: float = 120.0) -> None:
     store = open_store(cfg.store.url)
     try:
-        deadline = time.monotonic() + timeout
-        while (now := store.state_of(address)) is not state:
-            assert time.monotonic() < deadline, f"{address} is {now}, not {state} after {timeout:.0f} s"
-            time.sleep(0.5)
+        wait_for(lambda: store.state_of(address) is state, timeout,
+                 lambda: f"{address} to be {state} (it is {store.state_of(address)})", interval=0.5)  # fmt: skip
     finally:
         store.close()
 

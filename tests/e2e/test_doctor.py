@@ -5,20 +5,16 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.cli import autoport
 
 pytestmark = pytest.mark.e2e
 
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
-
-
 def doctor(config_path: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTOPORT, "--config", config_path, "doctor"], capture_output=True, text=True, timeout=120,
-                          check=False)  # fmt: skip
+    return autoport(config_path, "doctor", timeout=120)
 
 
 def problems(out: str) -> list[tuple[str, str]]:

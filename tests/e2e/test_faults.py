@@ -14,8 +14,6 @@ import socket
 import sqlite3
 import ssl
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.cli import AUTOPORT
 from harness.fake_legacy import FakeLegacy
+from harness.labs import make_lab_dir
 from harness.shim import run_shim
+from harness.waiting import wait_for
 
 from sidecar.config import LegacyConfig
 from sidecar.legacy.imap import LegacySource
@@ -34,7 +35,6 @@ from sidecar.wire import authproto, netstring
 from sidecar.wire.authproto import Request
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
 need_root_dovecot = pytest.mark.skipif(
     shutil.which("dovecot") is None or os.geteuid() != 0, reason="needs dovecot and root"
 )
@@ -71,8 +71,7 @@ def test_starttls_trouble_never_falls_back_to_plaintext(advertised: bool) -> Non
 def lab_legacy() -> Iterator[Any]:
     from sidecar.lab.legacy import start_legacy, stop_legacy
 
-    d = Path(tempfile.mkdtemp(prefix="ap-tls-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = make_lab_dir("ap-tls-")
     srv = start_legacy(d, host="127.0.0.26", users=1, messages_per_user=0)
     try:
         yield srv
@@ -193,8 +192,7 @@ class Sidecar:
 
 @pytest.fixture
 def sidecar_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="ap-flt-", dir="/tmp"))
-    os.chmod(d, 0o755)  # PostgreSQL runs as its own user
+    d = make_lab_dir("ap-flt-")  # PostgreSQL runs as its own user
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -216,10 +214,8 @@ def test_store_down_is_temporary_everywhere_and_the_sidecar_recovers(sidecar_dir
             assert sc.lookup("ann@example.org").startswith((b"TEMP ", b"TIMEOUT "))
             assert sc.proc.poll() is None
             pg.start()
-            deadline = time.monotonic() + 30
-            while sc.lookup("ann@example.org").startswith((b"TEMP", b"TIMEOUT")):  # recovers by itself
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
+            wait_for(lambda: not sc.lookup("ann@example.org").startswith((b"TEMP", b"TIMEOUT")), 30,
+                     "the socketmap to recover by itself", interval=0.5)  # fmt: skip
             assert sc.login("bob@example.org", "right-pw", tmp_path) == 0
         finally:
             sc.stop()
@@ -284,7 +280,8 @@ def test_slow_legacy_server_bounded_waits_and_no_pile_up(sidecar_dir: Path) -> N
         assert peak_threads - threads_before <= 4 * 2 + 4 + 2, (threads_before, peak_threads)
         # client sockets, 4 legacy sockets, and each decision thread's own SQLite connection (file + WAL)
         assert peak_fds - fds_before <= 60 + 4 + 12 * 3, (fds_before, peak_fds)
-        time.sleep(1.0)
+        with contextlib.suppress(AssertionError):  # closing takes a moment; the asserts below say what stayed
+            wait_for(lambda: sc.sockets() == sockets_before and sc.fds() <= fds_before + 12 * 3, 1.0)
         assert sc.sockets() == sockets_before, (sockets_before, sc.sockets())  # nothing left open
         assert sc.fds() <= fds_before + 12 * 3, (fds_before, sc.fds())  # only the per-thread store connections
         assert fake.connections["imap"] <= 60

@@ -8,43 +8,21 @@ import imaplib
 import os
 import signal
 import smtplib
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.labs import running_lab
+from harness.cli import autoport
+from harness.waiting import wait_for, wait_state
 
-from sidecar import config
 from sidecar.lab import proc
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
 
-
-@pytest.fixture(scope="module")
-def flab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-final-", users=2) as info:
-        yield info
-
-
-@pytest.fixture(scope="module")
-def store(flab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(config.load(flab["config"]).store.url)
-    yield s
-    s.close()
-
-
-def autoport(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUTOPORT, "--config", lab["config"], *args], capture_output=True, text=True, timeout=180,
-                          check=False)  # fmt: skip
+LAB = {"prefix": "ap-final-", "users": 2}
 
 
 def login(lab: dict[str, Any], user: dict[str, Any]) -> None:
@@ -60,23 +38,8 @@ def send(lab: dict[str, Any], rcpt: str, msgid: str) -> None:
                    "Subject: finalize\r\n\r\nhello\r\n".encode())  # fmt: skip
 
 
-def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        if account is not None and account.state is want:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{address} did not reach {want.value}")
-
-
 def wait_logged(store: Store, rcpt: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if store.message_log(rcpt):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no message-log row for {rcpt}")
+    wait_for(lambda: store.message_log(rcpt), timeout, f"a message-log row for {rcpt}", interval=0.2)
 
 
 def found_in_inbox(lab: dict[str, Any], user: dict[str, Any], msgid: str, timeout: float = 30) -> int:
@@ -94,48 +57,48 @@ def found_in_inbox(lab: dict[str, Any], user: dict[str, Any], msgid: str, timeou
 
 
 def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
-    flab: dict[str, Any], store: Store
+    lab: dict[str, Any], store: Store
 ) -> None:
-    first, second = flab["users"]
-    login(flab, first)
-    wait_state(store, first["address"], State.MIGRATED)
+    first, second = lab["users"]
+    login(lab, first)
+    wait_state(store, first["address"], State.MIGRATED, fail_fast=False)
     # the second user has not logged in; mail for them goes to the legacy server
-    send(flab, second["address"], f"<before-{time.time_ns()}@sender.test>")
+    send(lab, second["address"], f"<before-{time.time_ns()}@sender.test>")
     wait_logged(store, second["address"])
 
-    out = autoport(flab, "finalize", "--check")
+    out = autoport(lab, "finalize", "--check")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "account list was never read" in out.stdout  # nobody asked the legacy server who lives there
-    out = autoport(flab, "inventory", "--from", "legacy")
+    out = autoport(lab, "inventory", "--from", "legacy")
     assert out.returncode == 0, out.stdout + out.stderr
-    out = autoport(flab, "finalize", "--check")
+    out = autoport(lab, "finalize", "--check")
     assert out.returncode == 1, out.stdout + out.stderr
     assert "relayed to the legacy server" in out.stdout and second["address"] in out.stdout
     assert "never seen here: " + second["address"] in out.stdout
-    out = autoport(flab, "finalize")
+    out = autoport(lab, "finalize")
     assert out.returncode == 1
     assert "not yet" in out.stdout and "relayed to the legacy server" in out.stdout
     assert [e.kind for e in store.events("")] == ["inventory"]  # nothing written
 
-    login(flab, second)  # the second user logs in: the account is known now and migrates
-    wait_state(store, second["address"], State.MIGRATED)
+    login(lab, second)  # the second user logs in: the account is known now and migrates
+    wait_state(store, second["address"], State.MIGRATED, fail_fast=False)
     # the message relayed before the second user migrated was copied along: it no longer blocks
-    out = autoport(flab, "finalize", "--check")
+    out = autoport(lab, "finalize", "--check")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "finalize may run" in out.stdout
-    out = autoport(flab, "finalize", "--quiet-days", "0")
+    out = autoport(lab, "finalize", "--quiet-days", "0")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reloaded Postfix and Dovecot" in out.stdout
     assert [e.kind for e in store.events("")] == ["finalized", "inventory"]
 
     # the sidecar goes away: nothing below may depend on it
-    pid = flab["pids"]["sidecar"]
+    pid = lab["pids"]["sidecar"]
     os.kill(pid, signal.SIGTERM)
-    proc.wait_for(lambda: not proc.pid_alive(pid), 20, what="the sidecar to stop")
+    wait_for(lambda: not proc.pid_alive(pid), 20, "the sidecar to stop")
 
-    tg = flab["target"]
+    tg = lab["target"]
     for user in (first, second):  # native logins, checked by the store's sql passdb alone
-        login(flab, user)
+        login(lab, user)
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c, pytest.raises(imaplib.IMAP4.error):
         c.login(first["login"], first["password"] + "x")
     # SMTP AUTH straight to Dovecot again (during the migration it went through the sidecar's relay)
@@ -144,19 +107,19 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
         assert s.login(first["login"], first["password"])[0] == 235
 
     msgid = f"<after-{time.time_ns()}@sender.test>"
-    send(flab, first["address"], msgid)
-    assert found_in_inbox(flab, first, msgid) == 1
+    send(lab, first["address"], msgid)
+    assert found_in_inbox(lab, first, msgid) == 1
 
     with smtplib.SMTP(tg["host"], tg["smtp"], timeout=30) as s:
         s.ehlo()
         s.mail("sender@sender.test")
-        code, text = s.rcpt(f"nobody-{time.time_ns()}@{flab['domains'][0]}")
+        code, text = s.rcpt(f"nobody-{time.time_ns()}@{lab['domains'][0]}")
         assert code == 550, text
         assert b"unknown" in text.lower()
         code, _ = s.rcpt(second["address"])
         assert code == 250
 
     # and doctor agrees that this is the final state
-    out = autoport(flab, "doctor")
+    out = autoport(lab, "doctor")
     assert "final configuration (no sidecar)" in out.stdout, out.stdout
     assert "final configuration (sql passdb only)" in out.stdout

@@ -8,17 +8,15 @@ import os
 import poplib
 import smtplib
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.cli import AUTOPORT, autoport
 
 from sidecar.lab import proc
 
 pytestmark = pytest.mark.e2e
-
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
 
 
 def _lab_processes(lab_dir: Path) -> list[str]:
@@ -95,8 +93,7 @@ def test_legacy_greets_and_serves_generated_mail(lab: dict[str, Any]) -> None:
 
 
 def test_status_summary_on_fresh_store(lab: dict[str, Any]) -> None:
-    out = subprocess.run(
-        [AUTOPORT, "--config", lab["config"], "status", "--json"], capture_output=True, text=True, check=True
-    )
+    out = autoport(lab, "status", "--json")
+    assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert set(summary["accounts"]) == {"discovered", "copying", "cutover", "migrated", "failed"}

@@ -10,21 +10,19 @@ from __future__ import annotations
 import imaplib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness.cli import AUTOPORT
 
 from sidecar.lab import legacy as legacy_mod
 from sidecar.lab.proc import LabError
 
 pytestmark = pytest.mark.e2e
 
-AUTOPORT = str(Path(sys.executable).parent / "autoport")
-
 
 def test_target_in_front_of_an_external_legacy_server(lab_dir: Path) -> None:
-    from conftest import make_lab_dir
+    from harness.labs import make_lab_dir
 
     ext_dir = make_lab_dir("ap-ext-")
     srv = legacy_mod.start_legacy(ext_dir, host="127.0.0.12", users=2, messages_per_user=5)

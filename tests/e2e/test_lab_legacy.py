@@ -11,11 +11,11 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from harness.waiting import wait_for
 from imapclient import IMAPClient
 
 from sidecar.lab import legacy, proc
@@ -78,13 +78,12 @@ def imap(srv: LegacyServer, user: LegacyUser) -> IMAPClient:
 
 def wait_for_message(srv: LegacyServer, user: LegacyUser, folder: str, message_id: str) -> None:
     with imap(srv, user) as c:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+
+        def arrived() -> bool:
             c.select_folder(folder, readonly=True)
-            if c.search(["HEADER", "Message-ID", message_id]):
-                return
-            time.sleep(0.1)
-    pytest.fail(f"{message_id} did not arrive in {folder} of {user.login}")
+            return bool(c.search(["HEADER", "Message-ID", message_id]))
+
+        wait_for(arrived, 15, f"{message_id} in {folder} of {user.login}", interval=0.1)
 
 
 def test_imap_plain_login_lists_generated_folders_non_ascii_in_utf7(srv: LegacyServer) -> None:

@@ -14,14 +14,14 @@ import os
 import select
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
+from harness.labs import make_lab_dir
+from harness.waiting import wait_for
 
 from sidecar.auth.passwords import hash_password
 from sidecar.config import HashConfig, LegacyConfig
@@ -41,8 +41,7 @@ QUOTE_PASSWORD = 'a "quoted" \\ pass'  # quotable
 
 @pytest.fixture(scope="module")
 def legacy() -> Iterator[LegacyServer]:
-    d = Path(tempfile.mkdtemp(prefix="ap-la-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = make_lab_dir("ap-la-")
     srv = start_legacy(d, host=HOST, users=2, messages_per_user=0)
     try:
         users = srv.dir / "users"
@@ -142,10 +141,7 @@ def test_xclient_passes_the_client_address(legacy: LegacyServer) -> None:
     log = legacy.logs.get("legacy-postfix")
     if log is None or not log.exists():
         pytest.skip("legacy Postfix log not found")
-    deadline = time.monotonic() + 5
-    while "198.51.100.77" not in log.read_text(errors="replace") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert "198.51.100.77" in log.read_text(errors="replace")
+    wait_for(lambda: "198.51.100.77" in log.read_text(errors="replace"), 5, "the client address in the legacy log")
 
 
 @pytest.mark.parametrize("login", ["alice\r\nA1 LOGOUT", "alice\0", "ali\x1bce", ""])
@@ -338,10 +334,7 @@ def fake() -> Iterator[ReadyFake]:
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_for(check, timeout, interval=0.01)
 
 
 def assert_one_login_per_check(fake: ReadyFake, proto: str, checks: int) -> None:

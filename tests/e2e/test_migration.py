@@ -10,31 +10,18 @@ import imaplib
 import poplib
 import smtplib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness.labs import running_lab
+from harness.waiting import wait_state
 
-from sidecar import config
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def mlab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-mig-", users=3) as info:
-        yield info
-
-
-@pytest.fixture(scope="module")
-def store(mlab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(config.load(mlab["config"]).store.url)
-    yield s
-    s.close()
+LAB = {"prefix": "ap-mig-", "users": 3}
 
 
 def imap_view(host: str, port: int, user: dict[str, Any]) -> dict[str, Any]:
@@ -62,29 +49,15 @@ def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
         p.quit()
 
 
-def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> list[str]:
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        state = account.state.value if account else "(none)"
-        if not seen or seen[-1] != state:
-            seen.append(state)
-        if account is not None and account.state in (want, State.FAILED):
-            return seen
-        time.sleep(0.05)
-    raise AssertionError(f"{address} did not reach {want.value}: {seen}")
-
-
-def test_first_login_migrates_and_clients_see_the_same_mailbox(mlab: dict[str, Any], store: Store) -> None:
-    lg, tg = mlab["legacy"], mlab["target"]
-    user = mlab["users"][0]
+def test_first_login_migrates_and_clients_see_the_same_mailbox(lab: dict[str, Any], store: Store) -> None:
+    lg, tg = lab["legacy"], lab["target"]
+    user = lab["users"][0]
     legacy_view = imap_view(lg["host"], lg["imap"], user)
     legacy_uidls = pop3_uidls(lg["host"], lg["pop3"], user)
 
     # first login on the target, with the legacy password: the session is the legacy mailbox (proxied)
     assert imap_view(tg["host"], tg["imap"], user) == legacy_view
-    states = wait_state(store, user["address"], State.MIGRATED)
+    states = wait_state(store, user["address"], State.MIGRATED, interval=0.05)
     assert states[-1] == "migrated", states
     assert "failed" not in states
 
@@ -97,9 +70,9 @@ def test_first_login_migrates_and_clients_see_the_same_mailbox(mlab: dict[str, A
     ]
 
 
-def test_mail_sent_during_the_move_arrives_exactly_once(mlab: dict[str, Any], store: Store) -> None:
-    tg = mlab["target"]
-    user = mlab["users"][1]
+def test_mail_sent_during_the_move_arrives_exactly_once(lab: dict[str, Any], store: Store) -> None:
+    tg = lab["target"]
+    user = lab["users"][1]
     msgid = f"<during-{time.time_ns()}@sender.test>"
     # the login queues the copy; the message is sent at once, while the account is copying or in cutover
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
@@ -128,9 +101,9 @@ def test_mail_sent_during_the_move_arrives_exactly_once(mlab: dict[str, Any], st
     assert account is not None and account.state is State.MIGRATED
 
 
-def test_wrong_password_migrates_nothing(mlab: dict[str, Any], store: Store) -> None:
-    tg = mlab["target"]
-    user = mlab["users"][2]
+def test_wrong_password_migrates_nothing(lab: dict[str, Any], store: Store) -> None:
+    tg = lab["target"]
+    user = lab["users"][2]
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c, pytest.raises(imaplib.IMAP4.error):
         c.login(user["login"], user["password"] + "x")
     assert store.get(user["address"]) is None

@@ -13,18 +13,15 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness.e2e_mail import legacy_count, message_id, migrate, postfix_config, queue, send, target_count, wait_for
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.auth import passwords
 from sidecar.lab import launcher, target
-from sidecar.store import open_store
 from sidecar.store.base import MessageRecord, Store
 
 pytestmark = pytest.mark.e2e
@@ -32,17 +29,7 @@ pytestmark = pytest.mark.e2e
 D = "@example.test"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-milter-", users=4) as info:
-        yield info
-
-
-@pytest.fixture(scope="module")
-def store(lab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(lab["store"])
-    yield s
-    s.close()
+LAB = {"prefix": "ap-milter-", "users": 4}
 
 
 def rows(store: Store, recipient: str, mid: str) -> list[MessageRecord]:

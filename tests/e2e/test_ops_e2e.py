@@ -6,40 +6,20 @@ from __future__ import annotations
 import imaplib
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from harness.cli import autoport
 from harness.e2e_mail import dovecot_config, message_id, send, target_count, wait_for
-from harness.labs import running_lab
 
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-ops-", users=3) as info:
-        yield info
-
-
-@pytest.fixture(scope="module")
-def store(lab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(lab["store"])
-    yield s
-    s.close()
-
-
-def autoport(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar.ops.cli", "--config", lab["config"], *args],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+LAB = {"prefix": "ap-ops-", "users": 3}
 
 
 def imap_inbox(host: str, port: int, login: str, password: str) -> list[bytes]:

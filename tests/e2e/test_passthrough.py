@@ -4,7 +4,7 @@ What a user sees on IMAP, POP3 and SMTP AUTH (target submission port), and what 
 first login of an unmigrated user, wrong passwords, legacy server down, migrated accounts (native login, old
 password refused, store down is temporary), bare login names, concurrent first logins, brute force.
 
-Two labs: `plab` (SQLite store, addresses as logins) and `bare` (bare login names, small failure budgets).
+Two labs: `lab` (SQLite store, addresses as logins) and `bare` (bare login names, small failure budgets).
 Tests that fail on purpose use client addresses of their own: Dovecot's auth penalty is per client address.
 The legacy lab Dovecot also penalises the sidecar's address after wrong passwords (as a real one would), so
 the wrong-password tests come after the first-login tests in this file.
@@ -32,6 +32,7 @@ from harness.passthrough_helpers import (
     pop3_result,
     smtp_auth_result,
 )
+from harness.waiting import wait_for
 
 from sidecar.auth import passwords
 from sidecar.config import HashConfig
@@ -43,11 +44,8 @@ from sidecar.store.base import Store
 CLIENT = "127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def plab() -> Iterator[dict[str, Any]]:
-    # no copies on this node: accounts stay where the state machine puts them (the copier has its own tests)
-    with running_lab("ap-pt-", users=8, settings={"limits": {"copy_concurrency": 0}}) as info:
-        yield info
+# no copies on this node: accounts stay where the state machine puts them (the copier has its own tests)
+LAB = {"prefix": "ap-pt-", "users": 8, "settings": {"limits": {"copy_concurrency": 0}}}
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +58,6 @@ def bare() -> Iterator[dict[str, Any]]:
     }
     with running_lab("ap-pt-", users=4, bare_logins=True, settings={"limits": limits}) as info:
         yield info
-
-
-@pytest.fixture(scope="module")
-def pstore(plab: dict[str, Any]) -> Iterator[Store]:
-    store = open_store(plab["store"])
-    yield store
-    store.close()
 
 
 def user(info: dict[str, Any], i: int) -> dict[str, str]:
@@ -108,10 +99,8 @@ def migrate(store: Store, address: str) -> None:
 
 
 def wait_for_line(mark: LogMark, needle: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(needle in ln for ln in mark.lines()):
-        assert time.monotonic() < deadline, f"{needle!r} not logged in {mark.path}: {mark.lines()[-5:]}"
-        time.sleep(0.1)
+    wait_for(lambda: any(needle in ln for ln in mark.lines()), timeout,
+             lambda: f"{needle!r} in {mark.path}: {mark.lines()[-5:]}", interval=0.1)  # fmt: skip
 
 
 def legacy_auth_lines(mark: LogMark) -> list[str]:
@@ -123,60 +112,60 @@ def legacy_auth_lines(mark: LogMark) -> list[str]:
 
 
 def test_first_imap_login_shows_the_legacy_mailbox_and_starts_the_migration(
-    plab: dict[str, Any], pstore: Store
+    lab: dict[str, Any], store: Store
 ) -> None:
-    host, imap, _, _ = tgt(plab)
-    u = user(plab, 0)
+    host, imap, _, _ = tgt(lab)
+    u = user(lab, 0)
     address = u["address"]
-    assert pstore.get(address) is None
+    assert store.get(address) is None
 
     seen = imap_mailbox(host, imap, u["login"], u["password"], source=CLIENT)
 
-    assert seen == legacy_mailbox(plab, u)  # (UIDVALIDITY, message count) of the legacy INBOX: proxied
+    assert seen == legacy_mailbox(lab, u)  # (UIDVALIDITY, message count) of the legacy INBOX: proxied
     assert seen[1] > 0
-    acct = pstore.get(address)
+    acct = store.get(address)
     assert acct is not None and acct.state is State.COPYING
-    pw_hash = stored_hash(plab, address)
+    pw_hash = stored_hash(lab, address)
     assert pw_hash.startswith("{ARGON2ID}$argon2id$")
     assert hash_accepts(pw_hash, u["password"])
     assert not hash_accepts(pw_hash, u["password"] + "x")
-    assert [j.kind for j in pstore.jobs(address)] == ["copy"]
+    assert [j.kind for j in store.jobs(address)] == ["copy"]
 
 
-def test_first_pop3_login_is_proxied_and_starts_the_migration(plab: dict[str, Any], pstore: Store) -> None:
-    host, _, pop3, _ = tgt(plab)
-    u = user(plab, 1)
+def test_first_pop3_login_is_proxied_and_starts_the_migration(lab: dict[str, Any], store: Store) -> None:
+    host, _, pop3, _ = tgt(lab)
+    u = user(lab, 1)
 
     status, count = pop3_result(host, pop3, u["login"], u["password"], source=CLIENT)
 
     assert status == "+OK"
-    assert int(count) == legacy_mailbox(plab, u)[1]
-    acct = pstore.get(u["address"])
+    assert int(count) == legacy_mailbox(lab, u)[1]
+    acct = store.get(u["address"])
     assert acct is not None and acct.state is State.COPYING
-    assert hash_accepts(stored_hash(plab, u["address"]), u["password"])
-    assert len(pstore.jobs(u["address"])) == 1
+    assert hash_accepts(stored_hash(lab, u["address"]), u["password"])
+    assert len(store.jobs(u["address"])) == 1
 
 
-def test_first_smtp_auth_succeeds_and_starts_the_migration(plab: dict[str, Any], pstore: Store) -> None:
-    host, _, _, submission = tgt(plab)
-    u = user(plab, 2)
+def test_first_smtp_auth_succeeds_and_starts_the_migration(lab: dict[str, Any], store: Store) -> None:
+    host, _, _, submission = tgt(lab)
+    u = user(lab, 2)
 
     code, _text = smtp_auth_result(host, submission, u["login"], u["password"], source=CLIENT)
 
     assert code == 235
-    acct = pstore.get(u["address"])
+    acct = store.get(u["address"])
     assert acct is not None and acct.state is State.COPYING
-    assert hash_accepts(stored_hash(plab, u["address"]), u["password"])
-    assert len(pstore.jobs(u["address"])) == 1
+    assert hash_accepts(stored_hash(lab, u["address"]), u["password"])
+    assert len(store.jobs(u["address"])) == 1
 
 
 def test_thirty_concurrent_first_logins_make_one_account_one_job_one_legacy_check(
-    plab: dict[str, Any], pstore: Store
+    lab: dict[str, Any], store: Store
 ) -> None:
-    host, imap, _, _ = tgt(plab)
-    u = user(plab, 5)
-    mark = LogMark(Path(plab["logs"]) / "legacy-dovecot.log")
-    sidecar_log = LogMark(Path(plab["logs"]) / "sidecar.log")
+    host, imap, _, _ = tgt(lab)
+    u = user(lab, 5)
+    mark = LogMark(Path(lab["logs"]) / "legacy-dovecot.log")
+    sidecar_log = LogMark(Path(lab["logs"]) / "sidecar.log")
 
     def login(_: int) -> tuple[str, str]:
         return imap_result(host, imap, u["login"], u["password"], source=CLIENT)
@@ -185,9 +174,9 @@ def test_thirty_concurrent_first_logins_make_one_account_one_job_one_legacy_chec
         results = list(pool.map(login, range(30)))
 
     assert [r[0] for r in results] == ["OK"] * 30, {r[1] for r in results if r[0] != "OK"}
-    acct = pstore.get(u["address"])
+    acct = store.get(u["address"])
     assert acct is not None and acct.state is State.COPYING
-    assert len(pstore.jobs(u["address"])) == 1
+    assert len(store.jobs(u["address"])) == 1
     decisions = [ln for ln in sidecar_log.lines() if "sidecar.auth: auth " in ln and u["address"] in ln]
     assert len(decisions) == 30
     # one check on the legacy server; the other 29 answered from the sidecar's positive cache
@@ -200,32 +189,32 @@ def test_thirty_concurrent_first_logins_make_one_account_one_job_one_legacy_chec
 # --- migrated accounts: native, old password refused -----------------------------------------------------
 
 
-def test_migrated_account_logs_in_natively_and_its_old_password_fails(plab: dict[str, Any], pstore: Store) -> None:
-    host, imap, pop3, submission = tgt(plab)
-    u = user(plab, 3)
+def test_migrated_account_logs_in_natively_and_its_old_password_fails(lab: dict[str, Any], store: Store) -> None:
+    host, imap, pop3, submission = tgt(lab)
+    u = user(lab, 3)
     address, old = u["address"], u["password"]
     assert imap_result(host, imap, u["login"], old, source=CLIENT)[0] == "OK"  # first login: copying
-    assert stored_hash(plab, address)  # stored right after the answer
-    migrate(pstore, address)
+    assert stored_hash(lab, address)  # stored right after the answer
+    migrate(store, address)
 
     # with the verified password, now natively: served by the target Dovecot (its empty Maildir: no copier
     # ran), not by the legacy server, whose INBOX has messages
-    dlog = LogMark(Path(plab["logs"]) / "target-dovecot.log")
-    slog = LogMark(Path(plab["logs"]) / "sidecar.log")
+    dlog = LogMark(Path(lab["logs"]) / "target-dovecot.log")
+    slog = LogMark(Path(lab["logs"]) / "sidecar.log")
     uidvalidity, count = imap_mailbox(host, imap, u["login"], old, source=CLIENT)
-    assert count == 0 and legacy_mailbox(plab, u)[1] > 0
-    assert uidvalidity != legacy_mailbox(plab, u)[0]
+    assert count == 0 and legacy_mailbox(lab, u)[1] > 0
+    assert uidvalidity != legacy_mailbox(lab, u)[0]
     wait_for_line(dlog, f"imap({address})")
     assert not [ln for ln in slog.lines() if address in ln]  # the sidecar was not asked
 
     # the stored hash changes (the user changed the password on the target): the old legacy password fails
     new = "N3w-" + old[::-1]
-    pstore.set_password_hash(address, passwords.hash_password(new, HashConfig()))
+    store.set_password_hash(address, passwords.hash_password(new, HashConfig()))
     assert imap_result(host, imap, u["login"], new, source=CLIENT)[0] == "OK"
     assert pop3_result(host, pop3, u["login"], new, source=CLIENT)[0] == "+OK"
     assert smtp_auth_result(host, submission, u["login"], new, source=CLIENT)[0] == 235
-    lmark = LogMark(Path(plab["logs"]) / "legacy-dovecot.log")
-    slog = LogMark(Path(plab["logs"]) / "sidecar.log")
+    lmark = LogMark(Path(lab["logs"]) / "legacy-dovecot.log")
+    slog = LogMark(Path(lab["logs"]) / "sidecar.log")
     typ, text = imap_result(host, imap, u["login"], old, source="127.0.0.30")
     assert (typ, "[AUTHENTICATIONFAILED]" in text) == ("NO", True), text
     status, text = pop3_result(host, pop3, u["login"], old, source="127.0.0.30")
@@ -234,15 +223,15 @@ def test_migrated_account_logs_in_natively_and_its_old_password_fails(plab: dict
     # refused by the deny step: neither the sidecar nor the legacy server was asked
     assert not [ln for ln in slog.lines() if address in ln]
     assert not [ln for ln in legacy_auth_lines(lmark) if address in ln]
-    assert pstore.state_of(address) is State.MIGRATED
+    assert store.state_of(address) is State.MIGRATED
 
 
 # --- wrong passwords, legacy down --------------------------------------------------------------------------
 
 
-def test_wrong_password_fails_on_every_protocol_and_creates_nothing(plab: dict[str, Any], pstore: Store) -> None:
-    host, imap, pop3, submission = tgt(plab)
-    u = user(plab, 4)
+def test_wrong_password_fails_on_every_protocol_and_creates_nothing(lab: dict[str, Any], store: Store) -> None:
+    host, imap, pop3, submission = tgt(lab)
+    u = user(lab, 4)
     # a different wrong password each time, so each one is checked on the legacy server (none from a cache)
     code, text = smtp_auth_result(host, submission, u["login"], "wrong-1", source="127.0.0.31")
     assert code == 535, text
@@ -250,8 +239,8 @@ def test_wrong_password_fails_on_every_protocol_and_creates_nothing(plab: dict[s
     assert typ == "NO" and "[AUTHENTICATIONFAILED]" in text, text
     status, text = pop3_result(host, pop3, u["login"], "wrong-3", source="127.0.0.33")
     assert status == "-ERR" and "[AUTH]" in text, text
-    assert pstore.get(u["address"]) is None
-    assert pstore.jobs(u["address"]) == []
+    assert store.get(u["address"]) is None
+    assert store.jobs(u["address"]) == []
 
 
 def _stop_legacy(info: dict[str, Any]) -> legacy.LegacyServer:
@@ -262,37 +251,37 @@ def _stop_legacy(info: dict[str, Any]) -> legacy.LegacyServer:
     return srv
 
 
-def test_legacy_down_is_a_temporary_failure(plab: dict[str, Any], pstore: Store) -> None:
-    host, imap, pop3, submission = tgt(plab)
-    u = user(plab, 6)
-    d = Path(plab["dir"])
-    srv = _stop_legacy(plab)
+def test_legacy_down_is_a_temporary_failure(lab: dict[str, Any], store: Store) -> None:
+    host, imap, pop3, submission = tgt(lab)
+    u = user(lab, 6)
+    d = Path(lab["dir"])
+    srv = _stop_legacy(lab)
     try:
         typ, text = imap_result(host, imap, u["login"], u["password"], source="127.0.0.34")
         assert typ == "NO" and "[UNAVAILABLE]" in text, text
         status, text = pop3_result(host, pop3, u["login"], u["password"], source="127.0.0.34")
         assert status == "-ERR" and "[SYS/TEMP]" in text, text
-        assert pstore.get(u["address"]) is None
+        assert store.get(u["address"]) is None
         code, text = smtp_auth_result(host, submission, u["login"], u["password"], source="127.0.0.34")
         assert code == 454, (code, text)
-        assert pstore.get(u["address"]) is None
+        assert store.get(u["address"]) is None
     finally:
         for name in legacy.COMPONENTS:
             legacy._start_component(d, srv, name)
     # back: the same login now works and starts the migration
     assert imap_result(host, imap, u["login"], u["password"], source="127.0.0.34")[0] == "OK"
-    assert pstore.state_of(u["address"]) is State.COPYING
+    assert store.state_of(u["address"]) is State.COPYING
 
 
 def test_smtp_auth_while_legacy_down_is_454_and_a_wrong_password_still_535(
-    plab: dict[str, Any], pstore: Store
+    lab: dict[str, Any], store: Store
 ) -> None:
     """Postfix 3.7 answers 535 to every Dovecot FAIL, `temp` included; the sidecar's SASL relay closes the
     connection on a temporary FAIL instead, which Postfix answers with 454 (sidecar/edge/saslrelay.py)."""
-    host, _, _, submission = tgt(plab)
-    u = user(plab, 7)
-    d = Path(plab["dir"])
-    srv = _stop_legacy(plab)
+    host, _, _, submission = tgt(lab)
+    u = user(lab, 7)
+    d = Path(lab["dir"])
+    srv = _stop_legacy(lab)
     try:
         for _ in range(2):  # the second on the connection smtpd opened again after the relay closed the first
             code, text = smtp_auth_result(host, submission, u["login"], u["password"], source="127.0.0.35")
@@ -300,25 +289,25 @@ def test_smtp_auth_while_legacy_down_is_454_and_a_wrong_password_still_535(
     finally:
         for name in legacy.COMPONENTS:
             legacy._start_component(d, srv, name)
-    assert pstore.get(u["address"]) is None
+    assert store.get(u["address"]) is None
     # back: an ordinary failure is passed through as it was (535), nothing created
     code, text = smtp_auth_result(host, submission, u["login"], u["password"] + "x", source="127.0.0.35")
     assert code == 535, (code, text)
-    assert pstore.get(u["address"]) is None
+    assert store.get(u["address"]) is None
 
 
 # --- the store down: temporary, never a fall-through to legacy ----------------------------------------------
 
 
-def test_store_unreadable_by_dovecot_is_temporary_for_everyone(plab: dict[str, Any], pstore: Store) -> None:
-    host, imap, pop3, submission = tgt(plab)
-    d = Path(plab["dir"])
-    migrated = user(plab, 3)  # migrated above, with a new password; its old one must not reach legacy
-    fresh = user(plab, 7)
-    db = Path(plab["store"].removeprefix("sqlite:///"))
-    assert pstore.state_of(migrated["address"]) is State.MIGRATED
+def test_store_unreadable_by_dovecot_is_temporary_for_everyone(lab: dict[str, Any], store: Store) -> None:
+    host, imap, pop3, submission = tgt(lab)
+    d = Path(lab["dir"])
+    migrated = user(lab, 3)  # migrated above, with a new password; its old one must not reach legacy
+    fresh = user(lab, 7)
+    db = Path(lab["store"].removeprefix("sqlite:///"))
+    assert store.state_of(migrated["address"]) is State.MIGRATED
     dir_mode = db.parent.stat().st_mode & 0o7777
-    slog = LogMark(Path(plab["logs"]) / "sidecar.log")
+    slog = LogMark(Path(lab["logs"]) / "sidecar.log")
     try:
         os.chmod(db.parent, 0o700)  # the dovecot user can no longer reach the store
         launcher.lab_restart(d, "target-dovecot")  # its auth worker kept the database open
@@ -333,7 +322,7 @@ def test_store_unreadable_by_dovecot_is_temporary_for_everyone(plab: dict[str, A
         os.chmod(db.parent, dir_mode)
         launcher.lab_restart(d, "target-dovecot")
     assert not [ln for ln in slog.lines() if "sidecar.auth: auth " in ln]  # checkpassword never ran
-    assert pstore.get(fresh["address"]) is None
+    assert store.get(fresh["address"]) is None
 
 
 # --- bare login names ---------------------------------------------------------------------------------------

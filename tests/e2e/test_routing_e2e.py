@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,11 @@ from harness.e2e_mail import (
     target_count,
     wait_for,
 )
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.lab import launcher, proc
 from sidecar.migration import release
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import MessageRecord, Store
 
 pytestmark = pytest.mark.e2e
@@ -43,19 +40,15 @@ D = "@example.test"
 LMTP = "lmtp:unix:private/dovecot-lmtp"
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-route-", users=8) as info:
-        yield info
+LAB = {"prefix": "ap-route-", "users": 8}
 
 
 @pytest.fixture(scope="module")
-def store(lab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(lab["store"])
-    migrate(s, "bob" + D)
-    migrate(s, "heidi" + D)
-    yield s
-    s.close()
+def store(store: Store) -> Store:
+    """The lab's store, with bob and heidi migrated."""
+    migrate(store, "bob" + D)
+    migrate(store, "heidi" + D)
+    return store
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from harness.labs import running_lab
 from harness.passthrough_helpers import imap_mailbox, imap_result, pop3_result, smtp_auth_result
 
 from sidecar.auth import passwords
@@ -26,10 +24,7 @@ from sidecar.store import open_store
 EXCLUDED_NAMES = {"lab-state.json", "lab-state.tmp"}
 
 
-@pytest.fixture(scope="module")
-def slab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-sec-", users=4, settings={"limits": {"copy_concurrency": 0}}) as info:
-        yield info
+LAB = {"prefix": "ap-sec-", "users": 4, "settings": {"limits": {"copy_concurrency": 0}}}
 
 
 def _exercise(info: dict[str, Any]) -> list[str]:
@@ -91,24 +86,24 @@ def _files(root: Path) -> Iterator[Path]:
                 yield p
 
 
-def test_no_password_in_logs_store_config_or_processes(slab: dict[str, Any]) -> None:
-    used = _exercise(slab)
+def test_no_password_in_logs_store_config_or_processes(lab: dict[str, Any]) -> None:
+    used = _exercise(lab)
     needles = [pw.encode() for pw in used]
     assert all(len(n) >= 8 for n in needles)
-    lab = Path(slab["dir"])
+    lab_dir = Path(lab["dir"])
     places: list[tuple[str, bytes]] = []
     # logs, the store (database, WAL, shm), the generated configuration (target dir, autoport.toml, run/)
     for sub in ("logs", "store", "target", "run"):
-        for p in _files(lab / sub):
+        for p in _files(lab_dir / sub):
             with open(p, "rb") as f:
                 places.append((str(p), f.read()))
-    places.append(("autoport.toml", (lab / "autoport.toml").read_bytes()))
+    places.append(("autoport.toml", (lab_dir / "autoport.toml").read_bytes()))
     scanned_logs = [p for p, _ in places if "/logs/" in p]
     assert any(p.endswith("sidecar.log") for p in scanned_logs)
     assert any(p.endswith("target-dovecot.log") for p in scanned_logs)
     assert any(p.endswith("autoport.db") for p, _ in places)
     # the lab's processes
-    pids = _lab_pids(slab)
+    pids = _lab_pids(lab)
     assert len(pids) > 5
     for pid in pids:
         for what in ("cmdline", "environ"):
@@ -120,13 +115,13 @@ def test_no_password_in_logs_store_config_or_processes(slab: dict[str, Any]) -> 
     assert not leaks, leaks
 
 
-def test_the_scan_would_find_a_password(slab: dict[str, Any]) -> None:
+def test_the_scan_would_find_a_password(lab: dict[str, Any]) -> None:
     """The search itself works: a password written into a log file is found (the test above can fail)."""
-    pw = slab["users"][0]["password"]
-    probe = Path(slab["dir"]) / "logs" / "probe.log"
+    pw = lab["users"][0]["password"]
+    probe = Path(lab["dir"]) / "logs" / "probe.log"
     probe.write_text(f"oops {pw}\n")
     try:
-        found = [p for p in _files(Path(slab["dir"]) / "logs") if pw.encode() in p.read_bytes()]
+        found = [p for p in _files(Path(lab["dir"]) / "logs") if pw.encode() in p.read_bytes()]
         assert found == [probe]
     finally:
         probe.unlink()

@@ -5,34 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import imaplib
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness.labs import running_lab
+from harness.waiting import wait_state
 
 from sidecar import config
 from sidecar.migration import sieve
 from sidecar.migration.copier import SourceParams
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def slab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-sieve-", users=2) as info:
-        yield info
-
-
-@pytest.fixture(scope="module")
-def store(slab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(config.load(slab["config"]).store.url)
-    yield s
-    s.close()
+LAB = {"prefix": "ap-sieve-", "users": 2}
 
 
 def scripts_on(host: str, port: int, login: str, password: str) -> dict[str, tuple[bool, bytes]]:
@@ -44,26 +31,15 @@ def scripts_on(host: str, port: int, login: str, password: str) -> dict[str, tup
     return out
 
 
-def wait_migrated(store: Store, address: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        account = store.get(address)
-        if account is not None and account.state in (State.MIGRATED, State.FAILED):
-            assert account.state is State.MIGRATED, account.last_error
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{address} did not migrate")
-
-
-def test_scripts_and_active_script_arrive_unchanged(slab: dict[str, Any], store: Store) -> None:
-    lg, tg = slab["legacy"], slab["target"]
-    user = slab["users"][0]  # even-numbered lab users have "filters" (active) and "vacation"
+def test_scripts_and_active_script_arrive_unchanged(lab: dict[str, Any], store: Store) -> None:
+    lg, tg = lab["legacy"], lab["target"]
+    user = lab["users"][0]  # even-numbered lab users have "filters" (active) and "vacation"
     before = scripts_on(lg["host"], lg["sieve"], user["login"], user["password"])
     assert {n: a for n, (a, _) in before.items()} == {"filters": True, "vacation": False}
 
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
         c.login(user["login"], user["password"])
-    wait_migrated(store, user["address"])
+    wait_state(store, user["address"], State.MIGRATED)
 
     after = scripts_on(tg["host"], tg["managesieve"], user["login"], user["password"])  # native login now
     assert after == before
@@ -71,22 +47,22 @@ def test_scripts_and_active_script_arrive_unchanged(slab: dict[str, Any], store:
     assert "sieve" in kinds and "sieve-failed" not in kinds
 
 
-def test_user_without_scripts_migrates_without_complaint(slab: dict[str, Any], store: Store) -> None:
-    tg = slab["target"]
-    user = slab["users"][1]
+def test_user_without_scripts_migrates_without_complaint(lab: dict[str, Any], store: Store) -> None:
+    tg = lab["target"]
+    user = lab["users"][1]
     with imaplib.IMAP4(tg["host"], tg["imap"], timeout=30) as c:
         c.login(user["login"], user["password"])
-    wait_migrated(store, user["address"])
+    wait_state(store, user["address"], State.MIGRATED)
     assert scripts_on(tg["host"], tg["managesieve"], user["login"], user["password"]) == {}
     assert not [e for e in store.events(user["address"]) if e.kind.startswith("sieve")]
 
 
-def test_refused_managesieve_login_is_recorded_for_the_report(slab: dict[str, Any], store: Store) -> None:
-    cfg = config.load(slab["config"])
-    user = slab["users"][0]
+def test_refused_managesieve_login_is_recorded_for_the_report(lab: dict[str, Any], store: Store) -> None:
+    cfg = config.load(lab["config"])
+    user = lab["users"][0]
     source = SourceParams.from_config(cfg.legacy, user["login"], user["password"] + "-changed")
     # the same step the job runner takes after the initial copy, here with a password the legacy server refuses
-    cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, mail_root=str(slab["dir"]) + "/scratch"))
+    cfg = dataclasses.replace(cfg, target=dataclasses.replace(cfg.target, mail_root=str(lab["dir"]) + "/scratch"))
     assert sieve.copy_for_account(cfg, store, user["address"], source) is None
     failed = [e for e in store.events(user["address"]) if e.kind == "sieve-failed"]
     assert len(failed) == 1

@@ -16,14 +16,14 @@ import poplib
 import pwd
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import imapclient
 
+from harness.fakes import FakeStore as FakeStore
+from harness.labs import make_lab_dir  # the copier tests use it as lab.FakeStore
 from sidecar.lab.proc import free_port, free_ports, read_pidfile, stop_pid, wait_port
-from sidecar.store.base import FolderMark
 
 PASSWORD = "Legacy-pw-1"  # lab only
 MASTER = "admin"
@@ -356,44 +356,9 @@ def snapshot(inst: Server, user: str, password: str = PASSWORD) -> Snapshot:
     return Snapshot(folders, subscribed, pop)
 
 
-class FakeStore:
-    """The four store methods the copier uses, in a dict (the real backends have their own tests)."""
-
-    def __init__(self) -> None:
-        self.marks: dict[str, dict[str, FolderMark]] = {}
-        self.progress: dict[str, dict[str, int | None]] = {}
-
-    def folder_marks(self, address: str) -> dict[str, FolderMark]:
-        return dict(self.marks.get(address, {}))
-
-    def set_folder_mark(self, address: str, mark: FolderMark) -> None:
-        self.marks.setdefault(address, {})[mark.folder] = mark
-
-    def clear_folder_marks(self, address: str, folder: str | None = None) -> None:
-        if folder is None:
-            self.marks.pop(address, None)
-        else:
-            self.marks.get(address, {}).pop(folder, None)
-
-    def set_progress(
-        self,
-        address: str,
-        *,
-        total: int | None = None,
-        copied: int | None = None,
-        bytes_copied: int | None = None,
-    ) -> None:
-        p = self.progress.setdefault(address, {})
-        for k, v in (("total", total), ("copied", copied), ("bytes", bytes_copied)):
-            if v is not None:
-                p[k] = v
-
-
 def lab_dir() -> Path:
     """A fresh directory Dovecot's processes (users dovecot, vmail) can traverse (pytest's tmp_path: 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="copier-lab-"))
-    d.chmod(0o755)
-    return d
+    return make_lab_dir("copier-lab-")
 
 
 def private_host() -> str:

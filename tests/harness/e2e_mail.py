@@ -6,13 +6,13 @@ import imaplib
 import json
 import smtplib
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+from harness.waiting import wait_for as wait_for  # its home is harness/waiting.py
+from sidecar.lab.info import LabInfo
 from sidecar.states import State
 from sidecar.store.base import Store
 
@@ -62,18 +62,7 @@ def send(
         return replies, (code, msg.decode())
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def legacy_count(lab: dict[str, Any], address: str, mid: str) -> int:
+def legacy_count(lab: LabInfo, address: str, mid: str) -> int:
     """How many messages with this Message-ID the legacy INBOX of `address` holds (IMAP, plain login)."""
     user = next(u for u in lab["users"] if u["address"] == address)
     c = imaplib.IMAP4(lab["legacy"]["host"], lab["legacy"]["imap"], timeout=30)
@@ -87,7 +76,7 @@ def legacy_count(lab: dict[str, Any], address: str, mid: str) -> int:
         c.logout()
 
 
-def target_count(lab: dict[str, Any], address: str, mid: str) -> int:
+def target_count(lab: LabInfo, address: str, mid: str) -> int:
     """How many messages with this Message-ID the target INBOX of `address` holds (doveadm search)."""
     conf = dovecot_config(lab)
     p = subprocess.run(
@@ -100,24 +89,19 @@ def target_count(lab: dict[str, Any], address: str, mid: str) -> int:
     return len(p.stdout.split("\n")) - 1
 
 
-def _target_state(lab: dict[str, Any]) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads((Path(lab["dir"]) / "lab-state.json").read_text())["target"]
-    return state
+def dovecot_config(lab: LabInfo) -> str:
+    return lab["target"]["dovecot_config"]
 
 
-def dovecot_config(lab: dict[str, Any]) -> str:
-    return str(_target_state(lab)["dovecot_config"])
+def postfix_config(lab: LabInfo) -> str:
+    return lab["target"]["postfix_config"]
 
 
-def postfix_config(lab: dict[str, Any]) -> str:
-    return str(_target_state(lab)["postfix_config"])
-
-
-def postfix_log(lab: dict[str, Any]) -> str:
+def postfix_log(lab: LabInfo) -> str:
     return (Path(lab["logs"]) / "target-postfix.log").read_text(errors="replace")
 
 
-def queue(lab: dict[str, Any]) -> list[dict[str, Any]]:
+def queue(lab: LabInfo) -> list[dict[str, Any]]:
     out = subprocess.run(
         ["postqueue", "-c", postfix_config(lab), "-j"], capture_output=True, text=True, timeout=30, check=True
     ).stdout

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sidecar.lab.info import LabInfo
+
 
 def make_lab_dir(prefix: str = "ap-") -> Path:
     d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
@@ -22,7 +24,7 @@ def make_lab_dir(prefix: str = "ap-") -> Path:
 
 
 @contextlib.contextmanager
-def running_lab(prefix: str = "ap-", **kw: Any) -> Iterator[dict[str, Any]]:
+def running_lab(prefix: str = "ap-", **kw: Any) -> Iterator[LabInfo]:
     """A lab (launcher.lab_up keywords) in a fresh directory; stopped and removed afterwards
     (kept when AUTOPORT_KEEP_LABS is set, for a look at its logs)."""
     from sidecar.lab import launcher

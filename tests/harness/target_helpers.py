@@ -12,10 +12,10 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from harness.labs import make_lab_dir
 from sidecar.lab import target
 
 SCHEMA = """
@@ -35,8 +35,7 @@ CREATE VIEW dovecot_userdb AS
 
 def lab_dir() -> Path:
     """A fresh, short directory under /tmp (UNIX socket paths stay well under 108 bytes)."""
-    d = Path(tempfile.mkdtemp(prefix="ap-tgt-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = make_lab_dir("ap-tgt-")
     return d
 
 

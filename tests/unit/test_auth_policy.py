@@ -10,104 +10,15 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
+from harness.fakes import FakeStore
 
 from sidecar.auth.passwords import hash_password, verify_password
 from sidecar.auth.policy import POSITIVE_TTL, AuthPolicy, CredentialCache
 from sidecar.config import Config, HashConfig, LegacyConfig, LimitsConfig, MailConfig, TargetConfig
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
-from sidecar.states import State, check_transition
-from sidecar.store.base import Conflict, ImportedUser, Store, StoreUnavailable, UnknownAccount
+from sidecar.states import State
+from sidecar.store.base import ImportedUser, Store, StoreUnavailable
 from sidecar.wire.authproto import FAIL, OK, TEMP, Request
-
-
-class FakeStore:
-    """In-memory stand-in for the parts of the Store interface the policy uses."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.states: dict[str, State] = {}
-        self.hashes: dict[str, str] = {}
-        self.logins: dict[str, set[str]] = {}
-        self.jobs: dict[str, int] = {}
-        self.transitions: list[tuple[str, State | None, State]] = []
-        self.down = False
-        self.record_calls = 0
-        self.imported: list[ImportedUser] = []
-
-    def _check(self) -> None:
-        if self.down:
-            raise StoreUnavailable("database is locked")
-
-    def state_of(self, address: str) -> State | None:
-        self._check()
-        return self.states.get(address)
-
-    def transition(self, address: str, new: State, *, expect: Any = ..., reason: str = "") -> Any:
-        self._check()
-        with self.lock:
-            old = self.states.get(address)
-            if expect is not ... and expect != old:
-                raise Conflict(address)
-            check_transition(address, old, new)
-            self.states[address] = new
-            self.transitions.append((address, old, new))
-            return type("A", (), {"state": new})()
-
-    def get(self, address: str) -> Any:
-        self._check()
-        state = self.states.get(address)
-        return None if state is None else type("A", (), {"state": state, "has_password": address in self.hashes})()
-
-    def set_password_hash(self, address: str, password_hash: str) -> None:
-        self._check()
-        self.hashes[address] = password_hash
-
-    def add_login(self, address: str, login: str) -> None:
-        self._check()
-        self.logins.setdefault(address, set()).add(login)
-
-    def touch_login(self, address: str) -> None:
-        self._check()
-
-    def record_login(
-        self, address: str, login: str, *, password_hash: str | None = None, start_copy: bool = True
-    ) -> State:
-        self._check()
-        self.record_calls += 1
-        with self.lock:
-            old = self.states.get(address)
-            new = old
-            if start_copy and old not in (State.COPYING, State.CUTOVER):
-                new = State.COPYING
-                check_transition(address, old, new)
-                self.states[address] = new
-                self.transitions.append((address, old, new))
-            elif old is None:
-                raise UnknownAccount(address)
-            self.logins.setdefault(address, set()).add(login.lower())
-            if password_hash is not None:
-                self.hashes[address] = password_hash
-            if start_copy:
-                self.jobs[address] = 1
-            assert new is not None
-            return new
-
-    def password_hash(self, address: str) -> str | None:
-        self._check()
-        return self.hashes.get(address)
-
-    def find_imported(self, key: str) -> ImportedUser | None:
-        self._check()
-        for u in self.imported:
-            if key in (u.login, u.address, *u.addresses):
-                return u
-        return None
-
-    def enqueue(self, address: str, kind: str = "copy", *, not_before: float = 0.0) -> Any:
-        self._check()
-        with self.lock:
-            self.jobs[address] = 1  # idempotent: one open job per account
-        return None
 
 
 class FakeVerifier:

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from harness.fake_legacy import FakeLegacy
 from harness.shim import Server, run_shim  # the real shim against a real auth server
-from test_checkpassword import server as server
 
 from sidecar import config
 from sidecar.auth.policy import AuthPolicy
@@ -274,7 +273,7 @@ def test_slowloris_is_cut_at_the_read_timeout_and_others_are_served(server: Serv
 def test_more_connections_than_the_limit_get_temp_at_once(tmp_path: Path) -> None:
     import asyncio
 
-    from test_checkpassword import FakePolicy
+    from harness.shim import FakePolicy
 
     from sidecar.edge.auth_server import start_auth_server
 
@@ -311,7 +310,7 @@ def test_more_connections_than_the_limit_get_temp_at_once(tmp_path: Path) -> Non
 
 
 def test_socketmap_hostile_keys_get_an_answer_and_the_server_keeps_serving(serve: Any) -> None:
-    from test_socketmap import ask, is_closed
+    from harness.socketmap_server import ask, is_closed
 
     from sidecar.wire import netstring
 
@@ -336,16 +335,15 @@ def test_socketmap_hostile_keys_get_an_answer_and_the_server_keeps_serving(serve
     assert netstring.Decoder().feed(netstring.encode(b"x")) == [b"x"]
 
 
-from test_socketmap import serve as serve  # noqa: E402  (the fixture)
-
 # --- milter ----------------------------------------------------------------------------------------------------
 
 
 def test_milter_hostile_envelope_and_headers_pass_and_stay_bounded() -> None:
     import Milter
-    import test_milter as tm
+    from harness import milter_wire as tm
+    from harness.fakes import FakeStore
 
-    fake_store = tm.FakeStore()
+    fake_store = FakeStore()
     h = tm.Harness(fake_store, maxsize=2000)
     try:
         ctx = h.session()
@@ -374,7 +372,7 @@ def test_milter_hostile_envelope_and_headers_pass_and_stay_bounded() -> None:
 def test_milter_garbage_on_the_real_socket_then_serves(milter_server: tuple[str, Any]) -> None:
     import struct
 
-    from test_milter import packet, read_packet
+    from harness.milter_wire import packet, read_packet
 
     path, proc = milter_server
     for junk in (b"\xff\xff\xff\xff" + b"x" * 64, struct.pack(">I", 0), b"\0\0\0\x05Zabcd", b"\0\0"):
@@ -395,8 +393,6 @@ def test_milter_garbage_on_the_real_socket_then_serves(milter_server: tuple[str,
         s.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
         assert read_packet(s)[0] == b"O"
 
-
-from test_milter import milter_server as milter_server  # noqa: E402  (the fixture)
 
 # --- config files -------------------------------------------------------------------------------------------------
 

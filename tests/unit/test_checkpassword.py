@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.shim import FakePolicy, Server, run_shim, spawn_with_fd3
+from harness.shim import Server, run_shim, spawn_with_fd3
 
 from sidecar.wire import authproto
 from sidecar.wire.authproto import TEMP
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
-    s = Server(str(tmp_path / "auth.sock"), FakePolicy())
-    yield s
-    s.close()
 
 
 def test_ok_execs_the_reply_program_with_extra_fields(server: Server, tmp_path: Path) -> None:

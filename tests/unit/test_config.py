@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from harness.cli import autoport
 
 from sidecar import config
 
@@ -82,18 +81,15 @@ def test_examples_load(example: Path) -> None:
 
 def test_cli_config_command_prints_effective_config(tmp_path: Path) -> None:
     path = write(tmp_path, "[legacy]\nhost = '127.0.0.9'\nadmin_password = 'hunter2hunter2'\n")
-    out = subprocess.run(
-        [sys.executable, "-m", "sidecar.ops.cli", "--config", str(path), "config"],
-        capture_output=True, text=True, check=True,
-    ).stdout
+    p = autoport(path, "config")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
     assert 'host = "127.0.0.9"' in out
     assert "hunter2hunter2" not in out
 
 
 def test_cli_config_error_exit_code(tmp_path: Path) -> None:
     path = write(tmp_path, "[legacy]\nport = 1\n")
-    p = subprocess.run(
-        [sys.executable, "-m", "sidecar.ops.cli", "--config", str(path), "config"], capture_output=True, text=True
-    )
+    p = autoport(path, "config")
     assert p.returncode == 2
     assert "unknown key 'legacy.port'" in p.stderr and str(path) in p.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache
@@ -205,13 +206,7 @@ def test_the_running_loop_picks_up_work_when_poked(store: Store, tmp_path: Path)
     try:
         first_login(store, creds)
         runner.poke()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            account = store.get(A)
-            if account is not None and account.state is State.MIGRATED:
-                break
-            time.sleep(0.05)
-        assert account is not None and account.state is State.MIGRATED
+        wait_for(lambda: (a := store.get(A)) is not None and a.state is State.MIGRATED, 10, f"{A} to migrate")
     finally:
         runner.stop()
     assert not [t for t in threading.enumerate() if t.name == "jobs" and t.is_alive()]

@@ -9,72 +9,25 @@ milter is the lead's end-to-end suite.
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
-import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import Milter
 import pytest
+from harness.fakes import FakeStore
+from harness.milter_wire import Harness, macros, packet, read_packet
 from Milter.testctx import TestCtx as MilterTestCtx
 
-from sidecar.config import Config
 from sidecar.edge import milter as m
-from sidecar.store.base import MessageRecord, Store
+from sidecar.store.base import MessageRecord
 
 LEGACY = "192.0.2.25"
-
-
-class FakeStore:
-    def __init__(self, *, fail: bool = False, block: threading.Event | None = None) -> None:
-        self.rows: list[MessageRecord] = []
-        self.calls = 0
-        self.fail = fail
-        self.block = block
-
-    def log_messages(self, records: list[MessageRecord]) -> None:
-        self.calls += 1
-        if self.block is not None:
-            self.block.wait(10)
-        if self.fail:
-            raise RuntimeError("disk full")
-        self.rows += records
-
-
-class Harness:
-    def __init__(self, store: FakeStore, *, maxsize: int = 100) -> None:
-        cfg = Config()
-        cfg.mail.domains = ["example.org"]
-        cfg.legacy.host = LEGACY
-        self.store = store
-        self.stats = m.MilterStats()
-        self.writer = m.RecordWriter(cast(Store, store), self.stats, maxsize=maxsize)
-        self.writer.start()
-        shared = m._Shared(cfg, self.writer, self.stats)
-        self.saved_factory = Milter.factory
-        Milter.factory = lambda: m.MessageLogMilter(shared)
-
-    def close(self) -> None:
-        self.writer.stop()
-        Milter.factory = self.saved_factory
-
-    def session(self, ip: str = "198.51.100.7") -> MilterTestCtx:
-        ctx = MilterTestCtx()
-        assert ctx._connect(host="client.example", helo="client.example", ip=ip) == Milter.CONTINUE
-        return ctx
-
-    def flush(self) -> None:
-        self.writer.stop()
 
 
 @pytest.fixture
@@ -248,80 +201,6 @@ def test_libmilter_address_refuses(bad: str) -> None:
 
 
 # --- the real libmilter on a real socket -------------------------------------------------------------------------
-SERVER = textwrap.dedent(
-    """
-    import json, signal, sys, threading
-    from sidecar.config import Config
-    from sidecar.edge.milter import run_milter
-
-    class Store:
-        def log_messages(self, records):
-            for r in records:
-                print(json.dumps(r.__dict__), flush=True)
-
-    cfg = Config()
-    cfg.sockets.milter = sys.argv[1]
-    cfg.legacy.host = "192.0.2.25"
-    stop = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda *a: stop.set())
-    result = []
-    # as in the daemon: not in the main thread, whose Python signal handlers cannot run inside libmilter
-    t = threading.Thread(target=lambda: result.append(run_milter(cfg, Store(), stop)))
-    t.start()
-    while t.is_alive():
-        t.join(0.1)
-    print("stats", json.dumps(result[0].snapshot()), flush=True)
-    """
-)
-
-
-def packet(cmd: bytes, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + cmd + data
-
-
-def read_packet(s: socket.socket) -> tuple[bytes, bytes]:
-    head = b""
-    while len(head) < 4:
-        chunk = s.recv(4 - len(head))
-        assert chunk, "milter closed the connection"
-        head += chunk
-    (n,) = struct.unpack(">I", head)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        assert chunk
-        body += chunk
-    return body[:1], body[1:]
-
-
-def macros(stage: bytes, **values: str) -> bytes:
-    data = b"".join(f"{k}\0{v}\0".encode() for k, v in values.items())
-    return packet(b"D", stage + data)
-
-
-@pytest.fixture
-def milter_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
-    d = Path(tempfile.mkdtemp(prefix="mt-", dir="/tmp"))
-    path = str(d / "milter.sock")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", SERVER, f"unix:{path}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    deadline = time.monotonic() + 10
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    yield path, proc
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
-    shutil.rmtree(d, ignore_errors=True)
-
-
 def test_real_libmilter_conversation(milter_server: tuple[str, subprocess.Popen[str]]) -> None:
     path, proc = milter_server
     with socket.socket(socket.AF_UNIX) as s:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from test_report import autoport, write_config
+from harness.cli import autoport, write_config
 
 from sidecar import config as config_mod
 from sidecar.auth.passwords import hash_password, verify_password
@@ -79,7 +79,7 @@ def test_migrate_queues_copy_jobs_through_the_state_machine(cfg_path: Path, stor
 
 
 def test_migrate_all_and_dormant_choose_their_list(cfg_path: Path, store: Store, tmp_path: Path) -> None:
-    from test_report import LEGACY, row
+    from harness.records import LEGACY, row
 
     store.log_messages([row("erin@example.org", LEGACY, ago=100), row("postmaster@example.org", LEGACY, ago=100)])
     p = autoport(cfg_path, "migrate", "--dormant")

@@ -5,55 +5,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
+from harness.cli import autoport, write_config
+from harness.records import DAY, LEGACY, LOCAL, NOW, row
 
 from sidecar import config as config_mod
 from sidecar.ops.report import build_report
 from sidecar.states import State
 from sidecar.store import open_store
-from sidecar.store.base import MessageRecord, Store
+from sidecar.store.base import Store
 
-NOW = time.time()
-DAY = 86400.0
-LEGACY = "legacy:[192.0.2.25]:25"
-LOCAL = "lmtp:private/dovecot-lmtp"
 HASH = "{SHA512-CRYPT}$6$abc$def"
-
-
-def write_config(tmp_path: Path, **legacy: Any) -> Path:
-    db = tmp_path / "store" / "state.db"
-    lines = [
-        "[store]",
-        f'url = "sqlite:///{db}"',
-        "[mail]",
-        'domains = ["example.org", "example.net"]',
-        "[legacy]",
-        'host = "192.0.2.25"',
-        *(f'{k} = "{v}"' for k, v in legacy.items()),
-    ]
-    cfg = tmp_path / "autoport.toml"
-    cfg.write_text("\n".join(lines) + "\n")
-    return cfg
-
-
-def autoport(cfg: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar.ops.cli", "--config", str(cfg), *args],
-        input=stdin, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-
-
-def row(rcpt: str, route: str, *, ago: float, size: int = 1000, **kw: Any) -> MessageRecord:
-    return MessageRecord(
-        queue_id="Q" + rcpt[:3], recipient=rcpt, sender=kw.pop("sender", "someone@outside.test"),
-        message_id="<m@x>", route=route, size=size, at=NOW - ago, **kw,
-    )  # fmt: skip
 
 
 def fill(store: Store) -> None:

@@ -5,28 +5,16 @@ from __future__ import annotations
 from typing import cast
 
 import pytest
+from harness.fakes import FakeStore
 
 from sidecar.auth.routing import NOTFOUND, Reply, RoutingPolicy, Status
 from sidecar.config import Config
 from sidecar.states import State
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.base import Store
 
 LMTP = "lmtp:unix:private/dovecot-lmtp"
 RELAY = "legacy:[192.0.2.25]:2525"
 HOLD = "retry:4.3.2 mailbox migration in progress"
-
-
-class FakeStore:
-    def __init__(self, states: dict[str, State] | None = None, *, down: bool = False) -> None:
-        self.states = states or {}
-        self.down = down
-        self.asked: list[str] = []
-
-    def state_of(self, address: str) -> State | None:
-        self.asked.append(address)
-        if self.down:
-            raise StoreUnavailable("database is locked")
-        return self.states.get(address)
 
 
 def make_cfg(**mail: object) -> Config:

@@ -4,136 +4,27 @@ that pipeline, break framing, send oversize requests or go silent."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
 import subprocess
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
+from harness.fakes import FakeStore
+from harness.socketmap_server import STATES, Running, ask, is_closed, read_replies
+from harness.waiting import wait_for
 
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
-from sidecar.edge.socketmap import SocketmapServer, parse_address, start_socketmap_server
-from sidecar.states import State
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.edge.socketmap import parse_address, start_socketmap_server
+from sidecar.store.base import Store
 from sidecar.wire import netstring
 
 LMTP = "lmtp:unix:private/dovecot-lmtp"
 RELAY = "legacy:[192.0.2.25]:25"
 HOLD = "retry:4.3.2 mailbox migration in progress"
-STATES = {"ann@example.org": State.MIGRATED, "bob@example.org": State.CUTOVER, "cy@example.org": State.COPYING}
-
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.down = False
-        self.block: threading.Event | None = None
-
-    def state_of(self, address: str) -> State | None:
-        if self.block is not None:
-            self.block.wait(10)
-        if self.down:
-            raise StoreUnavailable("down")
-        return STATES.get(address)
-
-
-class Running:
-    def __init__(self, tmp: Path, store: FakeStore, **kw: Any) -> None:
-        self.tmp = tmp
-        self.path = str(tmp / "sm.sock")
-        self.store = store
-        cfg = Config()
-        cfg.mail.domains = ["example.org"]
-        cfg.legacy.host = "192.0.2.25"
-        self.policy = RoutingPolicy(cfg, cast(Store, store))
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server: SocketmapServer = self.call(start_socketmap_server(f"unix:{self.path}", self.policy, **kw))
-        self.clients: list[socket.socket] = []
-        (tmp / "pf").mkdir(exist_ok=True)
-        main_cf = tmp / "pf" / "main.cf"
-        main_cf.write_text("")
-        # Postfix re-reads a config file whose mtime is this second (0.3 s sleeps): make it old
-        os.utime(main_cf, (time.time() - 60, time.time() - 60))
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def stop(self) -> None:
-        for c in self.clients:
-            c.close()
-
-        async def _stop() -> None:
-            self.server.close()
-            await self.server.wait_closed()
-
-        self.call(_stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-    def postmap(self, key: str, map_name: str = "transport") -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["postmap", "-c", str(self.tmp / "pf"), "-q", key, f"socketmap:unix:{self.path}:{map_name}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-
-    def connect(self) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.clients.append(s)
-        s.settimeout(5)
-        s.connect(self.path)
-        return s
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-    tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
-
-    def start(**kw: Any) -> Running:
-        r = Running(tmp, FakeStore(), **kw)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        r.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ask(s: socket.socket, *requests: bytes) -> list[bytes]:
-    """Send all requests in one write (pipelined), read exactly as many replies."""
-    s.sendall(b"".join(netstring.encode(r) for r in requests))
-    return read_replies(s, len(requests))
-
-
-def read_replies(s: socket.socket, n: int) -> list[bytes]:
-    dec = netstring.Decoder()
-    got: list[bytes] = []
-    while len(got) < n:
-        data = s.recv(65536)
-        if not data:
-            raise ConnectionError(f"closed after {len(got)} replies")
-        got += dec.feed(data)
-    return got
-
-
-def is_closed(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except ConnectionResetError:
-        return True
 
 
 # --- Postfix's own client -------------------------------------------------------------------------------------
@@ -283,13 +174,8 @@ def test_stuck_store_answers_timeout_then_recovers(serve: Callable[..., Running]
     assert ask(r.connect(), b"verify ann@example.org") == [b"TIMEOUT state store not answering"]
     r.store.block.set()
     r.store.block = None
-    deadline = time.monotonic() + 5
-    while True:
-        reply = ask(r.connect(), b"transport ann@example.org")
-        if reply == [b"OK " + LMTP.encode()] or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert reply == [b"OK " + LMTP.encode()]
+    wait_for(lambda: ask(r.connect(), b"transport ann@example.org") == [b"OK " + LMTP.encode()], 5,
+             "the store to answer again")  # fmt: skip
 
 
 def test_many_concurrent_clients(serve: Callable[..., Running]) -> None:
@@ -325,7 +211,8 @@ def test_inet_listener() -> None:
     async def run() -> bytes:
         cfg = Config()
         cfg.mail.domains = ["example.org"]
-        server = await start_socketmap_server("inet:127.0.0.1:0", RoutingPolicy(cfg, cast(Store, FakeStore())))
+        policy = RoutingPolicy(cfg, cast(Store, FakeStore(dict(STATES))))
+        server = await start_socketmap_server("inet:127.0.0.1:0", policy)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(netstring.encode(b"transport ann@example.org"))

@@ -13,6 +13,9 @@ from sidecar.states import (
     State,
     allowed,
     check_transition,
+    in_flight,
+    is_held,
+    is_local,
     location,
 )
 
@@ -96,3 +99,13 @@ def test_location_of_each_state(state: State | None, where: Location) -> None:
 def test_states_compare_as_their_stored_strings() -> None:
     assert [s.value for s in State] == ["discovered", "copying", "cutover", "migrated", "failed"]
     assert State("migrated") is State.MIGRATED and State.MIGRATED == "migrated"
+
+
+@pytest.mark.parametrize("state", [None, *State])
+def test_predicates_agree_with_location(state: State | None) -> None:
+    where = location(state)
+    assert is_local(state) is (where is Location.LOCAL)
+    assert is_held(state) is (where is Location.HELD)
+    assert in_flight(state) is (state in (State.COPYING, State.CUTOVER))
+    if in_flight(state):  # the copier owns the mailbox: never local yet
+        assert where is not Location.LOCAL

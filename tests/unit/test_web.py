@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from harness.waiting import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.config import Config
@@ -421,16 +422,12 @@ def test_too_many_connections_get_503(sources: Sources, monkeypatch: pytest.Monk
     r = Running(sources)
     idle = [socket.create_connection(("127.0.0.1", r.port), timeout=10) for _ in range(2)]
     try:
-        deadline = time.monotonic() + 5
-        while r.server._slots > 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: r.server._slots == 0, 5, "both slots taken", interval=0.02)
         assert r.raw(b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 503 ")
     finally:
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 5
-    while r.server._slots < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: r.server._slots == 2, 5, "both slots free", interval=0.02)
     assert r.get("/", bearer())[0] == 200
     r.stop()
 

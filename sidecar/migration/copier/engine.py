@@ -133,6 +133,36 @@ class CopyOptions:
     lock_timeout: float = 30.0  # append mode: longest wait for Dovecot's uidlist lock (then MaildirLocked)
 
 
+@dataclasses.dataclass
+class _Pass:
+    """What one pass shares across its folders: the legacy session, the store and account it reports to, the
+    options, and the running counts (the one writer of progress, to the store and to the callback)."""
+
+    src: LegacySource
+    store: CopyStore
+    address: str
+    opts: CopyOptions
+    progress: ProgressCallback | None = None
+    total: int = 0
+    done: int = 0
+    bytes: int = 0
+
+    def counted(self, size: int) -> None:
+        self.done += 1
+        self.bytes += size
+
+    def tick(self, folder: str) -> None:
+        if self.progress is not None:
+            self.progress(Progress(self.address, folder, self.done, self.total, self.bytes))
+
+    def save_progress(self, *, start: bool = False) -> None:
+        """The store's progress: the total when the pass starts, the counts after that."""
+        if start:
+            self.store.set_progress(self.address, total=self.total)
+        else:
+            self.store.set_progress(self.address, copied=self.done, bytes_copied=self.bytes)
+
+
 def _owner(o: Owner | str) -> Owner:
     if o is None or isinstance(o, tuple):
         return o
@@ -179,22 +209,15 @@ def copy_account(
             if not f.selectable:
                 result.skipped[f.name] = "not selectable"
         marks = store.folder_marks(address)
-        total = 0
+        ctx = _Pass(src, store, address, opts, progress)
         for plan in plans:
-            total += src.status(plan.legacy).exists
-        store.set_progress(address, total=total)
-        counters = {"done": 0, "bytes": 0}
-
-        def tick(folder: str) -> None:
-            if progress is not None:
-                progress(Progress(address, folder, counters["done"], total, counters["bytes"]))
+            ctx.total += src.status(plan.legacy).exists
+        ctx.save_progress(start=True)
 
         inbox: MaildirFolder | None = None
         for plan in plans:
             copy_one = _append_folder if mode == "append" else _copy_folder
-            fres, folder = copy_one(
-                src, account, plan, marks.get(plan.legacy), store, address, opts, counters, tick
-            )
+            fres, folder = copy_one(ctx, account, plan, marks.get(plan.legacy))
             result.folders.append(fres)
             if folder.lost_keywords:
                 result.lost_keywords[plan.target] = dict(folder.lost_keywords)
@@ -234,7 +257,7 @@ def copy_account(
     if source_params.pop3_port and inbox is not None and mode != "append":
         matched, unmatched = _pop3_uidls(source_params, inbox)
         result.pop3_matched, result.pop3_unmatched = matched, unmatched
-    store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+    ctx.save_progress()
     result.seconds = time.monotonic() - started
     log.info(
         "%s: %s pass copied %d messages (%d bytes) in %.1fs",
@@ -279,16 +302,9 @@ def _copy_pop3_only(
 
 
 def _copy_folder(
-    src: LegacySource,
-    account: MaildirAccount,
-    plan: FolderPlan,
-    mark: FolderMark | None,
-    store: CopyStore,
-    address: str,
-    opts: CopyOptions,
-    counters: dict[str, int],
-    tick: Callable[[str], None],
+    ctx: _Pass, account: MaildirAccount, plan: FolderPlan, mark: FolderMark | None
 ) -> tuple[FolderResult, MaildirFolder]:
+    src, store, address = ctx.src, ctx.store, ctx.address
     status = src.examine(plan.legacy)
     fres = FolderResult(plan.legacy, plan.target, status.uidvalidity)
     folder = account.folder(plan.target).open()
@@ -327,7 +343,7 @@ def _copy_folder(
     last = folder.last_uid
     if status.exists and (status.uidnext == 0 or status.uidnext > last + 1):
         try:
-            _fetch_new(src, folder, plan, last, fres, store, address, opts, counters, tick, set_mark)
+            _fetch_new(ctx, folder, plan, last, fres, set_mark)
         except BaseException:
             folder.abort()  # nothing staged becomes visible; committed batches stay (resume point)
             raise
@@ -336,18 +352,9 @@ def _copy_folder(
 
 
 def _fetch_new(
-    src: LegacySource,
-    folder: MaildirFolder,
-    plan: FolderPlan,
-    last: int,
-    fres: FolderResult,
-    store: CopyStore,
-    address: str,
-    opts: CopyOptions,
-    counters: dict[str, int],
-    tick: Callable[[str], None],
-    set_mark: Callable[[], None],
+    ctx: _Pass, folder: MaildirFolder, plan: FolderPlan, last: int, fres: FolderResult, set_mark: Callable[[], None]
 ) -> None:
+    src, opts = ctx.src, ctx.opts
     batch_bytes = 0
     for msg in src.fetch(f"{last + 1}:*", spool_dir=folder.tmp_dir, memory_limit=opts.memory_limit):
         if msg.uid is None or msg.uid <= last or msg.body is None:
@@ -359,30 +366,22 @@ def _fetch_new(
         fres.copied += 1
         fres.bytes += size
         batch_bytes += size
-        counters["done"] += 1
-        counters["bytes"] += size
+        ctx.counted(size)
         if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
             folder.commit()
             set_mark()
-            store.set_progress(address, copied=counters["done"], bytes_copied=counters["bytes"])
+            ctx.save_progress()
             batch_bytes = 0
-        tick(plan.legacy)
+        ctx.tick(plan.legacy)
     folder.commit()
     set_mark()
 
 
 def _append_folder(
-    src: LegacySource,
-    account: MaildirAccount,
-    plan: FolderPlan,
-    mark: FolderMark | None,
-    store: CopyStore,
-    address: str,
-    opts: CopyOptions,
-    counters: dict[str, int],
-    tick: Callable[[str], None],
+    ctx: _Pass, account: MaildirAccount, plan: FolderPlan, mark: FolderMark | None
 ) -> tuple[FolderResult, MaildirFolder]:
     """Append mode for one folder (module doc): legacy messages above the watermark, new UIDs, under lock."""
+    src, store, address, opts = ctx.src, ctx.store, ctx.address, ctx.opts
     status = src.examine(plan.legacy)
     fres = FolderResult(plan.legacy, plan.target, status.uidvalidity)
     folder = account.folder(plan.target).open_shared()
@@ -431,12 +430,11 @@ def _append_folder(
                 fres.copied += 1
                 fres.bytes += size
                 batch_bytes += size
-                counters["done"] += 1
-                counters["bytes"] += size
+                ctx.counted(size)
                 if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
                     commit()
                     batch_bytes = 0
-                tick(plan.legacy)
+                ctx.tick(plan.legacy)
             # everything below UIDNEXT has been looked at: the sweep's STATUS check (sidecar.migration.sweep)
             # need not come back for newest messages that were expunged on the legacy side
             last = max(last, status.uidnext - 1)

@@ -1,6 +1,6 @@
 """The target writer: a Dovecot Maildir++ mailbox written directly, keeping UIDVALIDITY, UIDs and POP3 UIDLs.
 
-Formats (checked against Dovecot 2.3.19 on this machine and its source, maildir-uidlist.c):
+Formats (checked against Dovecot 2.3.19 on Debian 12 and its source, maildir-uidlist.c):
 - `dovecot-uidlist`: header `3 V<uidvalidity> N<nextuid>[ G<guid> ...]`, then one line per message
   `<uid>[ P<pop3-uidl>][ O<pop3-order>] :<basename>`, ascending UIDs; basename = file name before ":2,".
 - files `cur/<basename>:2,<flags>` with basename `<time>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<vsize>`
