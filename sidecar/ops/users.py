@@ -10,7 +10,8 @@ account (a served domain); the extra addresses are more addresses of the same ma
 account (Postfix's virtual map rewrites them to it) and stay after `autoport finalize`. Every field follows the
 login rules of sidecar.auth.logins (no control, format or white-space characters, NFKC, folded to lower case
 with mail.lowercase). A file with any bad line imports nothing. Users are stored in their own tables
-(imported_users, imported_addresses; schema v5), which the inventory reads as well.
+(imported_users, imported_addresses; schema v5); their addresses are also inventory source `import-users`
+(sidecar/ops/inventory.py), so `finalize --check` waits for them and `migrate --all` takes them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sidecar.auth.logins import InvalidLogin, fold, resolve
 from sidecar.store.base import Conflict, ImportedUser
 
 MAX_EXTRA = 100
+INVENTORY_SOURCE = "import-users"  # the inventory source the login map's accounts are listed under
 
 
 def _address(text: str, cfg: config_mod.Config) -> str:
@@ -87,6 +89,8 @@ def cmd_import_users(args: argparse.Namespace) -> int:
     store = _open_store(cfg)
     try:
         count = store.import_users(users)
+        # the login map is also a list of the legacy server's accounts: readiness and `migrate --all` see them
+        store.set_inventory(INVENTORY_SOURCE, "account", [u.address for u in store.imported_users()])
     except Conflict as e:
         print(f"autoport: {args.file}: {e}: nothing imported", file=sys.stderr)
         return 1

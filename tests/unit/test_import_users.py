@@ -55,6 +55,12 @@ def test_cli_import_routes_extra_addresses_and_finalize_keeps_them(
     assert cli.main(["--config", str(conf), "import-users", str(users)]) == 1
     assert "nothing imported" in capsys.readouterr().err
     assert [u.login for u in store.imported_users()] == ["jsmith"]
+    # the imported accounts are part of the legacy inventory: finalize waits for john.smith until he migrates
+    assert [(e.name, e.source) for e in store.inventory("account")] == [("john.smith@example.org", "import-users")]
+    from sidecar.ops import finalize
+
+    verdict = finalize.check(config_mod.load(conf), store)
+    assert not verdict.ready and any("john.smith@example.org" in r for r in verdict.reasons)
 
     cfg = config_mod.load(conf)
     routing = RoutingPolicy(cfg, store)
