@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.backends import Backend
 from harness.fakes import FakeStore
 from harness.labs import make_lab_dir, running_lab
 from harness.milter_wire import SERVER as MILTER_SERVER
@@ -27,6 +28,7 @@ from harness.shim import FakePolicy, Server
 from harness.socketmap_server import STATES, Running
 
 from sidecar.lab.info import LabInfo
+from sidecar.lab.pgcluster import PgCluster
 from sidecar.store import open_store
 from sidecar.store.base import Store
 
@@ -128,3 +130,48 @@ def milter_server() -> Iterator[tuple[str, subprocess.Popen[str]]]:
         proc.kill()
     proc.communicate()
     shutil.rmtree(d, ignore_errors=True)
+
+
+# --- the store on both backends (tests/unit/test_store*.py) ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    with PgCluster() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        b = Backend("sqlite", f"sqlite://{tmp_path}/store/state.db")
+        yield b
+        b.close()
+        return
+    pg: PgCluster = request.getfixturevalue("pg_cluster")
+    name = "t_" + request.node.name.rsplit("[", 1)[0][5:40].lower() + "_" + os.urandom(3).hex()
+    b = Backend("postgres", pg.create_schema(name))
+    yield b
+    b.close()
+    pg.drop_schema(name)
+
+
+# --- a config file and its store, for the CLI and report tests ------------------------------------------------
+
+
+@pytest.fixture
+def cfg_path(tmp_path: Path) -> Path:
+    from harness.cli import write_config
+
+    return write_config(tmp_path)
+
+
+@pytest.fixture
+def config_store(cfg_path: Path) -> Iterator[Store]:
+    from sidecar import config as config_mod
+    from sidecar.store import open_store
+
+    s = open_store(config_mod.load(cfg_path).store.url)
+    s.init()
+    yield s
+    s.close()

@@ -10,6 +10,7 @@ from sidecar.store.base import MessageRecord
 NOW = time.time()
 DAY = 86400.0
 LEGACY = "legacy:[192.0.2.25]:25"
+HASH = "{SHA512-CRYPT}$6$abc$def"  # a password hash for accounts in report and readiness tests
 LOCAL = "lmtp:private/dovecot-lmtp"
 
 

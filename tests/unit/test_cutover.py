@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_jobs import A, Recorder, first_login, run_one
+from harness.jobs import A, Recorder, first_login, run_one
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_report import HASH, LEGACY, NOW, autoport, row, write_config
+from harness.cli import autoport, write_config
+from harness.records import HASH, LEGACY, NOW, row
 
 from sidecar import config as config_mod
 from sidecar.ops import finalize, inventory

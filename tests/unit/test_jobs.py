@@ -14,41 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.jobs import A, Recorder, first_login, run_one
 from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache
 from sidecar.migration.copier import CopyResult, SourceAuthError, SourceUnavailable
-from sidecar.migration.jobs import CREDENTIAL_WAIT, Hooks, JobRunner, backoff
+from sidecar.migration.jobs import CREDENTIAL_WAIT, JobRunner, backoff
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
-
-A = "alice@example.test"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.released: list[str] = []
-        self.kicked: list[str] = []
-        self.copies: list[tuple[str, str]] = []
-        self.fail_with: list[Exception] = []
-
-    def hooks(self) -> Hooks:
-        return Hooks(release_held=self.release, after_migrated=self.after)
-
-    def release(self, address: str) -> int:
-        self.released.append(address)
-        return 2
-
-    def after(self, address: str, logins: list[str]) -> None:
-        self.kicked.append(address)
-
-    def copy(self, source: Any, home: Path, store: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
-        self.copies.append((address, mode))
-        if self.fail_with:
-            raise self.fail_with.pop(0)
-        return CopyResult(address, mode)
 
 
 @pytest.fixture
@@ -69,17 +44,6 @@ def make_runner(store: Store, tmp_path: Path, rec: Recorder, creds: CredentialCa
     return JobRunner(cfg, store, creds, owner="test", hooks=rec.hooks(), copy=rec.copy)
 
 
-def first_login(store: Store, creds: CredentialCache | None) -> None:
-    store.transition(A, State.COPYING, reason="first login")
-    if creds is not None:
-        creds.put(A, A, "pw")
-    store.enqueue(A, "copy")
-
-
-def run_one(runner: JobRunner, store: Store) -> None:
-    job = store.lease(runner.owner, seconds=60)
-    assert job is not None
-    runner.run_job(job)
 
 
 def test_happy_path_copies_holds_then_releases(store: Store, tmp_path: Path) -> None:

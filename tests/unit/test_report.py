@@ -9,16 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-from harness.cli import autoport, write_config
-from harness.records import DAY, LEGACY, LOCAL, NOW, row
+from harness.cli import autoport
+from harness.records import DAY, HASH, LEGACY, LOCAL, NOW, row
 
 from sidecar import config as config_mod
 from sidecar.ops.report import build_report
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
-
-HASH = "{SHA512-CRYPT}$6$abc$def"
 
 
 def fill(store: Store) -> None:
@@ -74,16 +71,8 @@ def fill(store: Store) -> None:
 
 
 @pytest.fixture
-def cfg_path(tmp_path: Path) -> Path:
-    return write_config(tmp_path)
-
-
-@pytest.fixture
-def store(cfg_path: Path) -> Store:
-    cfg = config_mod.load(cfg_path)
-    s = open_store(cfg.store.url)
-    s.init()
-    return s
+def store(config_store: Store) -> Store:
+    return config_store
 
 
 def test_report_sections_from_a_hand_filled_store(cfg_path: Path, store: Store) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import os
 import shutil
 import sqlite3
 import stat
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.backends import Backend
 
 from sidecar.lab.pgcluster import PgCluster
 from sidecar.lab.proc import free_port
@@ -31,12 +31,10 @@ from sidecar.store.base import (
     FolderMark,
     ImportedUser,
     MessageRecord,
-    Store,
     StoreError,
     StoreUnavailable,
     UnknownAccount,
 )
-from sidecar.store.postgres import PgStore
 from sidecar.store.sql import SqlStore
 from sidecar.store.sqlite import SqliteStore
 
@@ -54,67 +52,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Backend:
-    """One empty store location (a SQLite file or a fresh PostgreSQL database) and the stores opened on it."""
-
-    def __init__(self, kind: str, url: str) -> None:
-        self.kind = kind
-        self.url = url
-        self.stores: list[Store] = []
-
-    def open(self, *, clock: Callable[[], float] | None = None, **kw: Any) -> SqlStore:
-        extra: dict[str, Any] = {"clock": clock} if clock else {}
-        store: SqlStore
-        if self.kind == "sqlite":
-            store = SqliteStore(
-                self.url[len("sqlite://") :], dovecot_group=kw.get("dovecot_group", "dovecot"), **extra
-            )
-        else:
-            store = PgStore(self.url, dovecot_role=kw.get("dovecot_role", ""), **extra)
-        self.stores.append(store)
-        return store
-
-    def dovecot(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run a query on a connection of its own, as Dovecot's sql driver does."""
-        if self.kind == "sqlite":
-            with contextlib.closing(sqlite3.connect(self.url[len("sqlite://") :])) as conn:
-                return conn.execute(query, params).fetchall()
-        import psycopg
-
-        with psycopg.connect(self.url, autocommit=True) as conn:
-            return [tuple(r) for r in conn.execute(query.replace("?", "%s"), params).fetchall()]
-
-    def has_table(self, name: str) -> bool:
-        if self.kind == "sqlite":
-            return bool(self.dovecot("SELECT 1 FROM sqlite_master WHERE name = ?", name))
-        return bool(self.dovecot("SELECT to_regclass(?) IS NOT NULL", name)[0][0])
-
-    def close(self) -> None:
-        for s in self.stores:
-            s.close()
-
-
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[PgCluster]:
-    with PgCluster() as pg:
-        yield pg
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        b = Backend("sqlite", f"sqlite://{tmp_path}/store/state.db")
-        yield b
-        b.close()
-        return
-    pg: PgCluster = request.getfixturevalue("pg_cluster")
-    name = "t_" + request.node.name.rsplit("[", 1)[0][5:40].lower() + "_" + os.urandom(3).hex()
-    b = Backend("postgres", pg.create_schema(name))
-    yield b
-    b.close()
-    pg.drop_schema(name)
 
 
 @pytest.fixture

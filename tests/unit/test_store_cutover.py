@@ -1,10 +1,10 @@
 """Store v3: the cutover handshake between nodes (heartbeats, kick requests and their acknowledgements) and blocked
-sweeps, on SQLite and PostgreSQL (the fixtures of test_store.py)."""
+sweeps, on SQLite and PostgreSQL (the backend fixtures of tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-from test_store import Backend, backend, pg_cluster  # noqa: F401 - fixtures
+from harness.backends import Backend
 
 from sidecar.states import State
 from sidecar.store import schema
@@ -20,7 +20,7 @@ class Clock:
         return self.now
 
 
-def test_nodes_kicks_and_acks(backend: Backend) -> None:  # noqa: F811
+def test_nodes_kicks_and_acks(backend: Backend) -> None:
     s = backend.open()
     assert s.init() == schema.latest()
     clock = Clock()
@@ -44,7 +44,7 @@ def test_nodes_kicks_and_acks(backend: Backend) -> None:  # noqa: F811
     assert s.kick_acks(k.id) == {"a": "0 sessions"}
 
 
-def test_sweep_blocks(backend: Backend) -> None:  # noqa: F811
+def test_sweep_blocks(backend: Backend) -> None:
     s: SqlStore = backend.open()
     s.init()
     with pytest.raises(UnknownAccount):

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from test_report import HASH, autoport, cfg_path, store  # noqa: F401 - fixtures
+from harness.cli import autoport
+from harness.records import HASH
 
 from sidecar import config as config_mod
 from sidecar.migration.jobs import NO_CREDENTIALS
@@ -27,7 +28,8 @@ def migrate(s: Store, address: str) -> None:
     s.touch_login(address)
 
 
-def test_report_and_finalize_name_the_blocked_sweep_and_the_fix(cfg_path: Path, store: Store) -> None:  # noqa: F811
+def test_report_and_finalize_name_the_blocked_sweep_and_the_fix(cfg_path: Path, config_store: Store) -> None:
+    store = config_store
     cfg = config_mod.load(cfg_path)
     migrate(store, A)
     store.set_inventory("file:/legacy-users", "account", [A])  # the legacy side's list: alice is all there is
