@@ -10,34 +10,22 @@ import imaplib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness.e2e_mail import message_id, send, target_count, wait_for
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.migration.copier import target_home
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-inv-", users=5, messages_per_user=6, legacy_shared=True) as info:
-        yield info
+LAB = {"prefix": "ap-inv-", "users": 5, "messages_per_user": 6, "legacy_shared": True}
 
-
-@pytest.fixture(scope="module")
-def store(lab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(lab["store"])
-    yield s
-    s.close()
 
 
 def autoport(lab: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import imaplib
 import poplib
-from collections.abc import Iterator
 from typing import Any
 
 import imapclient
@@ -27,17 +26,8 @@ from sidecar.store.base import Store
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def clab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-ns-", users=2, profile="courier-style") as info:
-        yield info
+LAB = {"prefix": "ap-ns-", "users": 2, "profile": "courier-style"}
 
-
-@pytest.fixture(scope="module")
-def store(clab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(config.load(clab["config"]).store.url)
-    yield s
-    s.close()
 
 
 def _client(host: str, port: int, user: dict[str, Any]) -> imapclient.IMAPClient:
@@ -68,9 +58,9 @@ def wait_state(store: Store, address: str, want: State, timeout: float = 90) -> 
     e2e_mail.wait_for(reached, timeout, f"{address} to reach {want.value}")
 
 
-def test_target_shows_the_legacy_namespace_and_folder_names(clab: dict[str, Any], store: Store) -> None:
-    lg, tg = clab["legacy"], clab["target"]
-    user = clab["users"][0]  # alice: has Sieve scripts
+def test_target_shows_the_legacy_namespace_and_folder_names(lab: dict[str, Any], store: Store) -> None:
+    lg, tg = lab["legacy"], lab["target"]
+    user = lab["users"][0]  # alice: has Sieve scripts
     before = view(lg["host"], lg["imap"], user)
     assert before["namespace"] == (("INBOX.", "."),)
     assert ("INBOX.Archive.2023", ".", ()) in before["list"]
@@ -92,9 +82,9 @@ def test_target_shows_the_legacy_namespace_and_folder_names(clab: dict[str, Any]
     assert lp and pop3_uidls(tg["host"], tg["pop3"], user) == lp
 
 
-def test_sieve_fileinto_names_still_valid(clab: dict[str, Any], store: Store) -> None:
-    tg = clab["target"]
-    user = clab["users"][0]
+def test_sieve_fileinto_names_still_valid(lab: dict[str, Any], store: Store) -> None:
+    tg = lab["target"]
+    user = lab["users"][0]
     wait_state(store, user["address"], State.MIGRATED)
     mid = e2e_mail.message_id()
     replies, data = e2e_mail.send(tg["host"], tg["smtp"], [user["address"]], mid, headers={"X-Spam-Flag": "YES"})
@@ -121,14 +111,14 @@ def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
         p.quit()
 
 
-def test_doctor_checks_the_namespace(clab: dict[str, Any], store: Store) -> None:
+def test_doctor_checks_the_namespace(lab: dict[str, Any], store: Store) -> None:
     import dataclasses
 
     from sidecar.ops import doctor
 
-    wait_state(store, clab["users"][0]["address"], State.MIGRATED)  # an account to ask NAMESPACE for
-    cfg = config.load(clab["config"])
-    found = [f for f in doctor.check_namespace(cfg, [clab["users"][0]["address"]], False)]
+    wait_state(store, lab["users"][0]["address"], State.MIGRATED)  # an account to ask NAMESPACE for
+    cfg = config.load(lab["config"])
+    found = [f for f in doctor.check_namespace(cfg, [lab["users"][0]["address"]], False)]
     assert [f.status for f in found] == [doctor.OK], found
     assert "'INBOX.'" in found[0].message and "legacy" in found[0].message
     # a configuration that asks for another namespace than the rendered one: a problem, with what to set

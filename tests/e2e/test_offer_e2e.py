@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import smtplib
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.lab import legacy as legacy_mod
@@ -25,10 +23,7 @@ from sidecar.ops import doctor
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def olab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-offer-", users=1) as info:
-        yield info
+LAB = {"prefix": "ap-offer-", "users": 1}
 
 
 def _ehlo(host: str, port: int) -> dict[str, str]:
@@ -37,8 +32,8 @@ def _ehlo(host: str, port: int) -> dict[str, str]:
         return dict(s.esmtp_features)
 
 
-def test_size_and_auth_on_25_as_legacy(olab: dict[str, Any]) -> None:
-    lg, tg = olab["legacy"], olab["target"]
+def test_size_and_auth_on_25_as_legacy(lab: dict[str, Any]) -> None:
+    lg, tg = lab["legacy"], lab["target"]
     legacy_features = _ehlo(lg["host"], lg["smtp"])
     target_features = _ehlo(tg["host"], tg["smtp"])
     assert legacy_features["size"].strip() == str(legacy_mod.MESSAGE_SIZE_LIMIT)
@@ -46,11 +41,11 @@ def test_size_and_auth_on_25_as_legacy(olab: dict[str, Any]) -> None:
     assert "auth" not in legacy_features and "auth" not in target_features
 
 
-def test_smtp_auth_with_implicit_tls_on_the_target(olab: dict[str, Any]) -> None:
-    tg = olab["target"]
-    user = olab["users"][0]
+def test_smtp_auth_with_implicit_tls_on_the_target(lab: dict[str, Any]) -> None:
+    tg = lab["target"]
+    user = lab["users"][0]
     assert tg["smtps"]
-    stack = target_mod.load_target(Path(olab["dir"]))
+    stack = target_mod.load_target(Path(lab["dir"]))
     assert stack is not None
     ctx = ssl.create_default_context(cafile=str(stack.ca_file))
     # the lab certificate names the target's address too
@@ -61,8 +56,8 @@ def test_smtp_auth_with_implicit_tls_on_the_target(olab: dict[str, Any]) -> None
         assert code == 235
 
 
-def test_doctor_compares_the_offer(olab: dict[str, Any]) -> None:
-    cfg = config.load(olab["config"])
+def test_doctor_compares_the_offer(lab: dict[str, Any]) -> None:
+    cfg = config.load(lab["config"])
     assert [f.status for f in doctor.check_offer(cfg)] == [doctor.OK]
     less = dataclasses.replace(
         cfg, target=dataclasses.replace(cfg.target, smtps=False, message_size_limit=10240000)

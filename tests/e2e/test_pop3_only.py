@@ -10,33 +10,21 @@ import os
 import poplib
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import e2e_mail
-from harness.labs import running_lab
 
 from sidecar import config
 from sidecar.states import State
-from sidecar.store import open_store
 from sidecar.store.base import Store
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def plab() -> Iterator[dict[str, Any]]:
-    with running_lab("ap-pop-", users=2, profile="pop3-only") as info:
-        yield info
+LAB = {"prefix": "ap-pop-", "users": 2, "profile": "pop3-only"}
 
-
-@pytest.fixture(scope="module")
-def store(plab: dict[str, Any]) -> Iterator[Store]:
-    s = open_store(config.load(plab["config"]).store.url)
-    yield s
-    s.close()
 
 
 def pop3_view(host: str, port: int, user: dict[str, Any]) -> list[tuple[str, int, bytes]]:
@@ -55,10 +43,10 @@ def pop3_view(host: str, port: int, user: dict[str, Any]) -> list[tuple[str, int
         p.close()
 
 
-def test_pop3_only_user_migrates_with_the_same_uidls(plab: dict[str, Any], store: Store) -> None:
-    lg, tg = plab["legacy"], plab["target"]
+def test_pop3_only_user_migrates_with_the_same_uidls(lab: dict[str, Any], store: Store) -> None:
+    lg, tg = lab["legacy"], lab["target"]
     assert lg["imap"] == 0 and lg["pop3"]
-    user = plab["users"][0]
+    user = lab["users"][0]
     before = pop3_view(lg["host"], lg["pop3"], user)
     assert len(before) > 5
 
@@ -197,19 +185,19 @@ def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_doctor_on_a_pop3_only_legacy_server(plab: dict[str, Any]) -> None:
+def test_doctor_on_a_pop3_only_legacy_server(lab: dict[str, Any]) -> None:
     """imap_port = 0 is a POP3-only legacy server, not a problem; with IMAP configured but absent, doctor says
     what to set."""
     import dataclasses
 
     from sidecar.ops import doctor
 
-    cfg = config.load(plab["config"])
+    cfg = config.load(lab["config"])
     assert cfg.legacy.imap_port == 0
     assert [f for f in doctor.check_legacy(cfg) if f.status == doctor.PROBLEM] == []
     from sidecar.lab.proc import free_port
 
-    nobody = free_port(plab["legacy"]["host"])  # nothing listens there
+    nobody = free_port(lab["legacy"]["host"])  # nothing listens there
     closed = dataclasses.replace(cfg, legacy=dataclasses.replace(cfg.legacy, imap_port=nobody))
     notes = [f for f in doctor.run(closed) if f.check == "legacy" and f.status == doctor.NOTE]
     assert any("imap_port = 0" in f.message for f in notes), notes
