@@ -51,6 +51,9 @@ def lab() -> Iterator[dict[str, Any]]:
         settings = {
             "legacy": {"imap_port": imap_relay.port, "pop3_port": pop3_relay.port, "timeout": 30.0},
             "limits": {"cutover_grace": 2.0, "sweep_interval": 1.0, "lease_seconds": 20.0},
+            # the relays lead nowhere until the lab is up: no NAMESPACE question at start (the lab's legacy
+            # server has the default namespace anyway)
+            "mail": {"namespace_prefix": "", "namespace_separator": "/"},
         }
         with running_lab("ap-act-", users=2, messages_per_user=120, settings=settings) as info:
             lg = info["legacy"]
