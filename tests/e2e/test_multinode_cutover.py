@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 def pair() -> Iterator[dict[str, Any]]:
     # the legacy IMAP port behind a slow relay: the copy lasts seconds, long enough to hold sessions open in it
     with Relay("127.0.0.2", rate=400_000) as relay:
-        settings = {"legacy": {"imap_port": relay.port}, "limits": {"cutover_grace": 1.0, "lease_seconds": 10.0}}
+        settings = {"legacy": {"imap_port": relay.port}, "limits": {"cutover_grace": 1.0, "lease_seconds": 10.0},
+                    # the relay leads nowhere until the lab is up: no NAMESPACE question at start
+                    "mail": {"namespace_prefix": "", "namespace_separator": "/"}}  # fmt: skip
         with running_lab("ap-2c-", users=2, store="postgresql", nodes=2, messages_per_user=200,
                          settings=settings) as info:  # fmt: skip
             relay.point_at(info["legacy"]["host"], info["legacy"]["imap"])
