@@ -50,6 +50,8 @@ def legacy() -> Iterator[LegacyServer]:
             for name, pw in (("odd", ODD_PASSWORD), ("quoter", QUOTE_PASSWORD)):
                 stored = hash_password(pw, HashConfig(scheme="SHA512-CRYPT"))
                 f.write(":".join([f"{name}@{srv.domain}", stored, *line[2:]]) + "\n")
+        # the lab's start already read the users file (doveadm acl recalc); a restart makes Dovecot read it anew
+        restart_legacy_component(d, "legacy-dovecot")
         yield srv
     finally:
         stop_legacy(d)
