@@ -78,6 +78,7 @@ def lab_up(
     settings: dict[str, dict[str, Any]] | None = None,
     nodes: int = 1,
     legacy_shared: bool = False,
+    legacy_identity_users: bool = False,
     sysroot: Path | None = None,
 ) -> LabInfo:
     """Start legacy (unless external), store, target stack and sidecar; return the lab description.
@@ -130,6 +131,7 @@ def lab_up(
                 bare_logins=bare_logins,
                 messages_per_user=messages_per_user,
                 shared_folders=legacy_shared,
+                identity_users=legacy_identity_users,
             )
             domains = [srv.domain]
             user_list = [{"address": u.address, "login": u.login, "password": u.password} for u in srv.users]

@@ -280,13 +280,16 @@ def start_legacy(
     bare_logins: bool = False,
     messages_per_user: int | None = None,
     shared_folders: bool = False,
+    identity_users: bool = False,
 ) -> LegacyServer:
     """Create, fill and start the legacy server under lab_dir/legacy (replacing an earlier, stopped one).
 
     The admin lists every account in the other-users namespace "user/" (profile dovecot; courier-style has none:
     its "." separator cannot hold an address). shared_folders adds what a personal mailbox must never take in:
     a public namespace "Public/" with a folder "Announcements" (one message) readable by everyone, and the
-    second user's "Archive" shared with the first user (seen by them as "user/BOB/Archive").
+    second user's "Archive" shared with the first user (seen by them as "user/BOB/Archive"). identity_users adds
+    the accounts of the login-identity tests (LegacyServer.extra_users): alice of a domain the target does not
+    serve, jsmith (login) for john.smith (address), zoe with a non-ASCII password.
     """
     prefix, sep, uidl_format = _ns(profile)
     lab_dir = lab_dir.resolve()
@@ -320,7 +323,7 @@ def start_legacy(
         )
         for i, n in enumerate(names)
     ]
-    extras = {
+    extras = {} if not identity_users else {
         "other": LegacyUser(f"alice@{OTHER_DOMAIN}", f"alice@{OTHER_DOMAIN}", _password(seed, "other"), False),
         "jsmith": LegacyUser(f"john.smith@{domain}", "jsmith", _password(seed, "jsmith"), False),
         "nonascii": LegacyUser(
@@ -336,7 +339,7 @@ def start_legacy(
     for u, h in zip(all_users, hashes[:-1], strict=True):
         home = ldir / "mail" / u.login
         home.mkdir(mode=0o700)
-        if u in (extras["other"], extras["jsmith"]):  # no mail: they exist for login checks only
+        if u in (extras.get("other"), extras.get("jsmith")):  # no mail: they exist for login checks only
             mailgen.chown_tree(home, owner)
             user_lines.append(f"{u.login}:{h}:{owner[0]}:{owner[1]}::{home}::\n")
             continue

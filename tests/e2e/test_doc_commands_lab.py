@@ -88,8 +88,8 @@ def substitute(cmd: str, lab: dict[str, Any] | None, lab_dir: Path, own_dir: Pat
             word = "sidecar"
         elif word == "ADDRESS":
             word = users[0]["address"]  # alice: an account autoport knows (migrated by then)
-        elif word == "FILE":
-            word = str(lab_dir / "doc-hashes.txt")
+        elif word == "FILE":  # a login map for import-users, a hash file (also a passwd-file) for the others
+            word = str(lab_dir / ("doc-users.txt" if "import-users" in argv else "doc-hashes.txt"))
         out.append(word)
         if i == 0 and word == "autoport":
             out[0] = str(VENV_BIN / "autoport")
@@ -125,6 +125,8 @@ def test_documented_commands_run_on_a_lab() -> None:
         lab = launcher.lab_info(lab_dir)
         pw = passwords.hash_password("doc-test-pw", config.HashConfig(scheme="SHA512-CRYPT"))  # never in argv
         (lab_dir / "doc-hashes.txt").write_text(f"{lab['users'][1]['address']}:{pw}\n")
+        bob = lab["users"][1]["address"]
+        (lab_dir / "doc-users.txt").write_text(f"{bob.split('@')[0]}-login,{bob}\n")
         # the operability check is about an account autoport knows: alice logs in once (through the target)
         alice = lab["users"][0]
         with imaplib.IMAP4(lab["target"]["host"], lab["target"]["imap"], timeout=60) as c:

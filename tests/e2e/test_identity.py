@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 from harness.labs import running_lab
-from harness.passthrough_helpers import SourceIMAP, hash_accepts, imap_result, pop3_result, smtp_auth_result
+from harness.passthrough_helpers import (
+    SourceIMAP,
+    hash_accepts,
+    imap_result,
+    pop3_result,
+    retrying_temporary,
+    smtp_auth_result,
+)
 
 from sidecar.lab import legacy
 from sidecar.ops import cli
@@ -33,7 +40,7 @@ from sidecar.store.base import Store
 @pytest.fixture(scope="module")
 def lab() -> Iterator[dict[str, Any]]:
     settings = {"mail": {"realms": ["CORP"]}, "limits": {"cutover_grace": 0.0}}
-    with running_lab("ap-id-", users=2, settings=settings) as info:
+    with running_lab("ap-id-", users=2, settings=settings, legacy_identity_users=True) as info:
         srv = legacy.load_legacy(Path(info["dir"]))
         info["extra"] = {k: {"login": u.login, "address": u.address, "password": u.password}
                          for k, u in srv.extra_users.items()}  # fmt: skip
@@ -120,9 +127,8 @@ def test_login_map_one_account_checked_as_its_legacy_login(lab: dict[str, Any], 
     assert cli.main(["--config", lab["config"], "import-users", str(users)]) == 0
     host, imap, pop3, sub = tgt(lab)
     for login in ("jsmith", "CORP\\jsmith", js["address"], "sales@example.test"):
-        assert imap_result(host, imap, login, js["password"], "127.0.0.1")[0] == "OK", login
-        assert pop3_result(host, pop3, login, js["password"], "127.0.0.1")[0] == "+OK", login
-        assert smtp_auth_result(host, sub, login, js["password"], "127.0.0.1")[0] == 235, login
+        for call, port, ok in ((imap_result, imap, "OK"), (pop3_result, pop3, "+OK"), (smtp_auth_result, sub, 235)):
+            assert retrying_temporary(call, host, port, login, js["password"], "127.0.0.1")[0] == ok, login
     assert "sales@example.test" not in {a.address for a in store.accounts()}
     acc = store.get(js["address"])
     assert acc is not None and "jsmith" in acc.logins

@@ -13,6 +13,8 @@ import poplib
 import smtplib
 import socket
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +138,18 @@ class LogMark:
 def lab_state(lab_dir: str | Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((Path(lab_dir) / "lab-state.json").read_text())
     return data
+
+
+TEMPORARY_MARKS = ("[UNAVAILABLE]", "[SYS/TEMP]", "454")
+
+
+def retrying_temporary(call: Callable[..., tuple[Any, str]], *args: Any, timeout: float = 60.0) -> tuple[Any, str]:
+    """call(*args) again while it answers a temporary failure, as a mail client would: an account in cutover
+    refuses new proxied sessions for a few seconds (sidecar.migration.cutover). Any other answer is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = call(*args)
+        temporary = any(m in f"{result[0]} {result[1]}" for m in TEMPORARY_MARKS)
+        if not temporary or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
