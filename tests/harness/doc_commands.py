@@ -42,6 +42,8 @@ NEEDS_HOST: dict[str, str] = {
     "autoport serve": "the daemon itself; every lab starts it (sidecar/lab/target.py)",
     "autoport --config %s config": "a format string in docs/security.md, expanded by the test that runs it",
     "autoport finalize": "rewrites the target's configuration for good (tests/e2e/test_finalize.py runs it)",
+    "autoport lab up --sysroot ROOT --dir ROOT/l/NAME":
+        "a lab inside the Debian 13 root (tests/e2e/test_dovecot24.py starts exactly this, in the built root)",
 }
 
 PLACEHOLDERS = {
