@@ -80,7 +80,7 @@ def imap_login(host: str, port: int, user: dict[str, Any]) -> None:
     raise AssertionError(f"{user['address']} could not log in")
 
 
-def wait_settled(store: Store, timeout: float = 240) -> dict[str, State]:
+def wait_settled(store: Store, timeout: float = 420) -> dict[str, State]:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -233,6 +233,7 @@ def kill_sidecar_hard(lab_dir: Path) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.timeout(900)  # on a loaded 2-core machine 50 cutover handshakes can take minutes
 def test_nothing_lost_nothing_twice(lab: dict[str, Any]) -> None:
     lab_dir = Path(lab["dir"])
     users: list[dict[str, Any]] = lab["users"]
