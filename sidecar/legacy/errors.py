@@ -6,7 +6,7 @@
         LegacyProtocolError a reply we cannot understand (temporary: the pass stops, the caller retries)
 
 Each client keeps its own names, as subclasses: legacy.verify.LegacyAuthError (protocol, reason),
-legacy.imap.Source*Error, migration.sieve.Sieve*Error. `except LegacyUnavailable` catches all three kinds.
+legacy.imap.Source*Error, legacy.managesieve.Sieve*Error. `except LegacyUnavailable` catches all three kinds.
 """
 
 from __future__ import annotations

@@ -350,7 +350,7 @@ def _probe(name: str, port: int, tls: str, cfg: Config, talk: Callable[[float, s
         return _bad("legacy", f"{where}: unexpected answer: {str(e)[:200]}",
                     f"check that {port_key} is the {name} port and [legacy] the TLS mode")  # fmt: skip
     except Exception as e:  # the ManageSieve client's own errors
-        from sidecar.migration.sieve import SieveError
+        from sidecar.legacy.managesieve import SieveError
 
         if not isinstance(e, SieveError):
             raise
@@ -419,7 +419,7 @@ def _smtp(cfg: Config, port: int, implicit: bool, starttls: bool) -> Callable[[f
 
 def _sieve(cfg: Config) -> Callable[[float, ssl.SSLContext], str]:
     def talk(timeout: float, ctx: ssl.SSLContext) -> str:
-        from sidecar.migration.sieve import ManageSieveClient
+        from sidecar.legacy.managesieve import ManageSieveClient
 
         lg = cfg.legacy
         with ManageSieveClient(lg.host, lg.sieve_port, tls=lg.sieve_tls, ssl_context=ctx, timeout=timeout) as c:

@@ -11,6 +11,7 @@ import pytest
 from harness.waiting import wait_state
 
 from sidecar import config
+from sidecar.legacy.managesieve import ManageSieveClient
 from sidecar.migration import sieve
 from sidecar.migration.copier import SourceParams
 from sidecar.states import State
@@ -24,7 +25,7 @@ LAB = {"prefix": "ap-sieve-", "users": 2}
 
 def scripts_on(host: str, port: int, login: str, password: str) -> dict[str, tuple[bool, bytes]]:
     """What a ManageSieve client (e.g. a webmail's filter page) sees: name -> (active, body)."""
-    with sieve.ManageSieveClient(host, port, tls="none", timeout=30) as c:
+    with ManageSieveClient(host, port, tls="none", timeout=30) as c:
         c.authenticate(login, password)
         out = {name: (active, c.getscript(name)) for name, active in c.listscripts()}
         c.logout()

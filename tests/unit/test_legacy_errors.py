@@ -6,7 +6,13 @@ import pytest
 
 from sidecar.legacy import errors, verify
 from sidecar.legacy.imap import SourceAuthError, SourceError, SourceProtocolError, SourceUnavailable
-from sidecar.migration.sieve import SieveAuthError, SieveError, SieveProtocolError, SieveScriptError, SieveUnavailable
+from sidecar.legacy.managesieve import (
+    SieveAuthError,
+    SieveError,
+    SieveProtocolError,
+    SieveScriptError,
+    SieveUnavailable,
+)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.config import LegacyConfig
+from sidecar.legacy import managesieve
 from sidecar.migration import sieve
 
 GREETING = b'"IMPLEMENTATION" "test"\r\n"SASL" "PLAIN"\r\n"SIEVE" "fileinto vacation"\r\nOK "ready"\r\n'
@@ -101,7 +102,7 @@ def test_scripts_with_literal_names_and_an_oversized_one(server_factory: list[Se
 
 def test_refused_login_names_the_user_never_the_password(server_factory: list[Server], tmp_path: Path) -> None:
     srv = start(server_factory, {b"AUTHENTICATE": b'NO "Authentication failed."\r\n'})
-    with pytest.raises(sieve.SieveAuthError) as e:
+    with pytest.raises(managesieve.SieveAuthError) as e:
         sieve.copy_scripts(legacy(srv.port), "alice@example.test", "s3cret-pw", tmp_path, owner=None)
     assert "alice@example.test" in str(e.value)
     assert "s3cret-pw" not in str(e.value)
@@ -123,19 +124,19 @@ def test_admin_login_uses_authzid_or_master_separator(server_factory: list[Serve
 
 def test_bye_and_hangup_are_temporary(server_factory: list[Server], tmp_path: Path) -> None:
     srv = start(server_factory, {b"AUTHENTICATE": b'BYE (TRYLATER) "shutting down"\r\n'})
-    with pytest.raises(sieve.SieveUnavailable, match="BYE TRYLATER shutting down"):
+    with pytest.raises(managesieve.SieveUnavailable, match="BYE TRYLATER shutting down"):
         sieve.copy_scripts(legacy(srv.port), "alice@example.test", "pw", tmp_path, owner=None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(sieve.SieveUnavailable, match="cannot connect"):
+    with pytest.raises(managesieve.SieveUnavailable, match="cannot connect"):
         sieve.copy_scripts(legacy(port), "alice@example.test", "pw", tmp_path, owner=None)
 
 
 def test_starttls_required_but_not_offered(server_factory: list[Server], tmp_path: Path) -> None:
     srv = start(server_factory, {})
     cfg = LegacyConfig(host="127.0.0.1", sieve_port=srv.port, sieve_tls="starttls", timeout=5)
-    with pytest.raises(sieve.SieveUnavailable, match="does not offer STARTTLS"):
+    with pytest.raises(managesieve.SieveUnavailable, match="does not offer STARTTLS"):
         sieve.copy_scripts(cfg, "alice@example.test", "pw", tmp_path, owner=None)
 
 
