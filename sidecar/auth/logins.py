@@ -5,27 +5,7 @@ and Dovecot's proxy (`destuser`) use `legacy_login`; the hash, the recorded logi
 the failure budgets and the copy job use `address`. Whatever a client types, the password is checked on the
 legacy server for exactly the account whose hash we store and whose mailbox we copy.
 
-The rule (docs/security.md, "One login, one identity"):
-
-1. Refused outright (InvalidLogin, before any lookup): empty or longer than 512 characters; a character of
-   Unicode category Cc, Cf, Cs, Co, Cn (control, format such as zero-width space/joiner and bidi marks,
-   surrogates, private use, unassigned) or Z* (any white space); a string that Unicode NFKC normalisation
-   would change (the Kelvin sign, full-width letters, ligatures, precomposed/decomposed mixes); the master
-   login separator (`legacy.master_separator`, `*` by default); more than one `\\` or more than one `@`;
-   a domain with an empty label, a leading or trailing dot, or non-ASCII characters (U-label IDNA spellings:
-   a served IDN domain is listed in its `xn--` form and typed that way).
-2. Folding: the domain is always folded to ASCII lower case; with `mail.lowercase` the whole login is folded
-   with str.lower() (what Dovecot's `%Lu` does for ASCII, extended to the rest of Unicode; the result must
-   again be NFKC-stable).
-3. `REALM\\name`: REALM must be in `mail.realms` (compared case-insensitively); `name` must be bare.
-   `name@REALM` with REALM in `mail.realms` and not a served domain: reduced to `name`.
-4. The login map (`autoport import-users`, a lookup callback here) is asked with the folded login, then with
-   the bare name after realm stripping: a hit names the account. An address of a served domain is otherwise its
-   own account; a bare name is `name@mail.default_domain` (else the first of mail.domains).
-5. Exactly one account: `jsmith@ours` where `jsmith` is the imported login of another account is ambiguous and
-   refused; a domain that is neither served nor a realm is refused (no silent stripping any more).
-6. The legacy login is `legacy.login_template` expanded for the account: `%u` the account's legacy name (its
-   imported login, else its address), `%n` its part before `@`, `%d` the account's domain, `%%` a percent sign.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/logins.py.
 """
 
 from __future__ import annotations

@@ -1,37 +1,6 @@
 """The pass-through authentication decision: one login attempt in, OK (with Dovecot fields) / FAIL / TEMP out.
 
-AuthPolicy.decide() never touches a socket (the server does, sidecar.edge.auth_server). It is synchronous and
-thread-safe; the server runs it in a thread pool. What each outcome means on the wire:
-
-  FAIL  invalid login name; account already migrated (a second lock behind Dovecot's deny passdb);
-        a service that must not run on an unmigrated account; the legacy server said no; the answer is in the
-        negative cache; a failure budget (per account, per client address) is spent.
-  TEMP  legacy server unavailable; the state store unavailable; too many checks in flight; no legacy port for
-        the service; anything unexpected (a bug is our cause, so the client retries).
-  OK    legacy said yes. The account exists in state copying (or stays copying/cutover; failed goes back
-        to copying), its Dovecot hash is refreshed, the login recorded, a copy job queued, and the plaintext
-        handed to the in-memory CredentialCache for the copier. IMAP/POP3/ManageSieve get proxy fields to the
-        legacy server; SMTP AUTH (Postfix via Dovecot SASL) and Dovecot submission get a plain OK.
-
-One identity (issue 14): sidecar.auth.logins.resolve() turns the typed login into (account address, legacy
-login) once, with the login map from the store; the legacy check, the proxy's destuser, the negative and
-positive caches and the remembered credentials use the legacy login, the hash, the login row, the budgets and
-the copy job the address. A login that does not map to exactly one account is FAIL before anything else.
-
-Failure budgets: wrong passwords are counted per (account, client address) and per client address; those
-answer FAIL. An account's total over all clients (limits.auth_failures_per_account_total) answers TEMP: guesses
-from elsewhere can slow the real user down, never turn their right password into "wrong password".
-
-Store writes: a verified login writes everything (state, login row, last login, copy job, and the hash when
-it is not deferred) in one store call, Store.record_login(), one transaction: all or nothing.
-
-The hash: hashing costs tens of ms of CPU (argon2id, [hash]) and nothing in the answer depends on it, so the
-daemon passes `defer` (a one-thread executor): the OK goes out once the legacy server said yes and the state
-is written, and the hash is computed and stored right after, in submission order. If that write is lost (the
-store or the process fails in between), nothing breaks: until migration the account logs in through the
-legacy server anyway, and a migrated account without a hash is not in the deny view, so its first login
-verifies on the legacy server once and stores the hash then (_first_local_login). Without `defer` (unit tests)
-the hash is stored before the answer.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/policy.py.
 """
 
 from __future__ import annotations

@@ -9,17 +9,7 @@ DEFAULT_ROOT and renamed into place only when complete (a stamp file marks it), 
 is never used, and a second builder waits for the first. Built once per machine; `autoport lab debroot` (or the
 first 2.4 test) builds it.
 
-How the host and the root share one lab (no mounts needed, `mount` may be denied in containers):
-- The lab directory lives *inside* the root (ROOT/l/NAME), and the root holds a symlink at its own host path
-  (ROOT/var/cache/autoport/debian13-root -> /). So the same absolute path string names the same file on the
-  host and inside `chroot ROOT`: rendered configuration, sockets, Maildirs and logs need no translation.
-- The sidecar runs on the host (Debian 12 Python, this virtualenv); Dovecot 2.4 and Postfix 3.10 run chrooted.
-  Their commands (dovecot, doveadm, doveconf, postfix, postconf, postqueue, postsuper, sendmail, postmap) are
-  small wrapper scripts (`exec chroot ROOT /usr/sbin/TOOL "$@"`) in a bin directory put first on PATH, so the
-  renderer, the lab and the sidecar's own calls (doveadm proxy kick, postqueue -i) reach the 2.4/3.10 tools.
-- User and group ids differ between the host and the root: the builder gives the root's dovecot, dovenull,
-  postfix, postdrop and vmail the host's numeric ids (renumbering files, moving any colliding entry), so a
-  socket or Maildir created on one side has the right owner on the other.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/debroot.py.
 """
 
 from __future__ import annotations

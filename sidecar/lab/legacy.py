@@ -1,46 +1,6 @@
 """The lab's legacy mail server: a Dovecot + Postfix pair on loopback standing in for Exchange, Courier, Cyrus...
 
-    srv = start_legacy(lab_dir, host="127.0.0.2", profile="dovecot", users=5, seed=1)
-    srv.imap, srv.imaps, srv.pop3, srv.pop3s, srv.smtp, srv.submission, srv.sieve, srv.lmtp   # ports on srv.host
-    srv.users[0].login, srv.users[0].password     # alice@example.test (or alice with bare_logins=True)
-    srv.admin_user, srv.admin_password            # master login: "alice@example.test*admin", or SASL PLAIN
-                                                  #   authzid=user authcid=admin
-    srv.ca_file, srv.tls_name                     # verify TLS against the lab CA for "legacy.lab.test"
-    srv.plan(srv.users[0])                        # the user's MailboxPlan: what the mailbox holds (mailgen.py)
-    restart_legacy_component(lab_dir, "legacy-dovecot")    # or "legacy-postfix"; returns the new pid
-    stop_legacy(lab_dir)                          # stops the recorded pids; nothing is left running
-    load_legacy(lab_dir)                          # the LegacyServer saved in lab-state.json (key "legacy")
-
-Profiles (the namespace a client sees):
-- "dovecot": Maildir, INBOX namespace prefix "" separator "/" (folders "Archive/2023"); POP3 UIDL is Dovecot's
-  default %08Xu%08Xv;
-- "courier-style": prefix "INBOX." separator "." (folders "INBOX.Archive.2023"); POP3 UIDL is the Maildir base
-  file name (%f), as Courier does, and POP3 numbers INBOX messages in an order of its own, not the UID order
-  (dovecot-uidlist `O` fields, mailgen.write_maildir pop3_order="own");
-- "pop3-only": POP3 (and SMTP) only, no IMAP and no ManageSieve listener (srv.imap, srv.imaps, srv.sieve are
-  0), as the original product's legacy servers: users see INBOX only; POP3 UIDL is Dovecot's default.
-
-Services: IMAP (STARTTLS) + IMAPS, POP3 (STARTTLS) + POP3S, ManageSieve, LMTP (for its Postfix), all on free
-ports of `host`; SMTP (mail for the users; unknown users get 550 5.1.1 at RCPT; delivered by LMTP; XCLIENT
-allowed from 127.0.0.0/8; SIZE 26214400, MESSAGE_SIZE_LIMIT, above Postfix's default), submission (SMTP AUTH
-through Dovecot SASL, STARTTLS offered, AUTH allowed without TLS like IMAP) and smtps (SMTP AUTH with implicit TLS,
-port 465 on a real server: srv.smtps). Users are in a passwd-file with SHA512-CRYPT hashes, mail is owned by
-`vmail`. Even-numbered users
-(alice, carol, erin, ...) have Sieve scripts, "filters" active and "vacation" inactive.
-
-Files: everything under lab_dir/legacy/ (dovecot.conf, users, postfix/ config, postfix-queue/, mail/<login>/,
-mailboxes.json: per login and folder the UIDVALIDITY, UIDNEXT, subscription and [uid, Message-ID, flags,
-INTERNALDATE, size] of every message written, for tests that compare a migrated mailbox),
-logs in lab_dir/logs/legacy-dovecot.log and legacy-postfix.log, the lab CA in lab_dir/tls/. Postfix does not need
-/etc/postfix/main.cf for `postfix -c DIR` (checked on Postfix 3.7), so none is created. Postfix sleeps while
-main.cf or a table is younger than 2 s (300 ms steps, against half-written files): our files are written atomically
-and dated back, which took the start from 2.8 s to 0.8 s.
-
-TLS: the certificate names legacy.lab.test only, no IP address, like a real server that moved to a new address:
-clients connect to `host` and verify `tls_name` against `ca_file`.
-
-Dovecot's default auth failure delay (2 s) and penalty stay on, as on a real legacy server: after a failed login,
-later logins from the same client address are slowed too. Tests send failing attempts from another 127.0.0.x.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/legacy.py.
 """
 
 from __future__ import annotations

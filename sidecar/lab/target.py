@@ -1,26 +1,6 @@
 """The lab's target stack: stock Postfix + Dovecot configured from postfix/ and dovecot/, plus the sidecar.
 
-    stack = start_target(lab_dir, host="127.0.0.3", domains=["example.test"],
-                         legacy={"host": "127.0.0.2", "imap_port": 10143, ...}, sidecar=True)
-    stack.imap, stack.pop3, stack.smtp, stack.submission, stack.managesieve   # ports on stack.host
-    stack.socketmap                             # "unix:LAB/run/socketmap.sock" (Postfix notation)
-    stack.dovecot_config, stack.postfix_config  # for `doveadm -c FILE ...`, `postfix -c DIR ...`
-    stack.config                                # LAB/autoport.toml, the sidecar's configuration
-    restart_target_component(lab_dir, "target-dovecot")   # or "target-postfix", "sidecar"; the new pid
-    stop_target(lab_dir)                        # stops the recorded pids; nothing is left running
-    load_target(lab_dir)                        # the TargetStack saved in lab-state.json (key "target")
-
-The configuration files are rendered by sidecar.mta.render from the same templates Ansible deploys, with lab
-values: every service on `host` and free ports, the Postfix queue and Dovecot's base_dir inside lab_dir,
-logs in lab_dir/logs/, TLS from the lab CA (lab_dir/tls/), plain-text logins allowed without TLS (as the
-legacy lab allows them), the state store at lab_dir/state.db unless `store_url` says otherwise.
-
-Layout under lab_dir: target/postfix/ (main.cf, master.cf), target/postfix-queue/, target/postfix-data/,
-target/dovecot/ (dovecot.conf, conf.d/, SQL files), target/dovecot-run/ (base_dir), target/mail/ (MAIL_ROOT),
-run/ (the sidecar's sockets), autoport.toml. Postfix needs no /etc/postfix/main.cf for `postfix -c DIR`
-(checked on Postfix 3.7), so none is created.
-
-Processes are recorded with proc.record_pid as "target-dovecot", "target-postfix" and "sidecar".
+More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/target.py.
 """
 
 from __future__ import annotations

@@ -8,15 +8,7 @@ shows the legacy namespace, rendered into Dovecot's `namespace inbox { prefix se
 ".Archive.2023"), the subscriptions file keeps prefix-less names with TAB between levels (checked on Dovecot
 2.3.19: the same file serves prefix "" "/" and prefix "INBOX." "."), dovecot-uidlist is unaffected.
 
-When is "auto" resolved? Dovecot's configuration is static and shared by every user, and NAMESPACE is only
-answered after a login, so it is resolved when the configuration is rendered, by someone who can log in:
-the lab (a lab user), `autoport doctor` (the legacy admin credentials on behalf of an account in the store; it
-says what to set when the rendered Dovecot differs), or the administrator who writes the two keys
-([mail] namespace_prefix / namespace_separator; Ansible autoport_namespace_prefix / _separator). Unresolved,
-"auto" renders Dovecot's usual prefix "" and separator "/".
-
-Separators other than "/" and "." are not offered on the target (Maildir++ stores levels with "."; "/" is
-the usual IMAP one): a legacy server with another separator gets "/".
+More (the reasons and limits behind this module): docs/modules.md, sidecar/legacy/namespace.py.
 """
 
 from __future__ import annotations

@@ -9,31 +9,7 @@ Outcomes (typed: legacy/errors.py):
   LegacyUnavailable   we could not get an answer: connection refused, timeout, TLS or certificate failure,
                       BYE, [UNAVAILABLE]/[SYS/TEMP]/[IN-USE], 4xx, no usable mechanism, protocol error
 
-Protocols are tried in legacy.verify_with order; a "no" from the first protocol that answers is final,
-"unavailable" moves to the next one. Per protocol:
-  IMAP  CAPABILITY, STARTTLS when configured, `ID ("x-originating-ip" IP)` when offered and
-        legacy.send_client_ip, LOGIN with quoted strings (the password as a literal when it is not plain
-        ASCII), or AUTHENTICATE PLAIN when the server says LOGINDISABLED or the login needs a literal.
-  POP3  CAPA, STLS when configured, AUTH PLAIN when offered, else USER/PASS.
-  SMTP  EHLO, STARTTLS when configured, XCLIENT ADDR= when advertised and legacy.send_client_ip,
-        AUTH PLAIN or LOGIN.
-Certificates are checked against legacy.tls_server_name (or host) with legacy.ca_file (or the system store)
-unless legacy.tls_verify is false. legacy.timeout bounds every single exchange.
-
-Ready connections (IMAP and POP3; SMTP connects per check, its XCLIENT must precede AUTH and resets the
-session). While checks come in, up to legacy.ready_connections connections per protocol are kept *ready*:
-connected, greeting read, STARTTLS/STLS done, capabilities known, never logged in. A check takes one, sends
-(ID/XCLIENT and) the credentials, and closes it: a connection carries at most one login. Background threads
-refill the pool after a take (never more than ready_connections held or being opened per protocol); a ready
-connection older than legacy.ready_max_age is closed unused, and replaced only when a check came within
-READY_WARM_SECONDS. When nobody logs in, nothing is held and nothing connects. Before use, a ready connection
-the server closed or wrote to (BYE) is detected by a zero-timeout poll and discarded; one that fails before the
-credentials were sent (on ID, XCLIENT or USER) is replaced by a fresh connection, so a stale connection never
-becomes a wrong answer nor costs the legacy server a counted login. legacy.ready_connections = 0: connect per check.
-
-stdlib clients (imaplib, poplib, smtplib) do the talking. Their gaps, filled here: imaplib sends LOGIN's user
-unquoted and cannot encode non-ASCII; it has no ID command; smtplib's AUTH encodes credentials as ASCII only.
-Nothing here logs the password; server replies put into exceptions are cut short and scrubbed of it.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/legacy/verify.py.
 """
 
 from __future__ import annotations

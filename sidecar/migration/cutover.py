@@ -1,34 +1,6 @@
 """The cutover handshake: before the final delta reads the legacy mailbox, nothing may still write to it.
 
-Writes that can reach the legacy mailbox while an account is in ``cutover``:
-
-1. **Proxied sessions** on any front-end node (Dovecot proxies IMAP/POP3 there until migration): a flag set,
-   a message saved to Sent, an EXPUNGE. The auth policy answers TEMP to new proxied logins of an account in
-   cutover (sidecar.auth.policy), and every node closes the sessions it proxies (``doveadm proxy kick``).
-2. **Mail already routed toward the legacy server**: Postfix's queue manager keeps its last address
-   resolution for 30 s (sidecar.migration.release), so a message for the account can still be relayed to the
-   legacy server after the socketmap started answering ``retry:``. Every node clears that cache with the
-   release probe and waits until no message for the account is in its active queue.
-
-How every node takes part (the nodes share the store):
-
-- every sidecar runs a NodeAgent: it records a heartbeat (``nodes``) and carries out the kick requests
-  (``kicks``) it has not acknowledged yet: route-cache probe, wait for in-flight mail, ``doveadm proxy kick``
-  for each login of the account, then ``doveadm proxy list`` to check none is left; then it acknowledges
-  (``kick_acks``) with what it did.
-- the job runner (quiesce(), through Hooks.quiesce) writes ``cutover``, then asks for a kick and waits until
-  every live node (heartbeat within ``limits.node_timeout``) acknowledged it, within ``limits.kick_timeout``.
-  It waits ``limits.cutover_grace`` and asks again: a login whose OK (with proxy fields) was computed just
-  before the state changed reaches the legacy server within the proxy timeout ([legacy] timeout), after the
-  first kick; the second round closes it. Only then does the final delta read the legacy mailbox.
-- a node that does not confirm in time (down but still within its heartbeat, or its Postfix/Dovecot tools
-  fail) makes the cutover fail toward legacy: the account goes to ``failed``, its held mail is released to
-  the legacy relay, the copy is retried later (KickTimeout).
-- a node whose sidecar has not sent a heartbeat for ``limits.node_timeout`` is not waited for. Its Dovecot
-  cannot start proxied sessions without the sidecar (checkpassword answers come from it), but sessions it
-  proxied before the sidecar stopped stay open until they end: run the sidecar so that it is restarted at
-  once (the systemd unit has Restart=on-failure, RestartSec=2s); a restarted sidecar keeps its node name and
-  carries out the kick requests of the last KICK_WINDOW seconds.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/cutover.py.
 """
 
 from __future__ import annotations

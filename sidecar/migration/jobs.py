@@ -7,13 +7,7 @@ Leases: a job is leased for `limits.lease_seconds` and renewed while it runs; a 
 lease and another node (or this one after a restart) takes the job over. Every step is idempotent: the
 copier resumes from what is durable in the target, a transition that already happened is not repeated.
 
-Credentials live only in memory (sidecar.auth.policy.CredentialCache, filled by the pass-through login). A
-job without them waits for the user's next login, unless legacy admin credentials are configured.
-
-Failures: a temporary failure (legacy unreachable, store trouble, malformed response) is retried with
-exponential backoff; after `limits.copy_attempts` failures the account becomes `failed`: the user keeps
-working on the legacy server and the failure is reported. Wrong credentials (the password changed on the
-legacy server since the login) drop the cached credentials: the job waits for the next login.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/jobs.py.
 """
 
 from __future__ import annotations

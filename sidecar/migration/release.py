@@ -1,32 +1,6 @@
 """Releasing held mail: when an account leaves ``cutover``, its deferred mail is delivered within seconds.
 
-During cutover the transport map answers ``retry:4.3.2 mailbox migration in progress``, so Postfix defers the
-account's mail (never bounces it). Once the store says ``migrated`` (or ``failed``), that mail must be
-delivered now, not at the next queue run. What stands in the way (measured on Postfix 3.7.11, postfix/README.md
-"Releasing held mail"):
-
-- Postfix's queue manager (qmgr, one long-lived process) keeps a **one-entry resolve cache**: the last
-  (sender, recipient) -> (transport, nexthop) answer, for 30 seconds after it asked trivial-rewrite (Postfix
-  src/global/resolve_clnt.c). trivial-rewrite itself asks the socketmap every time. So right after a held
-  message is deferred, ``postqueue -i`` for it is answered from that entry again: ``retry:``, deferred again,
-  next attempt only after the backoff (minimal_backoff_time). ``postfix reload`` clears it (a new qmgr), but
-  restarts every Postfix daemon.
-- The cheap way out: make qmgr resolve any *other* address after the state changed. We submit one tiny
-  null-sender message to ``release-...@autoport.invalid`` (the transport map answers ``discard:`` for that
-  domain, sidecar.auth.routing.PROBE_DOMAIN), wait until qmgr has taken it out of the incoming queue, then
-  ``postqueue -i QUEUEID`` each held message. Every resolve after the probe asks the map again.
-
-So a release costs: one ``postqueue -j`` (the queue listing finds the held queue ids: authoritative, unlike the
-milter's log, which misses mail while the milter is down), one probe message and a few more listings while
-it passes (tens of milliseconds), one ``postqueue -i`` per held message (a few ms each), then listings until
-the released messages have left the deferred queue. release_held_many() does all of that once for many
-accounts (one listing, one probe): the way to go when many accounts cut over per minute. Nothing is released
-for an account still in cutover (its mail would only be deferred again).
-
-Commands run with ``-c cfg.target.postfix_config`` when that is set (a non-default config directory must be
-listed in alternate_config_directories of the default main.cf unless we run as root); the default
-authorized_mailq_users / authorized_flush_users / authorized_submit_users (anyone) let the sidecar's own user
-run them.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/release.py.
 """
 
 from __future__ import annotations

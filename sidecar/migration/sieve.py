@@ -4,20 +4,7 @@
     result = copy_scripts(cfg.legacy, login, "", home, owner=..., use_admin=True)   # legacy admin credentials
     result.scripts == {"filters": b"...", "vacation": b"..."}; result.active == "filters"
 
-The target's layout is the one dovecot/conf.d/90-sieve.conf.j2 sets (`sieve = file:~/sieve;active=~/.dovecot.sieve`):
-every script as ~/sieve/NAME.sieve, and ~/.dovecot.sieve a symlink to sieve/ACTIVE.sieve (none when no script
-is active), all owned by the mail user; ManageSieve on the target then lists the same scripts, the same one
-ACTIVE. Script bodies are copied byte for byte, except the folder names `fileinto` gives: a legacy folder the
-target shows under another name (a namespace other than the legacy one, or a localized special folder mapped to
-Sent/Junk/...) is renamed in the script to what the target shows (rewrite_fileinto), so the rule still files
-into the same folder. With the default namespace (the legacy one) and standard folder names nothing changes.
-
-The ManageSieve client is sidecar/legacy/managesieve.py (with the rest of what talks to the legacy server).
-
-Errors (typed; the password is never in a message): SieveAuthError (the server refused the login),
-SieveUnavailable (cannot connect, TLS failure, BYE, timeout), SieveProtocolError (a reply we cannot parse),
-SieveScriptError (one script too big, badly named or unreadable). The job runner records any of them as an
-event of kind "sieve-failed" and goes on with the migration: mail matters more than filters.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/sieve.py.
 """
 
 from __future__ import annotations

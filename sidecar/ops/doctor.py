@@ -1,28 +1,6 @@
 """`autoport doctor`: is this host set up right? Every problem printed with its fix; exit 0 (healthy) or 1.
 
-Checks, in order (later checks still run after a failure, except that nothing runs without a configuration):
-  config     the configuration file loads (schema, types, unknown keys)
-  sockets    the sidecar's UNIX sockets exist, someone listens, and they have the group and mode Dovecot and
-             Postfix need (auth: sockets.auth_group; socketmap and a unix: milter: sockets.postfix_group; mode
-             sockets.mode); the SMTP AUTH relay (sockets.sasl) and Dovecot's listener behind it
-             (sockets.dovecot_auth)
-  store      the state store answers and its schema is the newest (`autoport store upgrade` otherwise)
-  postfix    `postconf -c DIR -h` shows the sidecar's socketmap in transport_maps and
-             address_verify_transport_maps, and its milter in smtpd_milters (after `autoport finalize`: none)
-  dovecot    `doveconf -c FILE -n` shows the checkpassword passdb running our shim with our auth socket
-             (after finalize: no checkpassword passdb)
-  legacy     each configured protocol (IMAP, POP3, SMTP, submission, ManageSieve) answers with a greeting, and
-             TLS (STARTTLS or implicit, per legacy.*_tls) completes with certificate verification as
-             configured; a certificate problem says which setting to change
-  admin      legacy admin credentials (if set) log in over IMAP per legacy.admin_mode, on behalf of an account
-             from the store (skipped, with a note, while the store has none)
-  offer      what the legacy server offered clients (SMTP AUTH on 465 with implicit TLS and on 25, plain-text
-             logins, the SMTP SIZE) against what [target] offers (smtps, smtp_auth_on_25, plaintext_auth,
-             message_size_limit); prints the keys to set when the target would offer less
-  namespace  the IMAP namespace (prefix, separator) the target Dovecot shows is the one it should show: the legacy
-             server's NAMESPACE (asked with the admin credentials on behalf of an account from the store) for
-             [mail] namespace_* = "auto", else the configured one; says what to set when they differ
-Nothing here changes anything; passwords are never printed.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/doctor.py.
 """
 
 from __future__ import annotations

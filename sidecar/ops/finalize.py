@@ -3,31 +3,7 @@
     autoport finalize --check                      # only say whether it may run, and why not
     autoport finalize [--exclude ADDRESS ...] [--quiet-days N]
 
-Refuses, listing every reason, while (leaving out the --exclude'd addresses and those of `autoport exclude`):
-  - accounts are not migrated (discovered, copying, cutover, failed);
-  - the legacy server's account list was never read (`autoport inventory`), or an inventoried account was never
-    seen here (no login, no mail) and is neither migrated nor excluded (sidecar/ops/inventory.py);
-  - migrated accounts have no password hash (after finalize only the store checks passwords: set one with
-    `autoport passwd` / `autoport import-hashes`);
-  - mail was relayed to the legacy server in the last N days (the milter's message log), leaving out mail for an
-    account relayed before it migrated: the copy took it along;
-  - trailing sweeps found mail in legacy mailboxes in the last N days (events of kind sweep-hit);
-  - trailing sweeps cannot run for migrated accounts (no credentials left, the legacy server refuses them),
-    so mail still reaching their legacy mailbox would go unnoticed: configure legacy admin credentials.
-
-Otherwise it writes the final configuration, from the same templates (variable `autoport_finalized`) and the
-variables the running configuration was rendered with (render.VARIABLES_FILE beside it):
-  Postfix   no socketmap, no milter, no recipient verification toward the legacy server: every address of our
-            domains goes to local LMTP (virtual_transport); unknown local users are rejected at RCPT through
-            virtual_mailbox_maps; aliases from the store as virtual_alias_maps. Both maps are generated files
-            (texthash:, read by Postfix at (re)load, no postmap step) in the Postfix config directory, so Postfix
-            needs no access to the store (PostgreSQL passwords, SQLite file modes). Run `autoport finalize`
-            again after adding accounts or aliases: it rewrites them and reloads.
-  Dovecot   passdb: the store's sql only (no deny step, no checkpassword); userdb unchanged.
-Then it validates both (`postfix check`, `doveconf -n`, before anything live is replaced), reloads them
-(`postfix -c DIR reload`, `doveadm -c FILE reload`) and records an event of kind "finalized" (address "") that
-`finalized_at()` reads. The sidecar can be stopped afterwards; excluded accounts that never migrated are
-rejected like unknown users from then on.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/finalize.py.
 """
 
 from __future__ import annotations

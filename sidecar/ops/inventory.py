@@ -1,37 +1,6 @@
 """`autoport inventory` and `autoport exclude`: the legacy server's own account list.
 
-autoport only sees an account when someone logs in or mail arrives for it. An account that does neither (a
-mailbox kept for its archive, a user on leave) would be lost when the legacy server is retired, so the readiness
-verdict (`autoport report`, `autoport finalize --check`) is taken against an inventory read from the outside:
-
-    autoport inventory --from legacy          # IMAP with the admin credentials: the other-users namespace
-    autoport inventory --from ldap            # the [ldap] section: a directory (OpenLDAP, Active Directory)
-    autoport inventory --from file FILE       # one address (or login) a line, `#` comments; a Dovecot
-                                              #   passwd-file (user:{SCHEME}hash:...) or the output of
-                                              #   `doveadm user '*'` works as it is
-    autoport inventory [--json]               # what the inventory holds, per source
-
-Each run replaces what that source listed before (an account deleted on the legacy server stops counting), keeps
-when each name was first listed, and records an event "inventory" (address ""). It is a command, not something
-the daemon does on a timer: listing every account takes the admin credentials and a walk of the other-users
-namespace, which an administrator runs when finishing the migration (and again after adding or removing
-accounts on the legacy side); finalize --check says when no inventory was ever taken.
-
-    autoport exclude ADDRESS --reason TEXT    # leave an account behind on purpose (shown in the report)
-    autoport exclude --remove ADDRESS
-    autoport exclude --list
-
-Readiness (readiness_reasons): not ready while no account inventory exists, or while an inventoried address has
-no account here (never seen, not migrated) and is not excluded. Accounts the store knows but that are not
-migrated are already reasons of their own in finalize.check and the report.
-
-Listing the legacy server over IMAP (RFC 2342): the admin logs in as itself (LOGIN admin_user admin_password),
-NAMESPACE names the other-users namespaces ("user." on Cyrus, "Other Users/" on others, "user/" on a Dovecot
-with a shared namespace), and `LIST "" "<prefix>%"` gives one entry per account: "user.alice" -> alice (the
-default domain added), "user/alice@example.org" -> alice@example.org (Cyrus writes dots of a name as "^" under
-the "." separator). The shared (public) namespaces' folders are recorded too (kind "shared-folder"): they are
-never copied into a personal mailbox (copier/engine.py keeps the personal namespace only) and the report lists
-them for the administrator to recreate (e.g. as a shared mailbox on the target).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/inventory.py.
 """
 
 from __future__ import annotations

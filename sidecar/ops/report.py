@@ -5,48 +5,7 @@ Report.to_dict() is the JSON document (`autoport report --format json`); Report.
 section (`--format csv --section SECTION`, header = the field names below). Field names are stable; times are
 ISO 8601 UTC strings ("2026-11-26T09:33:49Z") or "" when unknown; `messages` and `bytes` are integers.
 
-Sections and their fields:
-
-  accounts        domain, state, accounts          one row per domain and state (every state, zero included)
-  dormant         address, state, messages, bytes, first_seen, last_seen
-                  mail seen in the message log for an address of our domains whose user never logged in: no
-                  account, state discovered, or last_login_at empty (state "" = no account). Suspected aliases
-                  and lists are listed under `aliases` instead.
-  aliases         address, kind, messages, bytes, last_seen, evidence
-                  addresses that receive mail but are probably not mailboxes on the legacy server: kind "list"
-                  (a List-Id naming the address on mail from the legacy server) or "alias" (a role name such
-                  as postmaster@, or missing from the legacy user list given with --users). `evidence` is a
-                  "; "-separated list. Addresses already recreated with `autoport alias` are not listed.
-  auto_rules      kind, sender, recipient, messages, last_seen, detail
-                  rules that ran on the legacy server: kind "auto-reply" (Auto-Submitted: auto-replied or
-                  Precedence: auto_reply), "auto-generated" (other Auto-Submitted / Precedence bulk|junk),
-                  "forward" (mail from outside re-sent by the legacy server, no List-Id) on message-log rows
-                  from the legacy server's address; "sweep-hit" (events: mail that reached a legacy mailbox
-                  after cutover, sender "" and detail = the event's text).
-  failures        address, state, attempts, last_error, updated_at
-                  accounts in state failed, and accounts still copying/cutover with a copy error.
-  legacy_traffic  recipient, state, messages, bytes, last_seen
-                  message-log rows routed to the legacy relay transport in the last `days` days, per recipient
-                  (rows for an alias recreated here are left out from the alias's creation on).
-  never_seen      address, sources, first_listed
-                  accounts the inventory lists (`autoport inventory`: the legacy server, LDAP, a file) that have
-                  no account here: nobody logged in, no mail. `sources` is a "; "-separated list.
-  excluded        address, reason, excluded_at     accounts left behind on purpose (`autoport exclude`)
-  shared_folders  folder, source, detail
-                  shared and other users' folders on the legacy server: never copied into a personal mailbox;
-                  recreate them on the target if they are still wanted. Source "legacy" (the admin's listing)
-                  or "mailbox:ADDRESS" (seen, and left out, by that account's copy).
-  sweeps          address, reason, since
-                  migrated accounts whose trailing sweep cannot run (no credentials left, the legacy server
-                  refuses them): mail that still reaches their legacy mailbox would go unnoticed. The reason
-                  names the fix (legacy admin credentials).
-  readiness       ready, reason                    ready is "yes" or "no"; one row per reason ("" when ready)
-
-JSON: {"generated_at", "days", "users_source", "accounts": {"by_state": {STATE: n}, "total": n,
-"by_domain": {DOMAIN: {STATE: n}}}, "dormant": [...], "aliases": [...], "auto_rules": [...], "failures": [...],
-"legacy_traffic": [...], "sweeps": [...], "never_seen": [...], "excluded": [...], "shared_folders": [...],
-"readiness": {"ready": bool, "reasons": [str]}}, list items with the fields above
-(`evidence` is a list there).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/report.py.
 """
 
 from __future__ import annotations

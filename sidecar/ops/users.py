@@ -5,13 +5,7 @@ File format (UTF-8), one user per line, `#` comments and blank lines ignored:
     login,address[,extra-address...]
     jsmith,john.smith@example.org,sales@example.org,j.smith@example.org
 
-`login` is the name the legacy server knows (what `%u` of `legacy.login_template` expands to); `address` the
-account (a served domain); the extra addresses are more addresses of the same mailbox: they route with the
-account (Postfix's virtual map rewrites them to it) and stay after `autoport finalize`. Every field follows the
-login rules of sidecar.auth.logins (no control, format or white-space characters, NFKC, folded to lower case
-with mail.lowercase). A file with any bad line imports nothing. Users are stored in their own tables
-(imported_users, imported_addresses; schema v5); their addresses are also inventory source `import-users`
-(sidecar/ops/inventory.py), so `finalize --check` waits for them and `migrate --all` takes them.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/users.py.
 """
 
 from __future__ import annotations

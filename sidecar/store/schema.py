@@ -7,13 +7,7 @@ migration leaves the store at the previous version; Store.init() is the same sta
 Migrations update the database in place (ALTER / CREATE), never by replacing the file: Dovecot keeps a
 SQLite store open.
 
-The dovecot_* views are the contract with Dovecot's sql passdb/userdb (dovecot/ fragments):
-  dovecot_passdb(login, "user", password)  migrated accounts with a hash, one row per login name
-  dovecot_deny(login, "user")              migrated accounts with a hash, one row per login name (the deny = yes
-                                           passdb; since v2: a migrated account without a hash, e.g. bulk-migrated
-                                           and never logged in, falls through to checkpassword, which verifies
-                                           the password on the legacy server once and stores its hash)
-  dovecot_userdb(login, "user")            every account, one row per login name
+More (the reasons and limits behind this module): docs/modules.md, sidecar/store/schema.py.
 """
 
 from __future__ import annotations

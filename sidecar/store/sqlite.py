@@ -4,15 +4,7 @@ Concurrency: one connection per thread, WAL mode (readers never block the writer
 write in BEGIN IMMEDIATE, which takes SQLite's single write lock up front, so a read-check-write sequence
 (transition, lease) cannot interleave with another writer in this or any other process.
 
-Files (DESIGN.md "SQLite shared with Dovecot"): Dovecot's auth worker runs as user dovecot and reads the
-dovecot_* views. Dovecot's group may read the store, never write it (issue 14): the database, -wal and -shm
-are 0640 with group `dovecot_group`, and a directory we create is 2750 with that group (setgid; Dovecot can
-neither create nor replace files in it). A read-only WAL reader works with a read-only -shm (SQLite >= 3.22)
-as long as -wal and -shm exist, so every connection turns on SQLITE_FCNTL_PERSIST_WAL (_persist_wal): the
-last close keeps both files, and Dovecot reads even while the sidecar is stopped (after finalize). SQLite
-gives -wal/-shm the database file's mode (and, for root, its owner and group). The file is always updated in
-place, never replaced: Dovecot keeps it open. Only init() creates the file; other opens fail with
-StoreUnavailable when it is missing, instead of silently creating an empty store.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/store/sqlite.py.
 """
 
 from __future__ import annotations

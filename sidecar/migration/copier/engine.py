@@ -1,34 +1,6 @@
 """copy_account: one account from the legacy server into the target Maildir, initial or delta, resumable.
 
-Per folder (in LIST order, INBOX first):
-1. EXAMINE on the legacy side: UIDVALIDITY, UIDNEXT. When it differs from the target folder's uidlist (or the
-   store's watermark), the target folder is emptied and copied again under the new UIDVALIDITY.
-2. If the target folder already holds messages (a resumed or a delta pass): `UID FETCH 1:* (UID FLAGS)`, then
-   expunge on the target what the legacy side no longer has and give every message the legacy flags/keywords.
-3. `UID FETCH <last+1>:* (UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])`, streamed into tmp/, committed in
-   batches (fsync, rename into cur/, uidlist); after each commit the store's watermark (FolderMark) is set.
-Then subscriptions, POP3 UIDLs for INBOX (and the legacy POP3 order where it is not the UID order: dovecot-uidlist
-`O` fields), and (delta mode) removal of target folders the legacy side no longer has. A legacy server without
-IMAP (imap_port 0) takes another path: INBOX over POP3 (pop3copy.py). The resume point is the target's own
-uidlist (what is durable on disk), so a crash anywhere, including between a commit and its watermark, neither
-loses nor duplicates a message.
-
-The copier owns the target mailbox exclusively in those two modes (account state copying/cutover): UIDs are
-the legacy UIDs.
-
-Append mode (after cutover, Dovecot owns the mailbox; the trailing sweep): per legacy folder, the messages
-that are not on the target yet are appended with NEW UIDs under Dovecot's uidlist lock (maildir.py); nothing
-already there is touched (flags, expunges, subscriptions and folders are the user's now). "Not on the target
-yet" is decided by the legacy (UIDVALIDITY, UID), never by looking for the message on the target:
-- the store's watermark (FolderMark: legacy UIDVALIDITY, last legacy UID copied) says what earlier passes
-  brought over, so a message the user deleted on the target after cutover is not brought back;
-- every appended file's base name carries its legacy (UIDVALIDITY, UID) (`...L<uv>x<uid>.`), so a crash
-  between an append and its watermark does not append it twice: the watermark is raised to the highest tag
-  found in the folder before fetching.
-Message-ID + size is only the fallback for a legacy folder the store holds no watermark for under its current
-UIDVALIDITY (a store lost, a folder recreated on the legacy side): Message-IDs repeat (a message filed twice,
-resent) or are missing, and a size can differ when a server rewrites headers, so matching by them can both
-drop and duplicate; it is used only where there is nothing better, and reported (FolderResult.matched).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/copier/engine.py.
 """
 
 from __future__ import annotations

@@ -9,23 +9,7 @@ Formats (checked against Dovecot 2.3.19 on Debian 12 and its source, maildir-uid
 - mtime of a message file = INTERNALDATE.
 - `subscriptions` (Maildir root): "V\\t2\\n\\n" then names, levels in modified UTF-7 separated by TAB.
 
-Only 26 keywords fit into Maildir file names. Keywords beyond the 26th in a folder are not written; they are
-counted in `MaildirFolder.lost_keywords` (keyword -> messages) and reported in the copy result.
-
-Durability: new messages are staged in tmp/ (each file fsynced by a small thread pool while the next messages
-arrive: concurrent fsyncs share journal commits), and `commit()` waits for those fsyncs, renames the files into
-cur/, fsyncs cur/, then replaces dovecot-keywords and dovecot-uidlist (write, fsync, rename, fsync directory).
-A watermark may be recorded only after commit() returned. No partial message is ever visible in cur/; a file in
-cur/ that the uidlist does not name (a crash between rename and uidlist) is removed when the folder is opened
-again, which is safe because the copier owns the mailbox exclusively until cutover.
-
-Append mode (after cutover Dovecot owns the mailbox): `open_shared()` reads a folder without cleaning anything
-(a file in cur/ or new/ that the uidlist does not name is Dovecot's, waiting for a UID), `stage_append()` writes
-into tmp/ under a base name that carries the legacy (UIDVALIDITY, UID) (`...Q<n>L<uidvalidity>x<uid>.<host>`,
-see `legacy_tags()`), and `commit_append()` takes Dovecot's own uidlist lock (`dovecot-uidlist.lock`, O_EXCL,
-content `pid:hostname`, readable by the mail user), re-reads uidlist and keywords, gives the messages the next
-free UIDs (`max(N, last UID + 1)`), renames them into cur/ and rewrites the uidlist (tmp + rename), then releases
-the lock. Existing lines and files are never touched.
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/copier/maildir.py.
 """
 
 from __future__ import annotations

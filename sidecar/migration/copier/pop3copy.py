@@ -1,19 +1,6 @@
 """INBOX over POP3, for legacy servers without IMAP (legacy.imap_port = 0): the job runner's copy path then.
 
-POP3 has one folder, no flags, no INTERNALDATE and no UIDs; what clients of such a server remember is each
-message's UIDL (fetchmail's `.fetchids`, a mail client's "leave on server" list) and the order. So:
-- every legacy message goes into the target INBOX with its legacy UIDL as the uidlist `P` field, UIDs handed out in
-  the legacy POP3 order (first copy: 1, 2, 3, ...; later passes: above the last one), so the target lists the
-  same UIDLs in the same order; where UID order and legacy order disagree (a message new on the legacy side
-  listed before older ones), the POP3 order is written as well (`O` field, maildir.py);
-- the INBOX UIDVALIDITY is chosen once (time of the first copy) and kept;
-- flags: none (POP3 has none to read); the file date is the message's Date: header when it parses;
-- incremental by UIDL: a delta pass copies the UIDLs the target lacks and expunges target messages whose UIDL
-  the legacy server no longer lists (initial/delta modes own the mailbox, as for IMAP);
-- append mode (trailing sweep, Dovecot owns the mailbox): legacy UIDLs never copied before are appended under
-  Dovecot's lock with new UIDs; "copied before" is the list of UIDLs every pass has handled, kept beside the
-  Maildir (HOME/.autoport-pop3-uidls), so a message the user deleted on the target is not brought back.
-The POP3 session is closed without QUIT: the legacy server commits nothing (no deletion, no \\Seen).
+More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/copier/pop3copy.py.
 """
 
 from __future__ import annotations
