@@ -1,5 +1,10 @@
 """The pass-through authentication decision: one login attempt in, OK (with Dovecot fields) / FAIL / TEMP out.
 
+AuthPolicy.decide() never touches a socket (edge/auth_server does). The typed login is mapped once to (account,
+legacy login) by auth/logins.resolve(); the legacy check, proxy fields, hash, credentials and budgets use that
+pair. Store or legacy trouble is TEMP; only a definite "no" is FAIL; an account in cutover gets TEMP for proxied
+services, so no proxied session starts while the final delta runs.
+
 More (the reasons and limits behind this module): docs/modules.md, sidecar/auth/policy.py.
 """
 

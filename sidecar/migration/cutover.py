@@ -1,5 +1,9 @@
 """The cutover handshake: before the final delta reads the legacy mailbox, nothing may still write to it.
 
+kick_everywhere() stores a kick request and waits until every live node acknowledged it; each node's NodeAgent
+clears its Postfix route cache, waits out in-flight mail, kicks the account's proxied sessions and checks none
+is left. A node that does not confirm in time raises KickTimeout: the runner sends the account back to legacy.
+
 More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/cutover.py.
 """
 
