@@ -55,12 +55,17 @@ def our_address(text: str, cfg: Config) -> str:
     return f"{local}@{domain}"
 
 
-def read_address_file(path: str, cfg: Config) -> list[str]:
-    """One address per line; blank lines and # comments skipped; extra fields after the address ignored."""
+def read_text_file(path: str) -> str:
+    """An operator's input file (UTF-8); OpsError naming the file when it cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise OpsError(f"{path}: cannot read: {e}") from None
+
+
+def read_address_file(path: str, cfg: Config) -> list[str]:
+    """One address per line; blank lines and # comments skipped; extra fields after the address ignored."""
+    text = read_text_file(path)
     out: list[str] = []
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()

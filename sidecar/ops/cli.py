@@ -554,9 +554,9 @@ def cmd_import_hashes(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"autoport: {args.file}: cannot read: {e}", file=sys.stderr)
+        text = ops.read_text_file(args.file)
+    except ops.OpsError as e:
+        print(f"autoport: {e}", file=sys.stderr)
         return 1
     try:
         schemes = ops.dovecot_schemes(cfg)
@@ -614,9 +614,9 @@ def cmd_alias(args: argparse.Namespace) -> int:
                 print("autoport: alias import FILE", file=sys.stderr)
                 return 2
             try:
-                text = Path(args.alias).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                print(f"autoport: {args.alias}: cannot read: {e}", file=sys.stderr)
+                text = ops.read_text_file(args.alias)
+            except ops.OpsError as e:
+                print(f"autoport: {e}", file=sys.stderr)
                 return 1
             entries, errors, notes = ops.parse_virtual(text, cfg)
             for n in notes:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import Config
-from sidecar.ops.actions import OpsError, our_address
+from sidecar.ops.actions import OpsError, our_address, read_text_file
 from sidecar.states import State
 from sidecar.store.base import Account, InventoryChange, Store
 
@@ -46,10 +46,7 @@ def _add(listing: Listing, name: str, detail: str, cfg: Config) -> None:
 def read_file(path: str, cfg: Config) -> Listing:
     """One address or login a line (blank lines, `#` comments skipped; the first field of `a b`, `a,b` or a
     passwd-file line `user:{SCHEME}hash:uid:gid::home::` is the name)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise OpsError(f"{path}: cannot read: {e}") from None
+    text = read_text_file(path)
     listing = Listing(f"file:{Path(path).resolve()}")
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()

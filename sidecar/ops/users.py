@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from sidecar import config as config_mod
 from sidecar.auth.logins import InvalidLogin, fold, resolve
+from sidecar.ops.actions import OpsError, read_text_file
 from sidecar.store.base import Conflict, ImportedUser
 
 MAX_EXTRA = 100
@@ -70,9 +70,9 @@ def cmd_import_users(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args)
     try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        print(f"autoport: {args.file}: cannot read: {e}", file=sys.stderr)
+        text = read_text_file(args.file)
+    except OpsError as e:
+        print(f"autoport: {e}", file=sys.stderr)
         return 1
     users, errors = parse_users_file(text, cfg)
     if errors:
