@@ -20,6 +20,7 @@ from pathlib import Path
 import imapclient
 import pytest
 from harness import copier_lab as lab
+from harness.clients import fetchmail_keep
 
 from sidecar.lab import legacy
 from sidecar.lab.legacy import LegacyServer, LegacyUser
@@ -42,26 +43,8 @@ class Migration:
 
 def fetchmail(m: Migration, u: LegacyUser) -> tuple[int, int, str]:
     """One fetchmail run in keep mode with UIDL tracking; (exit code, messages in the bsmtp file, log)."""
-    d = m.root / "fetchmail"
-    d.mkdir(exist_ok=True)
-    rc = d / "fetchmailrc"
     # fetchmail's own configuration holds the password (it has no other way): mode 0600, in the test's dir
-    fd = os.open(rc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f'set idfile "{d}/fetchids"\n'
-            f"poll {m.srv.host} protocol pop3 service {m.srv.pop3} uidl\n"
-            f'  user "{u.login}" there with password "{u.password}" is root here\n'
-            f'  options keep sslproto "" bsmtp "{d}/mail.bsmtp"\n'
-        )
-    env = {"PATH": os.environ["PATH"], "HOME": str(d), "LC_ALL": "C"}
-    p = subprocess.run(
-        ["fetchmail", "-f", str(rc), "--pidfile", str(d / "pid"), "-v"],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-    out = d / "mail.bsmtp"
-    n = sum(1 for line in out.read_text().splitlines() if line.startswith("MAIL FROM:")) if out.exists() else 0
-    return p.returncode, n, p.stdout + p.stderr
+    return fetchmail_keep(m.root / "fetchmail", m.srv.host, m.srv.pop3, u.login, u.password)
 
 
 def mbsync(m: Migration, u: LegacyUser) -> tuple[int, str]:

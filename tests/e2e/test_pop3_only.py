@@ -9,12 +9,11 @@ from __future__ import annotations
 import os
 import poplib
 import shutil
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 from harness import e2e_mail
+from harness.clients import fetchmail_keep
 
 from sidecar import config
 from sidecar.states import State
@@ -129,27 +128,6 @@ def test_pop3_copier_delta_and_sweep() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _fetchmail(d: Path, host: str, port: int, login: str, password: str) -> tuple[int, int, str]:
-    """fetchmail in keep mode with UIDL tracking (its memory keyed by host and user); (exit, messages so far, log)."""
-    d.mkdir(exist_ok=True)
-    rc = d / "fetchmailrc"
-    fd = os.open(rc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # fetchmail reads the password only from here
-    with os.fdopen(fd, "w") as f:
-        f.write(
-            f'set idfile "{d}/fetchids"\npoll {host} protocol pop3 service {port} uidl\n'
-            f'  user "{login}" there with password "{password}" is root here\n'
-            f'  options keep sslproto "" bsmtp "{d}/mail.bsmtp"\n'
-        )
-    env = {"PATH": os.environ["PATH"], "HOME": str(d), "LC_ALL": "C"}
-    p = subprocess.run(
-        ["fetchmail", "-f", str(rc), "--pidfile", str(d / "pid"), "-v"],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )  # fmt: skip
-    out = d / "mail.bsmtp"
-    n = sum(1 for line in out.read_text().splitlines() if line.startswith("MAIL FROM:")) if out.exists() else 0
-    return p.returncode, n, p.stdout + p.stderr
-
-
 @pytest.mark.skipif(shutil.which("fetchmail") is None, reason="needs fetchmail")
 def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
     """fetchmail (keep, UIDL) in sync with the POP3-only legacy server; the INBOX copied over POP3; the target
@@ -165,7 +143,7 @@ def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
         srv = legacy.start_legacy(root / "lab", host=lab.private_host(), profile=legacy.POP3_ONLY, users=1, seed=9)
         u = srv.users[0]
         inbox = srv.plan(u).expected_counts()[()]
-        rc, fetched, log = _fetchmail(root / "fm", srv.host, srv.pop3, u.login, u.password)
+        rc, fetched, log = fetchmail_keep(root / "fm", srv.host, srv.pop3, u.login, u.password)
         assert (rc, fetched) == (0, inbox), log
         mail_root = root / "vmail"
         mail_root.mkdir(mode=0o755)
@@ -176,7 +154,7 @@ def test_fetchmail_downloads_nothing_new_after_a_pop3_only_copy() -> None:
         target = lab.start_target(
             root / "target", srv.host, pop3=srv.pop3, users_file=srv.dir / "users", mail_root=mail_root
         )
-        rc, fetched, log = _fetchmail(root / "fm", srv.host, srv.pop3, u.login, u.password)
+        rc, fetched, log = fetchmail_keep(root / "fm", srv.host, srv.pop3, u.login, u.password)
         assert (rc, fetched) == (1, inbox), log  # fetchmail exit 1: no new mail
     finally:
         if target is not None:
