@@ -271,7 +271,7 @@ def _start_target(
     legacy_ns = None
     if namespace_login is not None and "auto" in (cfg.mail.namespace_prefix, cfg.mail.namespace_separator):
         from sidecar.legacy import namespace
-        from sidecar.migration.copier import SourceError  # (the package first: legacy.imap needs it)
+        from sidecar.legacy.imap import SourceError
 
         try:
             legacy_ns = namespace.probe(cfg.legacy, *namespace_login)

@@ -43,8 +43,7 @@ def probe(legacy: LegacyConfig, login: str, password: str = "", *, use_admin: bo
     """
     if not legacy.imap_port:
         return DEFAULT
-    from sidecar.legacy.imap import LegacySource
-    from sidecar.migration.copier import SourceParams  # the package first: legacy.imap imports from it
+    from sidecar.legacy.imap import LegacySource, SourceParams
 
     params = SourceParams.from_config(legacy, login, password, use_admin=use_admin)
     with LegacySource(params) as src:
