@@ -7,12 +7,12 @@ message sent during the move delivered exactly once, and the account moving thro
 from __future__ import annotations
 
 import imaplib
-import poplib
 import smtplib
 import time
 from typing import Any
 
 import pytest
+from harness.clients import pop3_uidls
 from harness.waiting import wait_state
 
 from sidecar.states import State
@@ -37,16 +37,6 @@ def imap_view(host: str, port: int, user: dict[str, Any]) -> dict[str, Any]:
             items = sorted(d.decode() for d in data if isinstance(d, bytes))
             view[folder] = (uidvalidity, items)
     return view
-
-
-def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
-    p = poplib.POP3(host, port, timeout=30)
-    try:
-        p.user(user["login"])
-        p.pass_(user["password"])
-        return [line.split()[1] for line in p.uidl()[1]]
-    finally:
-        p.quit()
 
 
 def test_first_login_migrates_and_clients_see_the_same_mailbox(lab: dict[str, Any], store: Store) -> None:

@@ -9,12 +9,12 @@ the legacy server (`fileinto "INBOX.Junk"`) still files into the folder it names
 from __future__ import annotations
 
 import imaplib
-import poplib
 from typing import Any
 
 import imapclient
 import pytest
 from harness import e2e_mail
+from harness.clients import pop3_uidls
 from harness.labs import running_lab
 
 from sidecar import config
@@ -99,16 +99,6 @@ def test_sieve_fileinto_names_still_valid(lab: dict[str, Any], store: Store) -> 
     with _client(tg["host"], tg["imap"], user) as c:
         c.select_folder("INBOX", readonly=True)
         assert c.search(["HEADER", "Message-ID", mid]) == []
-
-
-def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
-    p = poplib.POP3(host, port, timeout=30)
-    try:
-        p.user(user["login"])
-        p.pass_(user["password"])
-        return [line.split()[1] for line in p.uidl()[1]]
-    finally:
-        p.quit()
 
 
 def test_doctor_checks_the_namespace(lab: dict[str, Any], store: Store) -> None:

@@ -1,10 +1,12 @@
-"""Real mail clients run by the e2e tests (fetchmail), with their state in a directory of the test's own."""
+"""Real mail clients run by the e2e tests: fetchmail (its state in a directory of the test's own), POP3 UIDL."""
 
 from __future__ import annotations
 
 import os
+import poplib
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def fetchmail_keep(d: Path, host: str, port: int, login: str, password: str) -> tuple[int, int, str]:
@@ -26,3 +28,14 @@ def fetchmail_keep(d: Path, host: str, port: int, login: str, password: str) -> 
     out = d / "mail.bsmtp"
     n = sum(1 for line in out.read_text().splitlines() if line.startswith("MAIL FROM:")) if out.exists() else 0
     return p.returncode, n, p.stdout + p.stderr
+
+
+def pop3_uidls(host: str, port: int, user: dict[str, Any]) -> list[bytes]:
+    """The UIDL list a POP3 client gets (USER/PASS with the lab user's login and password)."""
+    p = poplib.POP3(host, port, timeout=30)
+    try:
+        p.user(user["login"])
+        p.pass_(user["password"])
+        return [line.split()[1] for line in p.uidl()[1]]
+    finally:
+        p.quit()
