@@ -5,11 +5,13 @@ More (the reasons and limits behind this module): docs/modules.md, sidecar/ops/i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sidecar.auth.logins import InvalidLogin, Lookup, resolve
 from sidecar.config import Config
 from sidecar.ops.actions import OpsError, our_address, read_text_file
 from sidecar.states import State
@@ -31,7 +33,21 @@ class Listing:
     skipped: list[str] = dataclasses.field(default_factory=list)  # names that are not addresses of ours, and why
 
 
-def _add(listing: Listing, name: str, detail: str, cfg: Config) -> None:
+def _add(listing: Listing, name: str, detail: str, cfg: Config, lookup: Lookup | None = None) -> None:
+    """Record the account a listed name belongs to. A source lists the legacy server's logins; with a login
+    map (`autoport import-users`, `lookup` = store.find_imported) a login such as `jsmith` is the account
+    john.smith@, exactly as a login by that name would resolve (sidecar.auth.logins.resolve)."""
+    if lookup is not None:
+        try:
+            identity = resolve(name, cfg, lookup)
+        except InvalidLogin:
+            pass
+        else:
+            with contextlib.suppress(OpsError):
+                if our_address(name, cfg) != identity.address:
+                    detail = f"{detail} (login {name})"
+            listing.accounts.setdefault(identity.address, detail)
+            return
     try:
         address = our_address(name, cfg)
     except OpsError as e:
@@ -43,7 +59,7 @@ def _add(listing: Listing, name: str, detail: str, cfg: Config) -> None:
 # --- sources ----------------------------------------------------------------------------------------------
 
 
-def read_file(path: str, cfg: Config) -> Listing:
+def read_file(path: str, cfg: Config, lookup: Lookup | None = None) -> Listing:
     """One address or login a line (blank lines, `#` comments skipped; the first field of `a b`, `a,b` or a
     passwd-file line `user:{SCHEME}hash:uid:gid::home::` is the name)."""
     text = read_text_file(path)
@@ -54,7 +70,7 @@ def read_file(path: str, cfg: Config) -> Listing:
             continue
         name = line.split()[0].split(",")[0].split(":")[0]
         before = len(listing.skipped)
-        _add(listing, name, f"line {n}", cfg)
+        _add(listing, name, f"line {n}", cfg, lookup)
         if len(listing.skipped) > before:
             listing.skipped[-1] = f"{path}:{n}: {listing.skipped[-1]}"
     return listing
@@ -75,7 +91,7 @@ def account_name(entry: str, prefix: str, separator: str | None) -> str | None:
     return name or None
 
 
-def list_legacy(cfg: Config) -> Listing:
+def list_legacy(cfg: Config, lookup: Lookup | None = None) -> Listing:
     """The other-users namespace of the legacy server, listed by the admin (module doc)."""
     from sidecar.legacy.imap import LegacySource
     from sidecar.migration.copier import SourceAuthError, SourceError, SourceParams
@@ -104,7 +120,7 @@ def list_legacy(cfg: Config) -> Listing:
                 for entry in src.list_names(prefix + "%"):
                     name = account_name(entry, prefix, sep)
                     if name is not None:
-                        _add(listing, name, entry, cfg)
+                        _add(listing, name, entry, cfg, lookup)
             for prefix, _sep in spaces.shared:
                 for entry in src.list_names(prefix + "*"):
                     # Cyrus' shared namespace has the empty prefix: "*" lists the personal and other-users
@@ -124,13 +140,13 @@ def list_legacy(cfg: Config) -> Listing:
     return listing
 
 
-def list_ldap(cfg: Config) -> Listing:
+def list_ldap(cfg: Config, lookup: Lookup | None = None) -> Listing:
     """Every entry under [ldap] base_dn matching [ldap] filter, by its mail attribute (sidecar.ops.ldapsource)."""
     from sidecar.ops import ldapsource
 
     listing = Listing("ldap")
     for address, dn in ldapsource.search(cfg):
-        _add(listing, address, dn, cfg)
+        _add(listing, address, dn, cfg, lookup)
     return listing
 
 

@@ -74,11 +74,11 @@ def cmd_inventory(args: argparse.Namespace) -> int:
             return 0
         try:
             if args.source == "file":
-                listing = inventory.read_file(args.file, cfg)
+                listing = inventory.read_file(args.file, cfg, store.find_imported)
             elif args.source == "ldap":
-                listing = inventory.list_ldap(cfg)
+                listing = inventory.list_ldap(cfg, store.find_imported)
             else:
-                listing = inventory.list_legacy(cfg)
+                listing = inventory.list_legacy(cfg, store.find_imported)
         except OpsError as e:
             print(f"autoport: {e}", file=sys.stderr)
             return 1

@@ -224,3 +224,31 @@ def test_report_readiness_leaves_excluded_accounts_out_like_finalize(cfg_path: P
     assert [d.address for d in rep.dormant] == ["ghost@example.org"]  # still shown, no longer blocking
     assert finalize.check(cfg, store).ready
 
+
+
+def test_listed_legacy_logins_map_through_the_login_map(cfg_path: Path, tmp_path: Path, store: Store) -> None:
+    """The legacy server lists its logins (`jsmith`); with `autoport import-users` that login is the account
+    john.smith@, so the inventory, "never seen" and finalize name john.smith@, not a jsmith@ nobody has."""
+    users = tmp_path / "users.csv"
+    users.write_text("jsmith,john.smith@example.org\n")
+    listed = tmp_path / "listed"
+    listed.write_text("jsmith\nbob\n")
+    store.close()
+    assert autoport(cfg_path, "import-users", str(users)).returncode == 0
+    p = autoport(cfg_path, "inventory", "--from", "file", str(listed))
+    assert p.returncode == 0, p.stderr
+    data = json.loads(autoport(cfg_path, "inventory", "--json").stdout)
+    file_accounts = {a["address"] for a in data["accounts"] if a["source"].startswith("file:")}
+    assert file_accounts == {"john.smith@example.org", "bob@example.org"}
+    assert "jsmith@example.org" not in p.stdout
+    never = [n["address"] for n in data["never_seen"]]
+    assert never == ["bob@example.org", "john.smith@example.org"]
+
+    s = open_store(config_mod.load(cfg_path).store.url)
+    try:
+        migrate(s, "john.smith@example.org")
+        s.set_inventory("legacy", "account", [])
+    finally:
+        s.close()
+    data = json.loads(autoport(cfg_path, "inventory", "--json").stdout)
+    assert [n["address"] for n in data["never_seen"]] == ["bob@example.org"]
