@@ -115,6 +115,7 @@ def run(argv: list[str], cmd: str, stdin: str = "") -> subprocess.CompletedProce
     return p
 
 
+@pytest.mark.timeout(600)  # three labs of its own, two demos: over 300 s on a loaded 2-core machine
 def test_documented_commands_run_on_a_lab() -> None:
     lab_dir = make_lab_dir("ap-doc-")
     runnable = [c for c in COMMANDS if concrete(c)]
