@@ -147,3 +147,25 @@ def test_kick_is_not_confirmed_while_a_shared_process_proxies_the_account(
 def test_a_pid_that_is_no_login_process_any_more_is_not_signalled(tmp_path: Path) -> None:
     # the pid doveadm named exited and the number now belongs to something else (here: this test)
     assert cutover.end_login_processes([Session("a", "imap-login", os.getpid(), "10.0.0.2")], ("a",)) == ([], [])
+
+
+def test_the_systemd_unit_grants_cap_kill() -> None:
+    # the sidecar runs as its own user; Dovecot's login processes as dovenull: signalling them needs CAP_KILL
+    unit = Path(__file__).parents[2] / "ansible/roles/autoport/templates/autoport.service.j2"
+    lines = unit.read_text().splitlines()
+    for key in ("AmbientCapabilities=", "CapabilityBoundingSet="):
+        assert "CAP_KILL" in next(x for x in lines if x.startswith(key)).split("=", 1)[1].split(), key
+
+
+def test_without_cap_kill_the_kick_is_not_confirmed(tmp_path: Path, login_process: list[subprocess.Popen[bytes]],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    mine, _ = login_process
+    cfg = node(tmp_path, [("alice@example.test", mine.pid)])
+
+    def refused(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(cutover.os, "kill", refused)
+    with pytest.raises(OSError, match="Operation not permitted"):  # carry_out leaves the kick unacknowledged
+        kick_sessions(cfg, ("alice@example.test",))
+    assert mine.poll() is None
