@@ -2,8 +2,10 @@
 
 Dovecot 2.4 has no checkpassword passdb: step 3 of the chain is dovecot/2.4/autoport-passdb.lua asking the
 same sidecar socket. Checked as a user sees it: first logins proxied to the legacy server (IMAP, POP3), the
-copy, cutover, native login with the same UIDVALIDITY/UIDs/UIDLs, SMTP AUTH (235 right, 535 wrong), and mail
-sent during the move delivered exactly once. Skipped, with the reason, when the root cannot be built.
+copy, cutover, native login with the same UIDVALIDITY/UIDs/UIDLs, SMTP AUTH (235 right, 535 wrong), mail
+sent during the move delivered exactly once, and a proxied session open at cutover closed then (2.4.1's
+`doveadm proxy kick` ends nothing: the node ends the login process). Skipped, with the reason, when the root
+cannot be built.
 """
 
 from __future__ import annotations
