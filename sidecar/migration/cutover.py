@@ -175,7 +175,8 @@ def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
     """Close this node's proxied sessions of these logins; raises OSError when some stay open.
 
     ``doveadm proxy kick`` ends them on Dovecot 2.3. On 2.4.1 it answers "1 connections kicked" and ends
-    nothing (its login processes never record the proxied user), so the sessions ``doveadm who`` still shows
+    nothing when a login process serves one connection (the default: such a process is kicked by a signal it
+    ignores, as it never records the proxied user as its current one), so the sessions ``doveadm who`` still shows
     proxied are ended with their login process (end_login_processes), when that process serves this account
     only. One that also serves another user is left running: no acknowledgement then, the cutover fails
     toward legacy and is retried.
