@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from sidecar.config import Config
 from sidecar.store.base import Kick, Store, StoreError
@@ -59,16 +63,149 @@ def proxied_sessions(cfg: Config, logins: tuple[str, ...]) -> int:
     return count
 
 
+@dataclass(frozen=True)
+class Session:
+    """One line of ``doveadm -f tab who -1``: a user's session in one Dovecot process."""
+
+    user: str
+    service: str
+    pid: int
+    dest_ip: str  # filled for a session a login process proxies (Dovecot 2.4)
+
+    @property
+    def proxied(self) -> bool:
+        return bool(self.dest_ip) and self.service.endswith("-login")
+
+
+def parse_who(text: str) -> list[Session] | None:
+    """The sessions in ``doveadm -f tab who -1`` output, or None when it cannot tell proxied sessions apart.
+
+    Dovecot 2.4 prints the columns ``username service pid ip dest_ip`` (dest_ip filled when a login process
+    proxies the session); 2.3 prints ``username proto pid ip``, without dest_ip: None. Columns are found by
+    their header name; a line whose pid is not a number is skipped.
+    """
+    lines = text.splitlines()
+    if not lines:
+        return None
+    header = [h.strip().lower() for h in lines[0].split("\t")]
+    if "dest_ip" not in header or "username" not in header or "pid" not in header:
+        return None
+    col = {name: i for i, name in enumerate(header)}
+    service = col.get("service", col.get("proto"))
+    sessions = []
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) < len(header):
+            fields += [""] * (len(header) - len(fields))
+        pid = fields[col["pid"]].strip()
+        if not pid.isdigit():
+            continue
+        sessions.append(Session(
+            user=fields[col["username"]].strip(),
+            service=fields[service].strip() if service is not None else "",
+            pid=int(pid),
+            dest_ip=fields[col["dest_ip"]].strip(),
+        ))  # fmt: skip
+    return sessions
+
+
+def login_processes(sessions: list[Session], logins: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """The login processes proxying sessions of these logins: (pids serving only them, which may be ended;
+    pids also serving another user, which must not be). Dovecot's default (``restart_request_count = 1``
+    for imap-login/pop3-login, 2.3's ``service_count = 1``) runs one process per connection; in
+    high-performance mode one process serves many users, and ending it would cut them all."""
+    wanted = {x.lower() for x in logins}
+    mine = {s.pid for s in sessions if s.proxied and s.user.lower() in wanted}
+    shared = {s.pid for s in sessions if s.pid in mine and s.user.lower() not in wanted}
+    return sorted(mine - shared), sorted(shared)
+
+
+def who(cfg: Config) -> list[Session] | None:
+    """This node's sessions (``doveadm -f tab who -1``); None on Dovecot 2.3 (no dest_ip column)."""
+    p = subprocess.run([*_doveadm(cfg), "-f", "tab", "who", "-1"], capture_output=True, timeout=10, check=False,
+                       text=True)  # fmt: skip
+    if p.returncode != 0:
+        raise OSError(f"doveadm who: exit {p.returncode}: {p.stderr.strip()[-200:]}")
+    return parse_who(p.stdout)
+
+
+def _is_login_process(pid: int, service: str) -> bool:
+    """pid still runs this login service (not a process that took the number after it exited)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == service
+    except OSError:
+        return False
+
+
+def end_login_processes(sessions: list[Session], logins: tuple[str, ...]) -> tuple[list[int], list[int]]:
+    """SIGTERM the login processes that proxy only these logins (the proxied session ends at once: "Disconnected
+    by proxy: Process shutting down"); (pids signalled, pids left alone because they serve another user too).
+    Needs CAP_KILL when the sidecar is not root (login processes run as dovenull)."""
+    alone, shared = login_processes(sessions, logins)
+    service = {s.pid: s.service for s in sessions}
+    ended = []
+    for pid in alone:
+        if _is_login_process(pid, service[pid]):
+            os.kill(pid, signal.SIGTERM)
+            ended.append(pid)
+    return ended, shared
+
+
+def _gone(pids: list[int], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(POLL)
+
+
+def _left(cfg: Config, logins: tuple[str, ...]) -> tuple[int, list[Session] | None]:
+    """How many proxied sessions of these logins are open, and this node's sessions when ``doveadm who`` tells
+    proxied ones apart (2.4: its ``proxy list`` also names local sessions); None on 2.3."""
+    left = proxied_sessions(cfg, logins)
+    if not left:
+        return 0, None
+    sessions = who(cfg)
+    if sessions is None:
+        return left, None
+    wanted = {x.lower() for x in logins}
+    return sum(1 for s in sessions if s.proxied and s.user.lower() in wanted), sessions
+
+
 def kick_sessions(cfg: Config, logins: tuple[str, ...]) -> str:
-    """Close this node's proxied sessions of these logins; raises OSError when some stay open."""
+    """Close this node's proxied sessions of these logins; raises OSError when some stay open.
+
+    ``doveadm proxy kick`` ends them on Dovecot 2.3. On 2.4.1 it answers "1 connections kicked" and ends
+    nothing when a login process serves one connection (the default: such a process is kicked by a signal it
+    ignores, as it never records the proxied user as its current one), so the sessions ``doveadm who`` still shows
+    proxied are ended with their login process (end_login_processes), when that process serves this account
+    only. One that also serves another user is left running: no acknowledgement then, the cutover fails
+    toward legacy and is retried.
+    """
+    ended: list[int] = []
+    shared: list[int] = []
     for _round in range(KICK_ROUNDS):
         for login in logins:
             subprocess.run([*_doveadm(cfg), "proxy", "kick", login], capture_output=True, timeout=10, check=False)
-        left = proxied_sessions(cfg, logins)
+        left, sessions = _left(cfg, logins)
         if not left:
-            return "no proxied session left"
-        time.sleep(0.2)
-    raise OSError(f"{left} proxied session(s) of {', '.join(logins)} still open after {KICK_ROUNDS} kicks")
+            break
+        now: list[int] = []
+        if sessions is not None:
+            now, shared = end_login_processes(sessions, logins)
+            ended += now
+        if now:
+            _gone(now)
+        else:
+            time.sleep(0.2)
+    else:
+        left, _ = _left(cfg, logins)
+        if left:
+            why = f" (login process(es) {', '.join(map(str, shared))} also serve other users)" if shared else ""
+            raise OSError(f"{left} proxied session(s) of {', '.join(logins)} still open after {KICK_ROUNDS} "
+                          f"kicks{why}")  # fmt: skip
+    if ended:
+        return f"no proxied session left ({len(ended)} login process(es) ended: {', '.join(map(str, ended))})"
+    return "no proxied session left"
 
 
 def clear_route_cache(cfg: Config, addresses: list[str], timeout: float = 10.0) -> str:

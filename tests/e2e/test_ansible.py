@@ -366,6 +366,11 @@ def test_systemd_unit_verifies(deployed: Deployment) -> None:
     wanted += ["PrivateTmp=yes", "ProtectHome=yes", f"ReadWritePaths={deployed.prefix}/var/lib/autoport"]
     for line in wanted:
         assert line in text
+    # CAP_KILL: the cutover ends Dovecot 2.4's login processes (dovenull) that proxy the account
+    caps = {"CAP_CHOWN", "CAP_FOWNER", "CAP_DAC_OVERRIDE", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"}
+    for key in ("AmbientCapabilities", "CapabilityBoundingSet"):
+        m = re.search(rf"^{key}=(.*)$", text, re.M)
+        assert m and set(m.group(1).split()) == caps, key
     if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed")
     p = subprocess.run(
@@ -376,7 +381,13 @@ def test_systemd_unit_verifies(deployed: Deployment) -> None:
 
 # --- end to end -----------------------------------------------------------------------------------------------------
 
-CAPS = "+chown,+fowner,+dac_override,+setuid,+setgid"
+
+
+def unit_caps(unit: Path) -> str:
+    """The unit's AmbientCapabilities in setpriv's form (+chown,+kill,...): the sidecar runs with exactly those."""
+    m = re.search(r"^AmbientCapabilities=(.*)$", unit.read_text(), re.M)
+    assert m, unit
+    return ",".join("+" + c.lower().removeprefix("cap_") for c in m.group(1).split())
 
 
 @dataclass
@@ -416,9 +427,10 @@ def running(deployed: Deployment) -> Iterator[Running]:
         notify.bind(str(notify_path))
         os.chmod(notify_path, 0o666)  # the sidecar's user must send to it
         notify.settimeout(30)
+        caps = unit_caps(dep.prefix / "etc/systemd/system/autoport.service")
         argv = [
-            "setpriv", "--reuid=autoport", "--regid=autoport", "--init-groups", f"--inh-caps={CAPS}",
-            f"--ambient-caps={CAPS}", "--no-new-privs", "--",
+            "setpriv", "--reuid=autoport", "--regid=autoport", "--init-groups", f"--inh-caps={caps}",
+            f"--ambient-caps={caps}", "--no-new-privs", "--",
             str(dep.venv / "bin/autoport"), "--config", str(dep.config_file), "serve",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"} | {"NOTIFY_SOCKET": str(notify_path)}
