@@ -117,7 +117,8 @@ def main() -> int:
                 print(f"round {n} {mode}: {r['wall']:.1f} s", flush=True)
         mb = rows[0][2]["bytes"] / len(srv.users) / 1e6
         print(f"\n{len(srv.users)} accounts of {args.messages} messages ({mb:.2f} MB each), copy_concurrency = "
-              f"{args.slots}, cutover_grace = {args.grace:g} s; load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f}\n")
+              f"{args.slots}, cutover_grace = {args.grace:g} s; load average before {load[0]:.2f}, "
+              f"after {os.getloadavg()[0]:.2f}\n")
         print("| round | slot during the wait | wall (all migrated) | accounts/s | mail held p50 | held max "
               "| our CPU |")
         print("|---|---|---|---|---|---|---|")

@@ -31,6 +31,7 @@ from sidecar.states import IllegalTransition, State, is_held, is_local
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from sidecar.legacy.limit import LegacyLimiter
     from sidecar.migration.copier import CopyResult
 
 log = logging.getLogger("sidecar.migration.jobs")
@@ -40,6 +41,7 @@ CREDENTIAL_WAIT = 300.0
 POLL_INTERVAL = 1.0
 BACKOFF_BASE = 30.0
 BACKOFF_MAX = 3600.0
+BUSY_RETRY = 15.0  # seconds before a job that found every legacy connection taken tries again (no attempt counted)
 KINDS = ("copy", "sweep")
 # jobs that may wait (cutover grace, route caches, held-mail release) per copy slot, without holding it
 WAITING_PER_SLOT = 8
@@ -202,8 +204,10 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         sieve: Callable[[str, Any], None] | None = None,
         sweep_check: Callable[[Any, Store, str], list[str]] | None = None,
+        limiter: LegacyLimiter | None = None,
     ) -> None:
         self.cfg = cfg
+        self.limiter = limiter  # this node's cap on legacy connections and bytes (sidecar/legacy/limit.py)
         self.store = store
         self.credentials = credentials
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -294,7 +298,7 @@ class JobRunner:
 
         cred = self.credentials.get(address)
         if cred is not None:
-            return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password)
+            return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password, limiter=self.limiter)
         if self.cfg.legacy.admin_user and self.cfg.legacy.admin_password:
             # the same legacy login the password check uses (sidecar.auth.logins): the template over the
             # account's imported login, else its address; never a login name someone once typed
@@ -303,7 +307,7 @@ class JobRunner:
             imported = self.store.find_imported(address)
             name = imported.login if imported is not None and imported.address == address else address
             login = legacy_login(self.cfg.legacy.login_template, name, address)
-            return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
+            return SourceParams.from_config(self.cfg.legacy, login, use_admin=True, limiter=self.limiter)
         raise WaitForCredentials(address)
 
     def _copy_pass(self, address: str, mode: str, source: Any) -> CopyResult:
@@ -410,7 +414,7 @@ class JobRunner:
             self.store.enqueue(address, "sweep", not_before=self.clock() + self.cfg.limits.sweep_interval)
 
     def run_copy(self, job: Job, slot: Slot) -> None:
-        from sidecar.migration.copier import SourceAuthError, SourceError
+        from sidecar.migration.copier import SourceAuthError, SourceBusy, SourceError
 
         address = job.address
         started = time.monotonic()
@@ -482,6 +486,12 @@ class JobRunner:
             self.store.finish(job.id, self.owner, error="credentials refused", retry_at=self.clock() + CREDENTIAL_WAIT)
         except InterruptedError:
             self.store.finish(job.id, self.owner, error="interrupted", retry_at=self.clock())
+        except SourceBusy as e:
+            # this node's legacy connections are all taken (limits.legacy_connections): not the account's fault
+            log.info("copy of %s waits: %s", address, e)
+            with contextlib.suppress(StoreError):
+                self.store.finish(job.id, self.owner, error="legacy connections busy",
+                                  retry_at=self.clock() + BUSY_RETRY)  # fmt: skip
         except (Conflict, IllegalTransition) as e:
             # another node moved the account: it owns the rest of the path
             log.info("%s: %s; leaving it to whoever moved it", address, e)
