@@ -19,8 +19,8 @@ from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache
-from sidecar.migration.copier import CopyResult, SourceAuthError, SourceUnavailable
-from sidecar.migration.jobs import CREDENTIAL_WAIT, Hooks, JobRunner, Slots, backoff
+from sidecar.migration.copier import CopyResult, SourceAuthError, SourceBusy, SourceUnavailable
+from sidecar.migration.jobs import BUSY_RETRY, CREDENTIAL_WAIT, Hooks, JobRunner, Slots, backoff
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -415,3 +415,21 @@ def test_a_returning_job_goes_before_a_new_one() -> None:
     assert not slots.try_take()  # the new job waits
     slots.give()
     assert slots.try_take()
+
+
+def test_a_copy_that_finds_every_legacy_connection_taken_is_put_back_without_counting_an_attempt(
+    store: Store, tmp_path: Path
+) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, copy_attempts=1)
+    first_login(store, creds)
+    rec.fail_with = [SourceBusy("all 4 connections toward the legacy server are in use")]
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.COPYING and account.attempts == 0  # not failed
+    (job,) = [j for j in store.jobs(A) if j.status == "queued"]
+    assert job.not_before == pytest.approx(time.time() + BUSY_RETRY, abs=5)
+    store.wake(A)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED
