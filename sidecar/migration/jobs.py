@@ -120,11 +120,12 @@ class Slots:
             finally:
                 self._returning -= 1
 
-    def give(self) -> None:
+    def give(self, *, wake: bool = True) -> None:
+        """Give a slot back; wake: tell on_free (the runner looks for the next job at once)."""
         with self._cond:
             self._used = max(0, self._used - 1)
             self._cond.notify()
-        if self.on_free is not None:
+        if wake and self.on_free is not None:
             self.on_free()
 
 
@@ -260,7 +261,7 @@ class JobRunner:
                     leased = True
                     self.running[job.id] = self.pool.submit(self._run_guarded, job, Slot(self.slots, self.stopping))
                 else:
-                    self.slots.give()
+                    self.slots.give(wake=False)  # nothing to run: the loop waits for a poke or the poll
             if not leased:
                 self.wakeup.wait(POLL_INTERVAL)
                 self.wakeup.clear()

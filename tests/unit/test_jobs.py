@@ -433,3 +433,20 @@ def test_a_copy_that_finds_every_legacy_connection_taken_is_put_back_without_cou
     run_one(runner, store)
     account = store.get(A)
     assert account is not None and account.state is State.MIGRATED
+
+
+def test_an_idle_runner_polls_the_store_no_faster_than_its_interval(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    leases = [0]
+    lease = store.lease
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        leases[0] += 1
+        return lease(*args, **kw)
+
+    store.lease = counted  # type: ignore[method-assign]
+    runner.start()
+    time.sleep(1.5)
+    runner.stop()
+    assert leases[0] <= 3  # (a free slot handed back after an empty lease must not spin the loop)
