@@ -135,7 +135,7 @@ def test_the_byte_rate_slows_the_copier_only_in_throttle_hours(
     user = lab["users"][0]
     size, unthrottled = copy_once(cfg, user, tmp_path / "probe", None)
     assert size > 4 * BURST
-    rate = size // 3  # about 3 s for the mailbox
+    rate = size // 5  # about 5 s for the mailbox
     hour = time.localtime().tm_hour
     hours = "" if in_hours else f"{(hour + 1) % 24:02d}-{(hour + 2) % 24:02d}"  # (empty: always)
     limiter = LegacyLimiter.from_config(
@@ -149,4 +149,4 @@ def test_the_byte_rate_slows_the_copier_only_in_throttle_hours(
     if in_hours:
         assert took >= expected * 0.98 and limiter.throttled_seconds > 0
     else:
-        assert took < expected / 2 and limiter.throttled_seconds == 0
+        assert limiter.throttled_seconds == 0 and took < expected * 0.6  # (a loaded machine copies in 0.5-1.6 s)
