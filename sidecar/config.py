@@ -193,7 +193,21 @@ class LimitsConfig:
     """Concurrency and rate limits."""
 
     copy_concurrency: int = _f(4, "copy jobs running at once on this node (0: this node runs no copies)")
-    legacy_connections: int = _f(8, "connections this node opens to the legacy server at once")
+    legacy_connections: int = _f(
+        8,
+        "connections this node opens to the legacy server at once: the sidecar's (password checks and the ones "
+        "kept ready for them, copies, sweeps, Sieve) and, counted apart, Postfix's relay (0: no cap on the "
+        "sidecar's; the relay gets 1)",
+    )
+    legacy_login_connections: int = _f(
+        0, "of legacy_connections, kept for password checks: copies never use them (0: half of legacy_connections)"
+    )
+    legacy_bytes_per_second: int = _f(
+        0, "bytes per second the copier may read from the legacy server, all copies of this node together (0: no cap)"
+    )
+    throttle_hours: str = _f(
+        "", "local hours when legacy_bytes_per_second applies, e.g. \"08-18\" (\"22-06\" wraps; empty: always)"
+    )
     auth_concurrency: int = _f(16, "password checks in flight toward the legacy server at once")
     auth_failures_per_account: int = _f(
         5, "wrong passwords per account and client address per window before refusing locally (FAIL)"
@@ -373,6 +387,23 @@ def _check_semantics(cfg: Config, path: str) -> None:
     for r in cfg.mail.realms:
         if not r or "@" in r or "\\" in r or any(c.isspace() for c in r):
             raise ConfigError(f"{path}: key 'mail.realms' has an invalid realm {r!r}")
+    lim = cfg.limits
+    if lim.legacy_login_connections and not lim.legacy_connections:
+        raise ConfigError(
+            f"{path}: key 'limits.legacy_login_connections' needs limits.legacy_connections (0 there: no cap, "
+            "nothing to keep for logins)"
+        )
+    if lim.legacy_login_connections >= max(1, lim.legacy_connections):
+        raise ConfigError(
+            f"{path}: key 'limits.legacy_login_connections' ({lim.legacy_login_connections}) must be less than "
+            f"limits.legacy_connections ({lim.legacy_connections}): copies need at least one connection"
+        )
+    from sidecar.legacy.limit import parse_hours
+
+    try:
+        parse_hours(lim.throttle_hours)
+    except ValueError as e:
+        raise ConfigError(f"{path}: key 'limits.throttle_hours' {e}") from None
     try:
         from sidecar.auth.logins import InvalidLogin, legacy_login
 

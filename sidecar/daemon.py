@@ -143,6 +143,7 @@ class Daemon:
         self.agent: Any = None
         self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
         self.verifier: Any = None
+        self.limiter: Any = None
 
     async def start(self) -> None:
         from sidecar.auth.policy import AuthPolicy, CredentialCache
@@ -157,7 +158,11 @@ class Daemon:
         self.credentials = CredentialCache()
         # one thread: verified passwords are hashed after the answer, in the order they were verified
         self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
-        self.verifier = LegacyVerifier(cfg.legacy)
+        from sidecar.legacy.limit import LegacyLimiter
+
+        # one cap for every connection this node's sidecar opens toward the legacy server (Postfix's relay apart)
+        self.limiter = LegacyLimiter.from_config(cfg.limits)
+        self.verifier = LegacyVerifier(cfg.legacy, limiter=self.limiter)
         auth_policy = AuthPolicy(cfg, self.store, self.verifier, credentials=self.credentials, defer=self.hasher.submit)
         from sidecar.migration.cutover import NodeAgent
         from sidecar.migration.jobs import default_hooks
@@ -165,7 +170,7 @@ class Daemon:
         # every node, with or without a job runner, closes its proxied sessions when an account cuts over
         self.agent = NodeAgent(cfg, self.store)
         hooks = default_hooks(cfg, self.store, poke=self.agent.poke)
-        self.runner = JobRunner(cfg, self.store, self.credentials, hooks=hooks)
+        self.runner = JobRunner(cfg, self.store, self.credentials, hooks=hooks, limiter=self.limiter)
         if cfg.sockets.milter:
             if importlib.util.find_spec("Milter") is None:
                 log.error("[sockets] milter is set but pymilter is not installed (the `milter` extra): no milter")
@@ -245,7 +250,7 @@ class Daemon:
         from sidecar.edge.metrics import Sources
         from sidecar.edge.web import start_web_server
 
-        sources = Sources(self.cfg, self.store, runner=self.runner)
+        sources = Sources(self.cfg, self.store, runner=self.runner, legacy=self.limiter)
         sources.milter = self.milter.snapshot if self.milter else None
         try:
             self.servers.append(await start_web_server(self.cfg.dashboard.listen, self.cfg.dashboard.token, sources))
@@ -256,6 +261,8 @@ class Daemon:
         return sources
 
     async def stop(self) -> None:
+        if self.limiter is not None:  # copies and checks waiting for a legacy connection give up now
+            self.limiter.close()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
         if self.agent is not None:

@@ -53,6 +53,7 @@ class Sources:
     runner: CounterSource | None = None  # sidecar.migration.jobs.JobRunner
     socketmap: Any = None  # sidecar.edge.socketmap.Stats
     milter: Callable[[], Mapping[str, int]] | None = None  # sidecar.edge.milter.stats.snapshot
+    legacy: Any = None  # sidecar.legacy.limit.LegacyLimiter: connections toward the legacy server
     clock: Callable[[], float] = time.time
 
 
@@ -336,6 +337,26 @@ class Collector:
                 ("errors", "Milter callbacks that raised (the message still went through)"),
             ):
                 yield _counter(f"autoport_milter_{name}", help_, snap.get(name, 0))
+        legacy = self.sources.legacy
+        if legacy is not None:
+            conns = GaugeMetricFamily("autoport_legacy_connections",
+                                      "Connections this sidecar holds toward the legacy server, per kind (login: "
+                                      "password checks and the ones kept ready; imap, pop3, sieve: copies)",
+                                      labels=["kind"])  # fmt: skip
+            for kind, n in legacy.in_use().items():
+                conns.add_metric([kind], n)
+            yield conns
+            peak = GaugeMetricFamily("autoport_legacy_connections_peak",
+                                     "Most connections toward the legacy server held at once since the start")
+            peak.add_metric([], legacy.peak)
+            yield peak
+            busy = CounterMetricFamily("autoport_legacy_busy", "Connections toward the legacy server not opened "
+                                       "because limits.legacy_connections was reached, per kind", labels=["kind"])
+            for kind, n in sorted(dict(legacy.busy).items()):
+                busy.add_metric([kind], n)
+            yield busy
+            yield _counter("autoport_legacy_throttled_seconds",
+                           "Seconds copies slept for limits.legacy_bytes_per_second", legacy.throttled_seconds)
         sm = self.sources.socketmap
         if sm is not None:
             for name, help_ in (

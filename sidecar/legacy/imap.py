@@ -21,6 +21,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 
 from sidecar.legacy.errors import LegacyAuthFailed, LegacyError, LegacyProtocolError, LegacyUnavailable
 from sidecar.legacy.folder import LegacyFolder
+from sidecar.legacy.limit import LegacyBusy, LegacyLimiter, Permit
 from sidecar.wire.fetchparse import (
     DEFAULT_MEMORY_LIMIT,
     FetchParseError,
@@ -43,6 +44,11 @@ class SourceAuthError(SourceError, LegacyAuthFailed):
 
 class SourceUnavailable(SourceError, LegacyUnavailable):
     """The legacy server cannot be reached or dropped the connection (temporary)."""
+
+
+class SourceBusy(SourceUnavailable, LegacyBusy):
+    """This node's connections toward the legacy server are all taken (limits.legacy_connections): the job is
+    put back and tried again shortly, without counting an attempt."""
 
 
 class SourceProtocolError(SourceUnavailable, LegacyProtocolError):
@@ -71,10 +77,18 @@ class SourceParams:
     admin_password: str = dataclasses.field(default="", repr=False)
     admin_mode: str = "authzid"  # authzid (SASL PLAIN authorization id) | master (user<sep>admin)
     master_separator: str = "*"
+    # this node's cap on connections and bytes toward the legacy server (the job runner's); None: not counted
+    limiter: LegacyLimiter | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_config(
-        cls, legacy: Any, user: str, password: str = "", *, use_admin: bool = False
+        cls,
+        legacy: Any,
+        user: str,
+        password: str = "",
+        *,
+        use_admin: bool = False,
+        limiter: LegacyLimiter | None = None,
     ) -> SourceParams:
         """From sidecar.config.LegacyConfig; use_admin selects the admin credentials (bulk migration)."""
         ctx = None
@@ -98,6 +112,7 @@ class SourceParams:
             admin_password=legacy.admin_password if use_admin else "",
             admin_mode=legacy.admin_mode,
             master_separator=legacy.master_separator,
+            limiter=limiter,
         )
 
 
@@ -144,6 +159,7 @@ class LegacySource:
         self.capabilities: frozenset[str] = frozenset()
         self._tags = itertools.count(1)
         self._selected: str | None = None
+        self._permit: Permit | None = None
 
     # --- session -----------------------------------------------------------------------------------------
     def __enter__(self) -> LegacySource:
@@ -155,6 +171,11 @@ class LegacySource:
 
     def connect(self) -> None:
         p = self.params
+        if p.limiter is not None and self._permit is None:
+            try:
+                self._permit = p.limiter.acquire("imap")
+            except LegacyBusy as e:
+                raise SourceBusy(str(e)) from None
         c = None
         try:
             c = imapclient.IMAPClient(
@@ -170,6 +191,7 @@ class LegacySource:
             if c is not None:  # STARTTLS refused or the handshake failed: drop the plaintext connection
                 with contextlib.suppress(Exception):
                     c.shutdown()
+            self._release()
             raise SourceUnavailable(f"cannot connect to legacy IMAP {p.host}:{p.imap_port}: {e}") from None
         self.client = c
         try:
@@ -214,13 +236,18 @@ class LegacySource:
 
     def close(self) -> None:
         c, self.client = self.client, None
-        if c is None:
-            return
-        try:
-            c.logout()
-        except Exception:  # best effort on the way out
-            with contextlib.suppress(Exception):
-                c.shutdown()
+        if c is not None:
+            try:
+                c.logout()
+            except Exception:  # best effort on the way out
+                with contextlib.suppress(Exception):
+                    c.shutdown()
+        self._release()
+
+    def _release(self) -> None:
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            permit.release()
 
     def _c(self) -> imapclient.IMAPClient:
         if self.client is None:
@@ -318,6 +345,7 @@ class LegacySource:
         imap = c._imap
         tag = b"AP%d" % next(self._tags)
         parser = FetchParser(spool_dir=spool_dir, memory_limit=memory_limit)
+        limiter = self.params.limiter
         finished = False
         try:
             imap.send(tag + b" UID FETCH " + uid_set.encode("ascii") + b" " + items + b"\r\n")
@@ -326,6 +354,8 @@ class LegacySource:
                 data = reader.read1(READ_CHUNK) if hasattr(reader, "read1") else reader.read(READ_CHUNK)
                 if not data:
                     raise SourceUnavailable("legacy IMAP closed the connection during FETCH")
+                if limiter is not None:  # limits.legacy_bytes_per_second
+                    limiter.throttle(len(data))
                 for ev in parser.feed(data):
                     if isinstance(ev, FetchResponse):
                         yield ev
@@ -353,6 +383,7 @@ class LegacySource:
         if c is not None:
             with contextlib.suppress(Exception):
                 c.shutdown()
+        self._release()
 
     def uid_flags(self, uid_set: str = "1:*") -> dict[int, tuple[str, ...]]:
         """UID -> flags for the selected folder (raw fetch: cheap even for large folders)."""

@@ -19,6 +19,7 @@ import socket
 import ssl
 
 from sidecar.legacy.errors import LegacyAuthFailed, LegacyError, LegacyProtocolError, LegacyUnavailable
+from sidecar.legacy.limit import LegacyBusy, LegacyLimiter, Permit
 
 log = logging.getLogger("sidecar.legacy.managesieve")
 
@@ -76,6 +77,7 @@ class ManageSieveClient:
         tls: str = "starttls",
         ssl_context: ssl.SSLContext | None = None,
         timeout: float = 30.0,
+        limiter: LegacyLimiter | None = None,
     ) -> None:
         if tls not in ("none", "starttls", "implicit"):
             raise ValueError(f"tls must be none, starttls or implicit, not {tls!r}")
@@ -85,6 +87,8 @@ class ManageSieveClient:
         self._buf = b""
         self.capabilities: dict[str, str] = {}
         self.oversized = 0  # size of the last literal dropped for being over the limit
+        self.limiter = limiter  # the job runner's cap on legacy connections (None: not counted, e.g. doctor)
+        self._permit: Permit | None = None
 
     def __enter__(self) -> ManageSieveClient:
         self.connect()
@@ -99,9 +103,15 @@ class ManageSieveClient:
 
     def connect(self) -> None:
         where = f"{self.host}:{self.port}"
+        if self.limiter is not None and self._permit is None:
+            try:
+                self._permit = self.limiter.acquire("sieve")
+            except LegacyBusy as e:
+                raise SieveUnavailable(str(e)) from None
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as e:
+            self.close()
             raise SieveUnavailable(f"cannot connect to legacy ManageSieve {where}: {e.strerror or e}") from None
         self.sock = sock
         try:
@@ -146,6 +156,9 @@ class ManageSieveClient:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            permit.release()
 
     def _send(self, data: bytes) -> None:
         if self.sock is None:

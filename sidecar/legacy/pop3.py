@@ -20,7 +20,8 @@ import poplib
 import ssl
 from collections.abc import Iterable, Mapping
 
-from sidecar.legacy.imap import SourceAuthError, SourceError, SourceParams, SourceUnavailable
+from sidecar.legacy.imap import SourceAuthError, SourceBusy, SourceError, SourceParams, SourceUnavailable
+from sidecar.legacy.limit import LegacyBusy, Permit
 
 # header fields some servers add or rewrite in only one of the two views (mbox-backed servers mostly)
 VOLATILE_HEADERS = frozenset(
@@ -95,9 +96,15 @@ class LegacyPop3:
     def __init__(self, params: SourceParams) -> None:
         self.params = params
         self.conn: poplib.POP3 | None = None
+        self._permit: Permit | None = None
 
     def __enter__(self) -> LegacyPop3:
         p = self.params
+        if p.limiter is not None:
+            try:
+                self._permit = p.limiter.acquire("pop3")
+            except LegacyBusy as e:
+                raise SourceBusy(str(e)) from None
         try:
             if p.pop3_tls == "implicit":
                 conn: poplib.POP3 = poplib.POP3_SSL(
@@ -111,6 +118,7 @@ class LegacyPop3:
                 if p.pop3_tls == "starttls":
                     conn.stls(p.ssl_context or ssl.create_default_context())
         except (OSError, poplib.error_proto) as e:
+            self._drop()
             raise SourceUnavailable(f"cannot connect to legacy POP3 {p.host}:{p.pop3_port}: {e}") from None
         self.conn = conn
         try:
@@ -147,6 +155,9 @@ class LegacyPop3:
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.close()
+        permit, self._permit = self._permit, None
+        if permit is not None:
+            permit.release()
 
     def _c(self) -> poplib.POP3:
         if self.conn is None:
@@ -191,4 +202,7 @@ class LegacyPop3:
             raise SourceError(f"legacy POP3 RETR {number}: {e}") from None
         except OSError as e:
             raise SourceUnavailable(f"legacy POP3: {type(e).__name__}") from None
-        return b"".join(line + b"\r\n" for line in lines)
+        data = b"".join(line + b"\r\n" for line in lines)
+        if self.params.limiter is not None:  # limits.legacy_bytes_per_second
+            self.params.limiter.throttle(len(data))
+        return data

@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeVar
 from sidecar.config import LegacyConfig
 from sidecar.legacy.errors import LegacyAuthFailed
 from sidecar.legacy.errors import LegacyUnavailable as LegacyUnavailable  # its home is legacy/errors.py
+from sidecar.legacy.limit import LegacyBusy, LegacyLimiter, Permit
 from sidecar.legacy.tls import tls_context as tls_context  # re-exported: others import it from here
 
 log = logging.getLogger("sidecar.legacy.verify")
@@ -362,6 +363,7 @@ def _close_imap(imap: imaplib.IMAP4) -> None:
     """Drop an IMAP connection without a word (a ready one never logged in; LOGOUT is for sessions)."""
     with contextlib.suppress(OSError):
         imap.shutdown()
+    _release(imap)
 
 
 @dataclasses.dataclass
@@ -408,6 +410,36 @@ def _open_pop3(cfg: LegacyConfig, tls: Callable[[], ssl.SSLContext]) -> _Pop3:
 def _close_pop3(conn: _Pop3) -> None:
     with contextlib.suppress(OSError):
         conn.pop.close()
+    _release(conn)
+
+
+# --- the node's cap on legacy connections (sidecar/legacy/limit.py): a connection carries its permit ----------
+_PERMIT = "_autoport_permit"
+
+
+def _limited(limiter: LegacyLimiter | None, open_: Callable[[], _C], *, ready: bool = False) -> Callable[[], _C]:
+    """open_ under the limiter: a check waits briefly for a place (LegacyBusy after limit.LOGIN_WAIT); a ready
+    connection is opened only when the share kept for logins has room now."""
+    if limiter is None:
+        return open_
+
+    def opener() -> _C:
+        permit = limiter.acquire("login", 0.0 if ready else None, ready=ready)
+        try:
+            conn = open_()
+        except BaseException:
+            permit.release()
+            raise
+        setattr(conn, _PERMIT, permit)
+        return conn
+
+    return opener
+
+
+def _release(conn: object) -> None:
+    permit: Permit | None = getattr(conn, _PERMIT, None)
+    if permit is not None:
+        permit.release()
 
 
 def _imap_socket(imap: imaplib.IMAP4) -> socket.socket:
@@ -428,18 +460,23 @@ class LegacyVerifier:
     warm_seconds: how recent a check must be for an expired ready connection to be replaced.
     """
 
-    def __init__(self, cfg: LegacyConfig, *, warm_seconds: float = READY_WARM_SECONDS) -> None:
+    def __init__(
+        self, cfg: LegacyConfig, *, warm_seconds: float = READY_WARM_SECONDS, limiter: LegacyLimiter | None = None
+    ) -> None:
         self.cfg = cfg
+        self.limiter = limiter  # this node's cap on legacy connections (limits.legacy_connections); None: none
         self._tls_source = _TlsSource(cfg)
         self._pools: dict[str, _ReadyPool[Any]] = {}
         if cfg.ready_connections > 0 and cfg.ready_max_age > 0:
             size, age = cfg.ready_connections, cfg.ready_max_age
             tls = self._tls_source.get  # the pools refer to the TLS source, never to self (see _ReadyPool)
+            open_imap = _limited(limiter, functools.partial(_open_imap, cfg, tls), ready=True)
+            open_pop3 = _limited(limiter, functools.partial(_open_pop3, cfg, tls), ready=True)
             imap_pool: _ReadyPool[imaplib.IMAP4] = _ReadyPool(
-                "imap", size, age, warm_seconds, functools.partial(_open_imap, cfg, tls), _close_imap, _imap_socket
+                "imap", size, age, warm_seconds, open_imap, _close_imap, _imap_socket
             )
             pop3_pool: _ReadyPool[_Pop3] = _ReadyPool(
-                "pop3", size, age, warm_seconds, functools.partial(_open_pop3, cfg, tls), _close_pop3, _pop3_socket
+                "pop3", size, age, warm_seconds, open_pop3, _close_pop3, _pop3_socket
             )
             self._pools = {"imap": imap_pool, "pop3": pop3_pool}
         self._finalizer = weakref.finalize(self, _close_pools, tuple(self._pools.values()))
@@ -481,10 +518,13 @@ class LegacyVerifier:
             "pop3": self.verify_pop3,
             "smtp": self.verify_smtp,
         }
-        problems = []
+        problems: list[str] = []
         for proto in self.cfg.verify_with:
             try:
                 methods[proto](login, password, client_ip)
+            except LegacyBusy as e:  # every other protocol would wait for the same connections
+                log.info("legacy %s could not check %r: %s", proto, login, e)
+                raise LegacyUnavailable("; ".join([*problems, f"{proto}: {e}"])) from None
             except LegacyUnavailable as e:
                 problems.append(f"{proto}: {e}")
                 log.info("legacy %s could not check %r: %s", proto, login, e)
@@ -496,7 +536,7 @@ class LegacyVerifier:
 
     # --- IMAP --------------------------------------------------------------------------------------------
     def _open_imap(self) -> imaplib.IMAP4:
-        return _open_imap(self.cfg, self._tls_source.get)
+        return _limited(self.limiter, functools.partial(_open_imap, self.cfg, self._tls_source.get))()
 
     def verify_imap(self, login: str, password: str, client_ip: str = "") -> None:
         cfg = self.cfg
@@ -537,6 +577,7 @@ class LegacyVerifier:
             except (OSError, imaplib.IMAP4.error):
                 with contextlib.suppress(OSError):
                     imap.shutdown()
+            _release(imap)
 
     def _imap_login(self, imap: imaplib.IMAP4, login: str, password: str) -> None:
         imap_login(imap, login, password, set(imap.capabilities))
@@ -556,7 +597,7 @@ class LegacyVerifier:
 
     # --- POP3 --------------------------------------------------------------------------------------------
     def _open_pop3(self) -> _Pop3:
-        return _open_pop3(self.cfg, self._tls_source.get)
+        return _limited(self.limiter, functools.partial(_open_pop3, self.cfg, self._tls_source.get))()
 
     def verify_pop3(self, login: str, password: str, client_ip: str = "") -> None:
         cfg = self.cfg
@@ -594,6 +635,7 @@ class LegacyVerifier:
                     conn.pop.close()
             except (OSError, poplib.error_proto):
                 _close_pop3(conn)
+            _release(conn)
 
     def _pop3_prelude(self, conn: _Pop3, login: str, password: str, client_ip: str) -> None:
         """What precedes the password: XCLIENT when offered, and USER when AUTH PLAIN is not."""
@@ -630,10 +672,18 @@ class LegacyVerifier:
 
     # --- SMTP AUTH ---------------------------------------------------------------------------------------
     def verify_smtp(self, login: str, password: str, client_ip: str = "") -> None:
-        cfg = self.cfg
         check_login(login)
-        if not cfg.submission_port:
+        if not self.cfg.submission_port:
             raise LegacyUnavailable("no legacy submission port configured")
+        permit = self.limiter.acquire("login") if self.limiter is not None else None
+        try:
+            self._verify_smtp(login, password, client_ip)
+        finally:
+            if permit is not None:
+                permit.release()
+
+    def _verify_smtp(self, login: str, password: str, client_ip: str) -> None:
+        cfg = self.cfg
         helo = socket.gethostname() or "localhost"
         try:
             if cfg.submission_tls == "implicit":

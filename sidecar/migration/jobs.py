@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from sidecar.states import IllegalTransition, State, is_held, is_local
 from sidecar.store.base import Conflict, Job, Store, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from sidecar.legacy.limit import LegacyLimiter
     from sidecar.migration.copier import CopyResult
 
 log = logging.getLogger("sidecar.migration.jobs")
@@ -40,7 +41,10 @@ CREDENTIAL_WAIT = 300.0
 POLL_INTERVAL = 1.0
 BACKOFF_BASE = 30.0
 BACKOFF_MAX = 3600.0
+BUSY_RETRY = 15.0  # seconds before a job that found every legacy connection taken tries again (no attempt counted)
 KINDS = ("copy", "sweep")
+# jobs that may wait (cutover grace, route caches, held-mail release) per copy slot, without holding it
+WAITING_PER_SLOT = 8
 
 
 class Credentials(Protocol):
@@ -74,6 +78,77 @@ def _changed(source: Any, store: Store, address: str) -> list[str]:
     from sidecar.migration.sweep import changed_folders
 
     return changed_folders(source, store, address)
+
+
+class Slots:
+    """At most `size` jobs do copy work (read the legacy server, write Maildirs) at once on this node.
+
+    A job only waiting (cutover grace, Postfix's route cache, the release of held mail) gives its slot back
+    and takes one again for its final delta, ahead of new jobs: its mail is held meanwhile. Slots are counts,
+    not locks: any thread may give back what another took.
+    """
+
+    def __init__(self, size: int, *, on_free: Callable[[], None] | None = None) -> None:
+        self.size = max(1, size)
+        self.on_free = on_free
+        self._used = 0
+        self._returning = 0  # jobs waiting to take a slot back (served before new jobs)
+        self._cond = threading.Condition()
+
+    def in_use(self) -> int:
+        with self._cond:
+            return self._used
+
+    def try_take(self) -> bool:
+        """A slot for a new job: only when one is free and no waiting job wants one back."""
+        with self._cond:
+            if self._used >= self.size or self._returning:
+                return False
+            self._used += 1
+            return True
+
+    def take(self, stopping: threading.Event | None = None) -> None:
+        """Wait for a slot, ahead of new jobs; InterruptedError when `stopping` is set meanwhile."""
+        with self._cond:
+            self._returning += 1
+            try:
+                while self._used >= self.size:
+                    if stopping is not None and stopping.is_set():
+                        raise InterruptedError("sidecar stopping")
+                    self._cond.wait(POLL_INTERVAL)
+                self._used += 1
+            finally:
+                self._returning -= 1
+
+    def give(self, *, wake: bool = True) -> None:
+        """Give a slot back; wake: tell on_free (the runner looks for the next job at once)."""
+        with self._cond:
+            self._used = max(0, self._used - 1)
+            self._cond.notify()
+        if wake and self.on_free is not None:
+            self.on_free()
+
+
+class Slot:
+    """One job's hold on a copy slot: given back once (give()), or for the length of a wait (away())."""
+
+    def __init__(self, slots: Slots, stopping: threading.Event | None = None) -> None:
+        self.slots = slots
+        self.stopping = stopping
+        self.held = True
+
+    def give(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.give()
+
+    @contextlib.contextmanager
+    def away(self) -> Iterator[None]:
+        """Wait without the slot; taken again when the wait returns (not when it raises: the job ends then)."""
+        self.give()
+        yield
+        self.slots.take(self.stopping)
+        self.held = True
 
 
 class WaitForCredentials(Exception):
@@ -130,8 +205,10 @@ class JobRunner:
         clock: Callable[[], float] = time.time,
         sieve: Callable[[str, Any], None] | None = None,
         sweep_check: Callable[[Any, Store, str], list[str]] | None = None,
+        limiter: LegacyLimiter | None = None,
     ) -> None:
         self.cfg = cfg
+        self.limiter = limiter  # this node's cap on legacy connections and bytes (sidecar/legacy/limit.py)
         self.store = store
         self.credentials = credentials
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
@@ -144,7 +221,10 @@ class JobRunner:
         self.clock = clock
         self.stopping = threading.Event()
         self.wakeup = threading.Event()
-        self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.limits.copy_concurrency), thread_name_prefix="copy")
+        # copy_concurrency jobs copy at once; more may wait meanwhile (Slots), each on a thread of its own
+        self.slots = Slots(cfg.limits.copy_concurrency, on_free=self.poke)
+        self.max_jobs = self.slots.size * (1 + WAITING_PER_SLOT)
+        self.pool = ThreadPoolExecutor(max_workers=self.max_jobs, thread_name_prefix="copy")
         self.running: dict[int, Future[None]] = {}
         self.thread: threading.Thread | None = None
         self.stats = {"started": 0, "migrated": 0, "retried": 0, "failed": 0, "waiting": 0}
@@ -171,7 +251,7 @@ class JobRunner:
         while not self.stopping.is_set():
             self.running = {k: f for k, f in self.running.items() if not f.done()}
             leased = False
-            if len(self.running) < max(1, self.cfg.limits.copy_concurrency):
+            if len(self.running) < self.max_jobs and self.slots.try_take():
                 try:
                     job = self.store.lease(self.owner, kinds=KINDS, seconds=self.cfg.limits.lease_seconds)
                 except StoreError as e:
@@ -179,18 +259,20 @@ class JobRunner:
                     job = None
                 if job is not None:
                     leased = True
-                    self.running[job.id] = self.pool.submit(self._run_guarded, job)
+                    self.running[job.id] = self.pool.submit(self._run_guarded, job, Slot(self.slots, self.stopping))
+                else:
+                    self.slots.give(wake=False)  # nothing to run: the loop waits for a poke or the poll
             if not leased:
                 self.wakeup.wait(POLL_INTERVAL)
                 self.wakeup.clear()
 
     # --- one job ------------------------------------------------------------------------------------------
-    def _run_guarded(self, job: Job) -> None:
+    def _run_guarded(self, job: Job, slot: Slot | None = None) -> None:
         renewer = threading.Event()
         heart = threading.Thread(target=self._heartbeat, args=(job, renewer), daemon=True)
         heart.start()
         try:
-            self.run_job(job)
+            self.run_job(job, slot)
         except Exception as e:
             # Counted like any failure (failed after copy_attempts). Logged by type and place only: an
             # exception's text can carry what it was given (a UnicodeEncodeError names password characters).
@@ -217,7 +299,7 @@ class JobRunner:
 
         cred = self.credentials.get(address)
         if cred is not None:
-            return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password)
+            return SourceParams.from_config(self.cfg.legacy, cred.login, cred.password, limiter=self.limiter)
         if self.cfg.legacy.admin_user and self.cfg.legacy.admin_password:
             # the same legacy login the password check uses (sidecar.auth.logins): the template over the
             # account's imported login, else its address; never a login name someone once typed
@@ -226,7 +308,7 @@ class JobRunner:
             imported = self.store.find_imported(address)
             name = imported.login if imported is not None and imported.address == address else address
             login = legacy_login(self.cfg.legacy.login_template, name, address)
-            return SourceParams.from_config(self.cfg.legacy, login, use_admin=True)
+            return SourceParams.from_config(self.cfg.legacy, login, use_admin=True, limiter=self.limiter)
         raise WaitForCredentials(address)
 
     def _copy_pass(self, address: str, mode: str, source: Any) -> CopyResult:
@@ -255,11 +337,18 @@ class JobRunner:
 
         copy_for_account(self.cfg, self.store, address, source)
 
-    def run_job(self, job: Job) -> None:
-        if job.kind == "sweep":
-            self.run_sweep(job)
-        else:
-            self.run_copy(job)
+    def run_job(self, job: Job, slot: Slot | None = None) -> None:
+        """Run one leased job holding `slot` (None: take one here, waiting for it); the slot is given back."""
+        if slot is None:
+            self.slots.take(self.stopping)
+            slot = Slot(self.slots, self.stopping)
+        try:
+            if job.kind == "sweep":
+                self.run_sweep(job)
+            else:
+                self.run_copy(job, slot)
+        finally:
+            slot.give()
 
     def run_sweep(self, job: Job) -> None:
         """Trailing sweep: append mail that still lands in a migrated account's legacy mailbox (legacy-side
@@ -325,8 +414,8 @@ class JobRunner:
         if self._sweeping(migrated_at):
             self.store.enqueue(address, "sweep", not_before=self.clock() + self.cfg.limits.sweep_interval)
 
-    def run_copy(self, job: Job) -> None:
-        from sidecar.migration.copier import SourceAuthError, SourceError
+    def run_copy(self, job: Job, slot: Slot) -> None:
+        from sidecar.migration.copier import SourceAuthError, SourceBusy, SourceError
 
         address = job.address
         started = time.monotonic()
@@ -335,6 +424,7 @@ class JobRunner:
             account = self.store.get(address)
             if account is not None and is_local(account.state):
                 # a node died after the switch but before the steps after it: they are idempotent, redo them
+                slot.give()  # nothing left to copy: releasing held mail only waits on Postfix
                 self.hooks.release_held(address)
                 self.hooks.after_migrated(address, list(account.logins))
                 self._schedule_sweep(address, account.migrated_at)
@@ -370,10 +460,11 @@ class JobRunner:
                                                 reason="initial copy done")  # fmt: skip
                 self.store.record_event(address, "cutover", "mail held while the final delta runs")
             # in cutover (now, or again after a restart): nothing may write to the legacy mailbox any more
-            if not self._quiesce(job, account):
+            if not self._quiesce(job, account, slot):
                 return
             self._copy_pass(address, "delta", source)
             account = self.store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="final delta done")
+            slot.give()  # the rest waits on Postfix and Dovecot (held-mail release, kicks): the next copy starts
             self.store.set_progress(address, copied=account.messages_total, bytes_copied=copied_bytes)
             self.store.set_error(address, "")
             released = self.hooks.release_held(address)
@@ -396,6 +487,12 @@ class JobRunner:
             self.store.finish(job.id, self.owner, error="credentials refused", retry_at=self.clock() + CREDENTIAL_WAIT)
         except InterruptedError:
             self.store.finish(job.id, self.owner, error="interrupted", retry_at=self.clock())
+        except SourceBusy as e:
+            # this node's legacy connections are all taken (limits.legacy_connections): not the account's fault
+            log.info("copy of %s waits: %s", address, e)
+            with contextlib.suppress(StoreError):
+                self.store.finish(job.id, self.owner, error="legacy connections busy",
+                                  retry_at=self.clock() + BUSY_RETRY)  # fmt: skip
         except (Conflict, IllegalTransition) as e:
             # another node moved the account: it owns the rest of the path
             log.info("%s: %s; leaving it to whoever moved it", address, e)
@@ -404,18 +501,21 @@ class JobRunner:
         except (SourceError, OSError, StoreUnavailable) as e:
             self._failure(job, f"{type(e).__name__}: {e}")
 
-    def _quiesce(self, job: Job, account: Any) -> bool:
+    def _quiesce(self, job: Job, account: Any, slot: Slot) -> bool:
         """No proxied session and no mail in flight toward legacy on any node; False: the cutover failed toward
-        legacy (a node did not confirm) and the job was put back for a later retry."""
+        legacy (a node did not confirm) and the job was put back for a later retry. The copy slot is given
+        back for the wait and taken again, ahead of new jobs, for the final delta (Slots)."""
         from sidecar.migration.cutover import KickTimeout
 
         address = account.address
         if self.hooks.quiesce is None:
             # mail already handed to the legacy relay before the switch lands there; let it settle
-            self.stopping.wait(self.cfg.limits.cutover_grace)
+            with slot.away():
+                self.stopping.wait(self.cfg.limits.cutover_grace)
             return True
         try:
-            self.hooks.quiesce(address, list(account.logins))
+            with slot.away():
+                self.hooks.quiesce(address, list(account.logins))
         except KickTimeout as e:
             log.warning("%s: %s; back on the legacy server, the cutover is retried later", address, e)
             self.store.transition(address, State.FAILED, expect=State.CUTOVER, reason=f"cutover: {e}")

@@ -27,6 +27,7 @@ from sidecar.legacy.managesieve import (
 
 if TYPE_CHECKING:
     from sidecar.config import Config, LegacyConfig
+    from sidecar.legacy.limit import LegacyLimiter
     from sidecar.migration.copier import SourceParams
     from sidecar.store.base import Store
 
@@ -52,6 +53,7 @@ def fetch_scripts(
     *,
     use_admin: bool = False,
     ssl_context: ssl.SSLContext | None = None,
+    limiter: LegacyLimiter | None = None,
 ) -> SieveResult:
     """Every script of `login` on the legacy server and which one is active (not written anywhere)."""
     ctx = ssl_context
@@ -60,7 +62,7 @@ def fetch_scripts(
 
         ctx = tls_context(legacy)
     with ManageSieveClient(
-        legacy.host, legacy.sieve_port, tls=legacy.sieve_tls, ssl_context=ctx, timeout=legacy.timeout
+        legacy.host, legacy.sieve_port, tls=legacy.sieve_tls, ssl_context=ctx, timeout=legacy.timeout, limiter=limiter
     ) as c:
         if use_admin and legacy.admin_mode == "master":
             c.authenticate(f"{login}{legacy.master_separator}{legacy.admin_user}", legacy.admin_password)
@@ -179,10 +181,11 @@ def copy_scripts(
     use_admin: bool = False,
     ssl_context: ssl.SSLContext | None = None,
     folder_names: dict[str, str] | None = None,
+    limiter: LegacyLimiter | None = None,
 ) -> SieveResult:
     """fetch_scripts + write_scripts, `fileinto` folders renamed per folder_names (legacy -> target name).
     Raises SieveError (and subclasses); the caller records the failure."""
-    result = fetch_scripts(legacy, login, password, use_admin=use_admin, ssl_context=ssl_context)
+    result = fetch_scripts(legacy, login, password, use_admin=use_admin, ssl_context=ssl_context, limiter=limiter)
     if folder_names:
         renamed: list[str] = []
         scripts = {}
@@ -228,6 +231,7 @@ def copy_for_account(cfg: Config, store: Store, address: str, source: SourcePara
             use_admin=bool(source.admin_user),
             ssl_context=source.ssl_context,
             folder_names=names,
+            limiter=source.limiter,
         )
     except Exception as e:  # refused, unreachable, disk trouble: mail matters more than filters
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from harness.jobs import A, Recorder, first_login, run_one
+from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache
@@ -131,3 +132,29 @@ def test_a_node_that_does_not_confirm_sends_the_account_back_to_legacy(store: St
     node.agent.stop()
     account = store.get(A)
     assert account is not None and account.state is State.MIGRATED
+
+
+def test_the_grace_between_the_kicks_leaves_the_copy_slot_to_the_next_account(store: Store, tmp_path: Path) -> None:
+    """One copy slot, cutover_grace 2 s: B's initial copy runs while A waits between its two kicks (issue 17)."""
+    c, log = cfg(tmp_path, cutover_grace=2.0, copy_concurrency=1), list[str]()
+    node = Node(c, store, "n1", log)
+    node.agent.start()
+    rec, creds = Recorder(), CredentialCache()
+    B = "bob@example.test"
+    hooks = Hooks(release_held=rec.release, after_migrated=rec.after,
+                  quiesce=lambda a, logins: cutover.quiesce(c, store, a, logins))  # fmt: skip
+    runner = JobRunner(c, store, creds, owner="n1", hooks=hooks, copy=rec.copy)
+    first_login(store, creds)
+    runner.start()
+    try:
+        wait_for(lambda: store.state_of(A) is State.CUTOVER, 10, f"{A} in cutover")
+        store.transition(B, State.COPYING, reason="first login")
+        creds.put(B, B, "pw")
+        store.enqueue(B, "copy")
+        runner.poke()
+        for who in (A, B):
+            wait_for(lambda w=who: store.state_of(w) is State.MIGRATED, 15, f"{who} to migrate")  # type: ignore[misc]
+    finally:
+        runner.stop()
+        node.agent.stop()
+    assert rec.copies.index((B, "initial")) < rec.copies.index((A, "delta")), rec.copies

@@ -19,8 +19,8 @@ from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.auth.policy import CredentialCache
-from sidecar.migration.copier import CopyResult, SourceAuthError, SourceUnavailable
-from sidecar.migration.jobs import CREDENTIAL_WAIT, JobRunner, backoff
+from sidecar.migration.copier import CopyResult, SourceAuthError, SourceBusy, SourceUnavailable
+from sidecar.migration.jobs import BUSY_RETRY, CREDENTIAL_WAIT, Hooks, JobRunner, Slots, backoff
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -314,3 +314,139 @@ def test_admin_copy_uses_the_legacy_login_of_the_mapping(store: Store, tmp_path:
     assert runner._source(A).user == "alice"
     store.import_users([ImportedUser("asmith", A)])
     assert runner._source(A).user == "asmith"
+
+
+# --- copy slots: waiting does not hold one (issue 17) -------------------------------------------------------
+
+
+def _logins(store: Store, creds: CredentialCache, addresses: list[str]) -> None:
+    for address in addresses:
+        store.transition(address, State.COPYING, reason="first login")
+        creds.put(address, address, "pw")
+        store.enqueue(address, "copy")
+
+
+def test_an_account_in_its_cutover_wait_leaves_the_only_copy_slot_to_the_next(store: Store, tmp_path: Path) -> None:
+    """copy_concurrency = 1: while A waits in cutover (grace, route caches), B's initial copy runs; A's final delta
+    then takes the slot back. Holding the slot, B would copy only after A's delta."""
+    rec, creds = Recorder(), CredentialCache()
+    B = "bob@example.test"
+    b_copied = threading.Event()
+    copy = rec.copy
+
+    def copy_b_noted(*args: Any, mode: str, **kw: Any) -> CopyResult:
+        result = copy(*args, mode=mode, **kw)
+        if args[3] == B:
+            b_copied.set()
+        return result
+
+    def quiesce(address: str, logins: list[str]) -> None:
+        if address == A:  # A's wait lasts until B copied (or 5 s: then B could not start meanwhile)
+            b_copied.wait(5)
+
+    runner = JobRunner(make_runner(store, tmp_path, rec, creds, copy_concurrency=1).cfg, store, creds, owner="test",
+                       hooks=Hooks(release_held=rec.release, after_migrated=rec.after, quiesce=quiesce),
+                       copy=copy_b_noted)  # fmt: skip
+    _logins(store, creds, [A])
+    runner.start()
+    try:
+        wait_for(lambda: store.state_of(A) is State.CUTOVER, 10, f"{A} in cutover")
+        _logins(store, creds, [B])
+        runner.poke()
+        for who in (A, B):
+            wait_for(lambda w=who: store.state_of(w) is State.MIGRATED, 15, f"{who} to migrate")  # type: ignore[misc]
+    finally:
+        runner.stop()
+    assert rec.copies.index((B, "initial")) < rec.copies.index((A, "delta")), rec.copies
+    assert runner.slots.in_use() == 0
+
+
+def test_copies_stay_within_the_slots_while_more_accounts_wait_in_cutover(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    lock = threading.Lock()
+    copying, waiting = [0], [0]
+    peaks = {"copying": 0, "waiting": 0}
+
+    def copy(source: Any, home: Path, st: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+        with lock:
+            copying[0] += 1
+            peaks["copying"] = max(peaks["copying"], copying[0])
+        time.sleep(0.05)
+        with lock:
+            copying[0] -= 1
+        return CopyResult(address, mode)
+
+    def quiesce(address: str, logins: list[str]) -> None:
+        with lock:
+            waiting[0] += 1
+            peaks["waiting"] = max(peaks["waiting"], waiting[0])
+        time.sleep(0.8)
+        with lock:
+            waiting[0] -= 1
+
+    c = make_runner(store, tmp_path, rec, creds, copy_concurrency=2).cfg
+    runner = JobRunner(c, store, creds, owner="test", copy=copy,
+                       hooks=Hooks(release_held=rec.release, after_migrated=rec.after, quiesce=quiesce))  # fmt: skip
+    accounts = [f"u{i}@example.test" for i in range(8)]
+    _logins(store, creds, accounts)
+    started = time.monotonic()
+    runner.start()
+    try:
+        for who in accounts:
+            wait_for(lambda w=who: store.state_of(w) is State.MIGRATED, 20, f"{who} to migrate")  # type: ignore[misc]
+    finally:
+        runner.stop()
+    took = time.monotonic() - started
+    assert peaks["copying"] <= 2  # the slots bound the copies
+    assert peaks["waiting"] >= 3  # ... not the waits
+    # 8 accounts, 2 slots: holding the slots through the 0.8 s waits would take >= 4 x 0.9 s
+    assert took < 2.8, took
+
+
+def test_a_returning_job_goes_before_a_new_one() -> None:
+    slots = Slots(1)
+    assert slots.try_take() and not slots.try_take()
+    back = threading.Thread(target=slots.take)  # a job whose wait is over wants its slot back
+    back.start()
+    wait_for(lambda: slots._returning == 1, 5, "the returning job to queue")
+    slots.give()
+    back.join(5)
+    assert not back.is_alive() and slots.in_use() == 1
+    assert not slots.try_take()  # the new job waits
+    slots.give()
+    assert slots.try_take()
+
+
+def test_a_copy_that_finds_every_legacy_connection_taken_is_put_back_without_counting_an_attempt(
+    store: Store, tmp_path: Path
+) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, copy_attempts=1)
+    first_login(store, creds)
+    rec.fail_with = [SourceBusy("all 4 connections toward the legacy server are in use")]
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.COPYING and account.attempts == 0  # not failed
+    (job,) = [j for j in store.jobs(A) if j.status == "queued"]
+    assert job.not_before == pytest.approx(time.time() + BUSY_RETRY, abs=5)
+    store.wake(A)
+    run_one(runner, store)
+    account = store.get(A)
+    assert account is not None and account.state is State.MIGRATED
+
+
+def test_an_idle_runner_polls_the_store_no_faster_than_its_interval(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds)
+    leases = [0]
+    lease = store.lease
+
+    def counted(*args: Any, **kw: Any) -> Any:
+        leases[0] += 1
+        return lease(*args, **kw)
+
+    store.lease = counted  # type: ignore[method-assign]
+    runner.start()
+    time.sleep(1.5)
+    runner.stop()
+    assert leases[0] <= 3  # (a free slot handed back after an empty lease must not spin the loop)

@@ -23,6 +23,7 @@ from sidecar.edge import web
 from sidecar.edge.metrics import Collector, Sources, history
 from sidecar.edge.milter import MilterStats
 from sidecar.edge.socketmap import Stats as SocketmapStats
+from sidecar.legacy.limit import LegacyLimiter
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Event, MessageRecord, Store, StoreUnavailable
@@ -137,7 +138,11 @@ def sources(store: Store) -> Sources:
     class Runner:
         stats = {"started": 4, "migrated": 2, "retried": 1, "failed": 1, "waiting": 0}
 
-    return Sources(cfg, store, runner=Runner(), socketmap=sm, milter=milter.snapshot)
+    legacy = LegacyLimiter(4)
+    legacy.acquire("imap", 0), legacy.acquire("login", 0), legacy.acquire("login", 0)
+    with legacy.acquire("sieve", 0):
+        pass
+    return Sources(cfg, store, runner=Runner(), socketmap=sm, milter=milter.snapshot, legacy=legacy)
 
 
 @pytest.fixture
@@ -329,6 +334,8 @@ def test_metrics_parse_and_carry_the_numbers(server: Running) -> None:
     assert m["autoport_milter_dropped_total"] == 1
     assert m["autoport_socketmap_requests_total"] == 7
     assert "autoport_copied_messages_total" in m
+    assert m["autoport_legacy_connections{kind=login}"] == 2 and m["autoport_legacy_connections{kind=imap}"] == 1
+    assert m["autoport_legacy_connections{kind=sieve}"] == 0 and m["autoport_legacy_connections_peak"] == 4
     assert not any(k.startswith("python_") or k.startswith("process_") for k in m)  # our own registry only
 
 

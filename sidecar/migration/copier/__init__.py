@@ -7,7 +7,8 @@ Public API for the job runner:
     SourceParams.from_config(cfg.legacy, user, password, use_admin=False)
     target_home(mail_root, address) -> Path           (MAIL_ROOT/DOMAIN/LOCALPART, Dovecot's mail_home)
 Errors: SourceAuthError (credentials refused), SourceUnavailable (temporary; SourceProtocolError: a malformed
-response), SourceError, MaildirError (MaildirLocked: Dovecot holds the uidlist lock, temporary).
+response; SourceBusy: this node's legacy connections are all taken), SourceError, MaildirError (MaildirLocked:
+Dovecot holds the uidlist lock, temporary).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from sidecar.legacy.imap import (
     SourceAuthError,
+    SourceBusy,
     SourceError,
     SourceParams,
     SourceProtocolError,
@@ -44,6 +46,7 @@ __all__ = [
     "MaildirError",
     "Progress",
     "SourceAuthError",
+    "SourceBusy",
     "SourceError",
     "SourceParams",
     "SourceProtocolError",
