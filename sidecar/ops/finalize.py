@@ -227,7 +227,9 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
         "final_alias_maps": f"texthash:{aliases_file}",
         "sasl_relay": "",  # SMTP AUTH straight to Dovecot's socket: the sidecar's relay retires with it
     }
-    dv_final = {**render.ADDED_DOVECOT_VARIABLES, **dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
+    # the auth cache stays on (a record from before it existed takes [target] auth_cache_* from the configuration)
+    dv_final = {**render.ADDED_DOVECOT_VARIABLES, **render.auth_cache_vars(cfg), **dv_vars,
+                "autoport_finalized": "yes", "sasl_relay_upstream": ""}  # fmt: skip
     try:
         warnings = render.render_postfix(pf_dir, pf_final)
         done.append(f"wrote {pf_dir}/main.cf and master.cf (validated: postfix check)")
