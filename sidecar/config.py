@@ -381,10 +381,9 @@ def _check_semantics(cfg: Config, path: str) -> None:
     for r in cfg.mail.realms:
         if not r or "@" in r or "\\" in r or any(c.isspace() for c in r):
             raise ConfigError(f"{path}: key 'mail.realms' has an invalid realm {r!r}")
-    if not re.fullmatch(r"\d+[kKmMgG]?", cfg.target.auth_cache_size):
-        raise ConfigError(
-            f"{path}: key 'target.auth_cache_size' must be a size like 10M, 512k or 0, not {cfg.target.auth_cache_size!r}"
-        )
+    size = cfg.target.auth_cache_size
+    if not re.fullmatch(r"\d+[kKmMgG]?", size):
+        raise ConfigError(f"{path}: key 'target.auth_cache_size' must be a size like 10M, 512k or 0, not {size!r}")
     for key in ("auth_cache_ttl", "auth_cache_negative_ttl"):
         if getattr(cfg.target, key) < 0:
             raise ConfigError(f"{path}: key 'target.{key}' must be 0 or more seconds")

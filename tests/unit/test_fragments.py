@@ -221,7 +221,7 @@ def test_a_record_from_before_the_added_variables_still_renders(work: Path) -> N
     values (what the templates did then: no auth cache either), while a fresh render without them is still an error."""
     cfg = _cfg("sqlite:////x.db")
     old = {k: v for k, v in _dovecot_vars(work, cfg).items() if k not in render.ADDED_DOVECOT_VARIABLES}
-    with pytest.raises(render.RenderError, match="namespace_|auth_cache_"):
+    with pytest.raises(render.RenderError, match=r"namespace_|auth_cache_"):
         render.render_dovecot(work / "dovecot", old)
     render.render_dovecot(work / "dovecot", {**render.ADDED_DOVECOT_VARIABLES, **old})
     pf_old = {k: v for k, v in _postfix_vars(work, cfg).items() if k not in render.ADDED_POSTFIX_VARIABLES}
