@@ -128,10 +128,10 @@ def flush_groups(names: list[str] | tuple[str, ...], limit: int = FLUSH_LINE_BYT
 
 def flush_auth_cache(cfg: Config, names: list[str] | tuple[str, ...]) -> str:
     """Forget these login names in this node's Dovecot auth cache (``doveadm auth cache flush``, in groups that
-    fit one line); raises OSError when doveadm fails."""
+    fit one line; no names: every entry); raises OSError when doveadm fails."""
     from sidecar.mta import commands
 
-    groups = flush_groups(names)
+    groups = flush_groups(names) if names else [[]]  # no name at all: the whole cache
     for group in groups:
         try:
             commands.auth_cache_flush(cfg.target.doveadm, cfg.target.dovecot_config, *group)
@@ -202,6 +202,13 @@ class NodeAgent:
         self.wakeup.set()
 
     def _loop(self) -> None:
+        if self.act is carry_out:
+            # flush requests older than KICK_WINDOW are not carried out: a node back after longer forgets all
+            try:
+                flush_auth_cache(self.cfg, [])
+                log.info("node %s: Dovecot's auth cache flushed (start-up)", self.node)
+            except OSError as e:
+                log.warning("node %s: Dovecot's auth cache not flushed at start-up: %s", self.node, e)
         while not self.stopping.is_set():
             self.tick()
             self.wakeup.wait(self.interval)

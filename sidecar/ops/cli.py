@@ -520,7 +520,9 @@ def flush_auth_caches(cfg: config_mod.Config, store: Store, label: str, names: l
     """After a password or login change: forget these names in Dovecot's auth cache here and on every node
     (sidecar.migration.cutover.flush_everywhere), waiting up to limits.kick_timeout for the nodes; says what
     it could not do."""
-    from sidecar.migration.cutover import flush_everywhere
+    import contextlib
+
+    from sidecar.migration.cutover import KICK_WINDOW, flush_everywhere
     from sidecar.store.base import StoreError
 
     if not names:
@@ -541,6 +543,15 @@ def flush_auth_caches(cfg: config_mod.Config, store: Store, label: str, names: l
         )
     else:
         print(f"auth cache flushed here and on {len(acks)} node(s)")
+    with contextlib.suppress(StoreError):
+        asleep = sorted(set(store.live_nodes(KICK_WINDOW)) - set(store.live_nodes(cfg.limits.node_timeout)))
+        if asleep:
+            print(
+                f"autoport: node(s) {', '.join(asleep)} have no running sidecar: each flushes when its sidecar "
+                "starts again; meanwhile its Dovecot may answer from a cached entry (`doveadm auth cache flush` "
+                "there clears it)",
+                file=sys.stderr,
+            )
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:

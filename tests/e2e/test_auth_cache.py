@@ -71,11 +71,12 @@ def cache_is_on(node: dict[str, Any]) -> None:
 def migrate(lab: dict[str, Any], store: Store, user: dict[str, Any]) -> None:
     """Proxied logins on both nodes (each caches "unknown user" for the sql steps), then the migration, its
     steps after the switch included (the copy job closes after them)."""
-    assert can_login(lab["nodes"][0], user["login"], user["password"])  # verified on the legacy server: proxied
-    for node in lab["nodes"]:
-        # answered by step 3 (or refused for the moment in cutover): what matters is steps 1 and 2 said "unknown"
-        can_login(node, user["login"], user["password"])
-    assert store.state_of(user["address"]) is not State.MIGRATED, "migrated before the logins: nothing cached"
+    first, second = lab["nodes"]
+    assert can_login(second, user["login"], user["password"])  # verified on the legacy server, proxied
+    before = store.state_of(user["address"])
+    # answered by step 3 (or refused for the moment in cutover): what matters is that steps 1 and 2 said "unknown"
+    can_login(first, user["login"], user["password"])
+    assert before is not State.MIGRATED, "migrated before the login on the first node: nothing cached there"
     wait_state(store, user["address"], State.MIGRATED, timeout=120)
     wait_for(lambda: all(j.status == "done" for j in store.jobs(user["address"]) if j.kind == "copy"), 60,
              "the copy job to close", interval=0.1)  # fmt: skip
