@@ -306,6 +306,8 @@ def flush_everywhere(
 
     Returns (what this node did, node -> detail of every confirmation, live nodes that did not confirm).
     """
+    if not names:  # flush_auth_cache would forget every entry
+        return "nothing to flush", {}, []
     try:
         local = flush_auth_cache(cfg, names)
     except OSError as e:

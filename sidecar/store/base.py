@@ -420,8 +420,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def request_kick(self, address: str, logins: list[str], kind: str = "kick") -> Kick:
-        """Ask every node to kick the account's proxied sessions, or (kind "flush") to flush its auth cache
-        entries (one request per call; the address is always among the logins)."""
+        """Ask every node to kick the account's proxied sessions (one request per call; the address is always
+        among the logins), or (kind "flush") to flush exactly these names in its auth cache (`address` then only
+        says what for: an account, or a label such as "import-hashes (12 account(s))")."""
 
     @abc.abstractmethod
     def pending_kicks(self, node: str, since: float) -> list[Kick]:

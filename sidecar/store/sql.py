@@ -789,7 +789,7 @@ class SqlStore(Store):
         if kind not in KICK_KINDS:
             raise ValueError(f"kick kind must be one of {', '.join(KICK_KINDS)}, not {kind!r}")
         now = self._clock()
-        names = sorted(set(logins) | {address})
+        names = sorted(set(logins) | ({address} if kind == "kick" else set()))
         with self._write() as cur:
             row = cur.execute(
                 "INSERT INTO kicks (address, logins, requested_at, kind) VALUES (?, ?, ?, ?) RETURNING id",

@@ -120,7 +120,7 @@ def test_dovecot_fragments_pass_doveconf(work: Path, url: str, driver: str, conn
     assert f"unix_listener {work}/queue/private/auth {{" in out
     assert f"unix_listener {work}/queue/private/dovecot-lmtp {{" in out
     assert "auth_debug = yes" not in out
-    # the auth cache is on (issue 17; tests/unit/test_auth_cache.py)
+    # the auth cache is on (issue 17; tests/unit/test_auth_cache_flush.py)
     assert "auth_cache_size = 10 M" in out and "auth_cache_negative_ttl = 5 mins" in out
     connect_file = (conf / "dovecot-sql-connect.conf.ext").read_text()
     assert f"driver = {driver}\n" in connect_file

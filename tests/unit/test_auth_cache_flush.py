@@ -146,6 +146,9 @@ def test_kick_kind_is_stored_and_checked(backend: Backend) -> None:
     kick = s.request_kick(A, ["alice"])
     flush = s.request_kick(A, ["alice"], kind="flush")
     assert [(k.id, k.kind) for k in s.pending_kicks("n1", 0)] == [(kick.id, "kick"), (flush.id, "flush")]
+    assert kick.logins == ("alice", A) and flush.logins == ("alice",)  # a flush names exactly what it flushes
+    bulk = s.request_kick("import-hashes (2 account(s))", [A, "bob@example.org"], kind="flush")
+    assert bulk.logins == (A, "bob@example.org")
     with pytest.raises(ValueError, match="kind"):
         s.request_kick(A, [], kind="reboot")
 
