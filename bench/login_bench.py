@@ -60,6 +60,7 @@ from sidecar import config as config_mod  # noqa: E402
 from sidecar.auth import passwords  # noqa: E402
 from sidecar.lab import launcher, proc  # noqa: E402
 from sidecar.legacy.verify import LegacyVerifier  # noqa: E402
+from sidecar.migration.cutover import flush_auth_cache  # noqa: E402
 from sidecar.states import State  # noqa: E402
 from sidecar.store import open_store  # noqa: E402
 
@@ -168,9 +169,16 @@ _PASSDB = re.compile(r"^passdb \{\n.*?^\}\n", re.S | re.M)
 
 def start_sql_only(info: dict[str, Any]) -> tuple[str, int]:
     """A copy of the target's rendered Dovecot config with only passdb step 1; started and recorded in the lab."""
+    return start_copy(info, "sqlonly", sql_only=True)
+
+
+def start_copy(info: dict[str, Any], name: str, *, sql_only: bool, cache_size: str | None = None) -> tuple[str, int]:
+    """A copy of the target's rendered Dovecot config (DIR/NAME, its own base_dir, state_dir, log, auth and lmtp
+    sockets and IMAP port), started and recorded in the lab. sql_only: passdb step 1 only; cache_size: its
+    auth_cache_size instead of the rendered one ("0": no cache, plain Dovecot's default)."""
     lab = Path(info["dir"])
     src = Path(info["target"]["dovecot_config"]).parent
-    root = lab / "sqlonly"
+    root = lab / name
     dv = root / "dovecot"
     shutil.copytree(src, dv)
     for sub in ("run", "state", "private"):
@@ -179,20 +187,24 @@ def start_sql_only(info: dict[str, Any]) -> tuple[str, int]:
     port = proc.free_port(host)
     while port == info["target"]["imap"]:
         port = proc.free_port(host)
-    log = lab / "logs" / "sqlonly-dovecot.log"
+    log = lab / "logs" / f"{name}-dovecot.log"
 
     conf = (dv / "dovecot.conf").read_text()
     conf = re.sub(r"(?m)^base_dir = .*$", f"base_dir = {root / 'run'}", conf)
     conf = re.sub(r"(?m)^state_dir = .*$", f"state_dir = {root / 'state'}", conf)
-    conf = re.sub(r"(?m)^instance_name = .*$", "instance_name = autoport-bench-sqlonly", conf)
+    conf = re.sub(r"(?m)^instance_name = .*$", f"instance_name = autoport-bench-{name}", conf)
     (dv / "dovecot.conf").write_text(conf)
 
     auth = (dv / "conf.d" / "10-auth.conf").read_text()
     blocks = _PASSDB.findall(auth)
     if len(blocks) != 3 or "deny = yes" not in blocks[1] or "checkpassword" not in blocks[2]:
         raise SystemExit(f"unexpected passdb chain in {src}/conf.d/10-auth.conf: {len(blocks)} blocks")
-    for b in blocks[1:]:
+    for b in blocks[1:] if sql_only else []:
         auth = auth.replace(b, "")
+    if cache_size is not None:
+        auth, n = re.subn(r"(?m)^auth_cache_size = .*$", f"auth_cache_size = {cache_size}", auth)
+        if n != 1:
+            raise SystemExit(f"no auth_cache_size line in {src}/conf.d/10-auth.conf")
     (dv / "conf.d" / "10-auth.conf").write_text(auth)
 
     master = (dv / "conf.d" / "10-master.conf").read_text()
@@ -208,8 +220,8 @@ def start_sql_only(info: dict[str, Any]) -> tuple[str, int]:
     (dv / "conf.d" / "10-logging.conf").write_text(f"log_path = {log}\n")
 
     pid = proc.spawn(["dovecot", "-F", "-c", str(dv / "dovecot.conf")], log.with_suffix(".out"))
-    proc.record_pid(lab, SQL_ONLY, pid)  # lab_down stops it with the rest
-    proc.wait_port(host, port, 15, what="sql-only Dovecot", log=log)
+    proc.record_pid(lab, SQL_ONLY if name == "sqlonly" else f"bench-{name}-dovecot", pid)  # lab_down stops it
+    proc.wait_port(host, port, 15, what=f"{name} Dovecot", log=log)
     return host, port
 
 
@@ -286,6 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"{u['address']}: not copying with a hash after its first login: {acct}")
             store.transition(u["address"], State.CUTOVER, expect=State.COPYING, reason="bench: copy done")
             store.transition(u["address"], State.MIGRATED, expect=State.CUTOVER, reason="bench: delta done")
+        # as the runner does after the switch: Dovecot's auth cache still says "unknown user" for the sql steps
+        flush_auth_cache(cfg, [n for u in pool for n in (u["login"], u["address"])])
         sq_host, sq_port = start_sql_only(info)
 
         def case(name: str, i: int) -> Callable[[], tuple[float, float]] | None:

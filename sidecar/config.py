@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -174,6 +175,13 @@ class TargetConfig:
     )
     dovecot_version: str = _f(
         "", "Dovecot version whose configuration syntax to render, 2.3 or 2.4 (empty: `dovecot --version`)"
+    )
+    # Dovecot's auth cache for the store's sql passdb steps (never the step that asks the sidecar): autoport
+    # flushes an account's entry on every node at each change (docs/modules.md, "Dovecot's auth cache")
+    auth_cache_size: str = _f("10M", "Dovecot auth_cache_size for the sql passdb steps (0: no auth cache)")
+    auth_cache_ttl: int = _f(3600, "seconds Dovecot keeps a cached passdb/userdb answer (auth_cache_ttl)")
+    auth_cache_negative_ttl: int = _f(
+        300, "seconds Dovecot keeps a cached unknown user or wrong password (auth_cache_negative_ttl; 0: none)"
     )
 
 
@@ -404,6 +412,12 @@ def _check_semantics(cfg: Config, path: str) -> None:
         parse_hours(lim.throttle_hours)
     except ValueError as e:
         raise ConfigError(f"{path}: key 'limits.throttle_hours' {e}") from None
+    size = cfg.target.auth_cache_size
+    if not re.fullmatch(r"\d+[kKmMgG]?", size):
+        raise ConfigError(f"{path}: key 'target.auth_cache_size' must be a size like 10M, 512k or 0, not {size!r}")
+    for key in ("auth_cache_ttl", "auth_cache_negative_ttl"):
+        if getattr(cfg.target, key) < 0:
+            raise ConfigError(f"{path}: key 'target.{key}' must be 0 or more seconds")
     try:
         from sidecar.auth.logins import InvalidLogin, legacy_login
 

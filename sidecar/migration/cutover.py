@@ -4,6 +4,9 @@ kick_everywhere() stores a kick request and waits until every live node acknowle
 clears its Postfix route cache, waits out in-flight mail, kicks the account's proxied sessions and checks none
 is left. A node that does not confirm in time raises KickTimeout: the runner sends the account back to legacy.
 
+flush_everywhere() uses the same table for another kind of request, "flush": every node forgets an account's
+entries in Dovecot's auth cache (its state, password or logins changed), so no node answers from a stale one.
+
 More (the reasons and limits behind this module): docs/modules.md, sidecar/migration/cutover.py.
 """
 
@@ -233,12 +236,64 @@ def clear_route_cache(cfg: Config, addresses: list[str], timeout: float = 10.0) 
     return f"route cache cleared, {len(before)} message(s) in flight waited for"
 
 
+# Dovecot's auth master reads lines of at most 1024 bytes and silently drops a longer one (doveadm still exits
+# 0): the names of one `doveadm auth cache flush` stay below this many bytes ("CACHE-FLUSH\tID\t" included).
+FLUSH_LINE_BYTES = 900
+
+
+def flush_groups(names: list[str] | tuple[str, ...], limit: int = FLUSH_LINE_BYTES) -> list[list[str]]:
+    """The names split into groups whose CACHE-FLUSH line (tab-separated, with its prefix) fits in `limit`
+    bytes; a name too long for any line is left out (Dovecot refuses such a login name anyway)."""
+    prefix = len("CACHE-FLUSH\t4294967295")
+    groups: list[list[str]] = []
+    current: list[str] = []
+    size = prefix
+    for name in dict.fromkeys(n.lower() for n in names if n):
+        n = len(name.encode()) + 1
+        if prefix + n > limit:
+            log.warning("auth cache flush: a name of %d bytes is longer than a flush line; skipped", n - 1)
+            continue
+        if size + n > limit:
+            groups.append(current)
+            current, size = [], prefix
+        current.append(name)
+        size += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+def flush_auth_cache(cfg: Config, names: list[str] | tuple[str, ...]) -> str:
+    """Forget these login names in this node's Dovecot auth cache (``doveadm auth cache flush``, in groups that
+    fit one line; no names: every entry); raises OSError when doveadm fails."""
+    from sidecar.mta import commands
+
+    groups = flush_groups(names) if names else [[]]  # no name at all: the whole cache
+    for group in groups:
+        try:
+            commands.auth_cache_flush(cfg.target.doveadm, cfg.target.dovecot_config, *group)
+        except commands.CommandError as e:
+            raise OSError(f"doveadm auth cache flush: {e}") from None
+    return f"auth cache flushed for {sum(len(g) for g in groups)} name(s)"
+
+
 def carry_out(cfg: Config, kicks: list[Kick]) -> dict[int, str]:
     """Everything one node does for the kick requests it found (one route-cache probe for all of them); kick id
     -> what was done. Raises (OSError, ReleaseError) when the route cache could not be cleared: no request is
-    confirmed then. A request whose sessions could not be closed is left out (not confirmed)."""
-    route = clear_route_cache(cfg, sorted({k.address for k in kicks}))
+    confirmed then. A request whose sessions could not be closed is left out (not confirmed). Flush requests
+    (kind "flush") only flush Dovecot's auth cache; one that fails is left out too (the next tick tries again)."""
     done: dict[int, str] = {}
+    for kick in kicks:
+        if kick.kind != "flush":
+            continue
+        try:
+            done[kick.id] = flush_auth_cache(cfg, kick.logins)
+        except OSError as e:
+            log.warning("auth cache flush %d for %s: %s", kick.id, kick.address, e)
+    kicks = [k for k in kicks if k.kind != "flush"]
+    if not kicks:
+        return done
+    route = clear_route_cache(cfg, sorted({k.address for k in kicks}))
     for kick in kicks:
         try:
             done[kick.id] = f"{route}; {kick_sessions(cfg, kick.logins)}"
@@ -284,6 +339,13 @@ class NodeAgent:
         self.wakeup.set()
 
     def _loop(self) -> None:
+        if self.act is carry_out:
+            # flush requests older than KICK_WINDOW are not carried out: a node back after longer forgets all
+            try:
+                flush_auth_cache(self.cfg, [])
+                log.info("node %s: Dovecot's auth cache flushed (start-up)", self.node)
+            except OSError as e:
+                log.warning("node %s: Dovecot's auth cache not flushed at start-up: %s", self.node, e)
         while not self.stopping.is_set():
             self.tick()
             self.wakeup.wait(self.interval)
@@ -350,6 +412,54 @@ def kick_everywhere(
             raise InterruptedError("sidecar stopping")
         if stopping is None:
             time.sleep(POLL)
+
+
+def account_names(store: Store, address: str, logins: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every name Dovecot's sql steps answer for this account (dovecot_* views): its address, its logins and
+    those of the login map (`autoport import-users`: the legacy login and the extra addresses)."""
+    names = {address, *logins}
+    account = store.get(address)
+    if account is not None:
+        names |= set(account.logins)
+    imported = store.find_imported(address)
+    if imported is not None:
+        names |= {imported.login, imported.address, *imported.addresses}
+    return sorted(names)
+
+
+def flush_everywhere(
+    cfg: Config,
+    store: Store,
+    address: str,
+    names: list[str],
+    *,
+    wait: float = 0.0,
+    poke: Callable[[], None] | None = None,
+) -> tuple[str, dict[str, str], list[str]]:
+    """Forget these login names (an account's, or many accounts' at once under one `address`) in Dovecot's
+    auth cache: at once on this node, and on every node through a flush request their NodeAgent carries out
+    (this node's too: a second flush, after any login that raced the first). Waits up to `wait` seconds for
+    the live nodes' confirmations; never raises for a node or a doveadm that does not answer.
+
+    Returns (what this node did, node -> detail of every confirmation, live nodes that did not confirm).
+    """
+    if not names:  # flush_auth_cache would forget every entry
+        return "nothing to flush", {}, []
+    try:
+        local = flush_auth_cache(cfg, names)
+    except OSError as e:
+        local = f"not flushed here: {e}"
+        log.warning("%s: %s", address, local)
+    kick = store.request_kick(address, names, kind="flush")
+    if poke is not None:
+        poke()
+    deadline = time.monotonic() + wait
+    while True:
+        acks = store.kick_acks(kick.id)
+        missing = sorted(set(store.live_nodes(cfg.limits.node_timeout)) - set(acks))
+        if not missing or time.monotonic() >= deadline:
+            return local, acks, missing
+        time.sleep(POLL)
 
 
 def quiesce(

@@ -58,7 +58,7 @@ class Hooks:
     """What the runner does around the copy; replaceable in tests."""
 
     release_held: Callable[[str], int]  # deliver the held mail of an account that left cutover
-    after_migrated: Callable[[str, list[str]], None]  # kick proxied sessions, warm indexes
+    after_migrated: Callable[[str, list[str]], None]  # flush auth caches, kick proxied sessions, warm indexes
     # in cutover, before the final delta: no proxied session and no mail in flight toward legacy on any node
     # (sidecar.migration.cutover.quiesce; raises KickTimeout). None: only wait limits.cutover_grace
     quiesce: Callable[[str, list[str]], None] | None = None
@@ -173,6 +173,15 @@ def default_hooks(cfg: Config, store: Store, *, poke: Callable[[], None] | None 
             return 0
 
     def after(address: str, logins: list[str]) -> None:
+        from sidecar.migration.cutover import account_names, flush_everywhere
+
+        # Dovecot's auth cache may hold "unknown user" for the sql steps from the logins before: forget it on
+        # every node, so the next login is native (store down: logged; the cached answer only sends logins to
+        # the sidecar, which checks them against the stored hash, until auth_cache_negative_ttl)
+        try:
+            flush_everywhere(cfg, store, address, account_names(store, address, logins), poke=poke)
+        except StoreError as e:
+            log.warning("%s: auth cache flush on every node not requested: %s", address, e)
         doveadm, conf = cfg.target.doveadm, cfg.target.dovecot_config
         for login in sorted(set(logins) | {address}):
             # proxied sessions of this user reconnect, now to the local mailbox

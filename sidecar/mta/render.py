@@ -276,7 +276,13 @@ VARIABLES_FILE = ".autoport-render.json"
 # Variables added to the templates after a configuration may have been rendered and recorded: their values
 # for such a record are what the templates did before (finalize renders a recorded configuration again).
 ADDED_POSTFIX_VARIABLES = {"smtpd_sasl_auth_enable": "no", "smtps_listen": "", "message_size_limit": "10240000"}
-ADDED_DOVECOT_VARIABLES = {"namespace_prefix": "", "namespace_separator": "/"}
+ADDED_DOVECOT_VARIABLES = {
+    "namespace_prefix": "",
+    "namespace_separator": "/",
+    "auth_cache_size": "0",
+    "auth_cache_ttl": "3600",
+    "auth_cache_negative_ttl": "3600",
+}
 
 
 def save_variables(config_dir: Path, variables: Mapping[str, object]) -> None:
@@ -541,4 +547,14 @@ def dovecot_vars(
         "auth_socket_path": cfg.sockets.auth,  # the Lua passdb asks the sidecar here
         "auth_timeout": "30",
         "pgsql_parameters": pgsql_parameters_block(url) if driver == "pgsql" else "",
+    } | auth_cache_vars(cfg)
+
+
+def auth_cache_vars(cfg: Config) -> dict[str, str]:
+    """Dovecot's auth cache settings from [target] auth_cache_* (the sql passdb steps; finalize keeps them)."""
+    t = cfg.target
+    return {
+        "auth_cache_size": t.auth_cache_size,
+        "auth_cache_ttl": str(t.auth_cache_ttl),
+        "auth_cache_negative_ttl": str(t.auth_cache_negative_ttl),
     }

@@ -516,6 +516,44 @@ def _wait_migrations(cfg: config_mod.Config, store: Store, addresses: list[str],
     return 1 if any(s is State.FAILED for s in states) else EX_TEMPFAIL
 
 
+def flush_auth_caches(cfg: config_mod.Config, store: Store, label: str, names: list[str]) -> None:
+    """After a password or login change: forget these names in Dovecot's auth cache here and on every node
+    (sidecar.migration.cutover.flush_everywhere), waiting up to limits.kick_timeout for the nodes; says what
+    it could not do."""
+    import contextlib
+
+    from sidecar.migration.cutover import KICK_WINDOW, flush_everywhere
+    from sidecar.store.base import StoreError
+
+    if not names:
+        return
+    try:
+        local, acks, missing = flush_everywhere(cfg, store, label, names, wait=cfg.limits.kick_timeout)
+    except StoreError as e:
+        print(f"autoport: the auth cache flush could not be asked of the other nodes: {e}", file=sys.stderr)
+        return
+    if local.startswith("not flushed"):
+        print(f"autoport: Dovecot's auth cache here: {local}", file=sys.stderr)
+    if missing:
+        print(
+            f"autoport: node(s) {', '.join(missing)} did not confirm the auth cache flush within "
+            f"{cfg.limits.kick_timeout:g} s (their sidecar carries it out when it runs again); until then they may "
+            f"answer from a cached entry for up to [target] auth_cache_ttl = {cfg.target.auth_cache_ttl} s",
+            file=sys.stderr,
+        )
+    else:
+        print(f"auth cache flushed here and on {len(acks)} node(s)")
+    with contextlib.suppress(StoreError):
+        asleep = sorted(set(store.live_nodes(KICK_WINDOW)) - set(store.live_nodes(cfg.limits.node_timeout)))
+        if asleep:
+            print(
+                f"autoport: node(s) {', '.join(asleep)} have no running sidecar: each flushes when its sidecar "
+                "starts again; meanwhile its Dovecot may answer from a cached entry (`doveadm auth cache flush` "
+                "there clears it)",
+                file=sys.stderr,
+            )
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
 
@@ -534,18 +572,22 @@ def cmd_passwd(args: argparse.Namespace) -> int:
             print("autoport: the passwords differ; nothing changed", file=sys.stderr)
             return 1
     store = _open_store(cfg)
+    from sidecar.migration.cutover import account_names
+
     try:
         account = ops.set_password(cfg, store, address, password)
+        print(f"password set for {account.address} ({cfg.hash.scheme})")
+        if account.state.value != "migrated":
+            print(
+                f"{account.address} is {account.state.value}: the password works once it is migrated; until then "
+                "its logins are checked on the legacy server, and a successful one replaces it"
+            )
+        # Dovecot's auth cache may hold the old hash: the old password must stop working at once, everywhere
+        flush_auth_caches(cfg, store, account.address, account_names(store, account.address))
     except ops.OpsError as e:
         return _ops_error(e)
     finally:
         store.close()
-    print(f"password set for {account.address} ({cfg.hash.scheme})")
-    if account.state.value != "migrated":
-        print(
-            f"{account.address} is {account.state.value}: the password works once it is migrated; until then its "
-            "logins are checked on the legacy server, and a successful one replaces it"
-        )
     return 0
 
 
@@ -569,15 +611,20 @@ def cmd_import_hashes(args: argparse.Namespace) -> int:
         print(f"autoport: {len(errors)} bad line(s): nothing imported", file=sys.stderr)
         return 1
     store = _open_store(cfg)
+    from sidecar.migration.cutover import account_names
+
     try:
         result = ops.import_hashes(store, entries, force=args.force)
+        print(f"imported {len(result.imported)} password hash(es)" + (
+            f", {len(result.created)} new account(s) (discovered)" if result.created else ""))  # fmt: skip
+        if result.kept:
+            print(f"kept {len(result.kept)} account(s) that already have a password (--force replaces): "
+                  + ", ".join(result.kept))  # fmt: skip
+        # replaced hashes: Dovecot's auth cache must not keep the old ones anywhere
+        names = sorted({n for a in result.imported for n in account_names(store, a)})
+        flush_auth_caches(cfg, store, f"import-hashes ({len(result.imported)} account(s))", names)
     finally:
         store.close()
-    print(f"imported {len(result.imported)} password hash(es)" + (
-        f", {len(result.created)} new account(s) (discovered)" if result.created else ""))  # fmt: skip
-    if result.kept:
-        print(f"kept {len(result.kept)} account(s) that already have a password (--force replaces): "
-              + ", ".join(result.kept))  # fmt: skip
     return 0
 
 

@@ -196,6 +196,16 @@ def _run(reload: Callable[[], None], what: str) -> None:
         raise FinalizeError(f"{what} failed ({e.returncode}): {e.output.strip()[-1000:]}") from None
 
 
+def final_dovecot_vars(cfg: Config, recorded: dict[str, object]) -> dict[str, object]:
+    """The recorded Dovecot variables with the sidecar switched off. The auth cache stays as it was rendered; a
+    record from before the cache existed takes [target] auth_cache_* from the configuration (not the "off" of
+    the templates then): after finalize every login is a native one, the cache's case."""
+    from sidecar.mta import render
+
+    return {**render.ADDED_DOVECOT_VARIABLES, **render.auth_cache_vars(cfg), **recorded,
+            "autoport_finalized": "yes", "sasl_relay_upstream": ""}  # fmt: skip
+
+
 def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -> list[str]:
     """Write, validate and reload the final configuration; what was done, one line each."""
     from sidecar.mta import render
@@ -227,7 +237,7 @@ def apply(cfg: Config, store: Store, verdict: Verdict, *, reload: bool = True) -
         "final_alias_maps": f"texthash:{aliases_file}",
         "sasl_relay": "",  # SMTP AUTH straight to Dovecot's socket: the sidecar's relay retires with it
     }
-    dv_final = {**render.ADDED_DOVECOT_VARIABLES, **dv_vars, "autoport_finalized": "yes", "sasl_relay_upstream": ""}
+    dv_final = final_dovecot_vars(cfg, dv_vars)
     try:
         warnings = render.render_postfix(pf_dir, pf_final)
         done.append(f"wrote {pf_dir}/main.cf and master.cf (validated: postfix check)")

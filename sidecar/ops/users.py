@@ -16,7 +16,7 @@ import sys
 from sidecar import config as config_mod
 from sidecar.auth.logins import InvalidLogin, fold, resolve
 from sidecar.ops.actions import OpsError, read_text_file
-from sidecar.store.base import Conflict, ImportedUser
+from sidecar.store.base import Conflict, ImportedUser, Store
 
 MAX_EXTRA = 100
 INVENTORY_SOURCE = "import-users"  # the inventory source the login map's accounts are listed under
@@ -80,19 +80,32 @@ def cmd_import_users(args: argparse.Namespace) -> int:
             print(f"autoport: {args.file}: {err}", file=sys.stderr)
         print(f"autoport: {len(errors)} bad line(s): nothing imported", file=sys.stderr)
         return 1
+    from sidecar.migration.cutover import account_names
+    from sidecar.ops.cli import flush_auth_caches
+
     store = _open_store(cfg)
     try:
+        # the names these users answered to before (a replaced extra address must stop logging in) and after
+        before = {n for u in users for key in (u.login, u.address) for n in _imported_names(store, key)}
         count = store.import_users(users)
         # the login map is also a list of the legacy server's accounts: readiness and `migrate --all` see them
         store.set_inventory(INVENTORY_SOURCE, "account", [u.address for u in store.imported_users()])
+        extras = sum(len(u.addresses) for u in users)
+        print(f"imported {count} user(s) with {extras} extra address(es)")
+        names = before | {n for u in users for n in account_names(store, u.address, (u.login, *u.addresses))}
+        flush_auth_caches(cfg, store, f"import-users ({count} user(s))", sorted(names))
     except Conflict as e:
         print(f"autoport: {args.file}: {e}: nothing imported", file=sys.stderr)
         return 1
     finally:
         store.close()
-    extras = sum(len(u.addresses) for u in users)
-    print(f"imported {count} user(s) with {extras} extra address(es)")
     return 0
+
+
+def _imported_names(store: Store, key: str) -> set[str]:
+    """The names of the login map's entry for `key` (login or address) as it is now; empty when none."""
+    u = store.find_imported(key)
+    return set() if u is None else {u.login, u.address, *u.addresses}
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

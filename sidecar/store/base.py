@@ -148,14 +148,19 @@ class InventoryChange:
     kept: int
 
 
+KICK_KINDS = ("kick", "flush")
+
+
 @dataclasses.dataclass(frozen=True)
 class Kick:
-    """A request to every front-end node: close the account's proxied sessions, clear the route cache (v4)."""
+    """A request to every front-end node (v4): kind "kick", close the account's proxied sessions and clear the
+    route cache (the cutover); kind "flush" (v6), forget the account's logins in Dovecot's auth cache."""
 
     id: int
     address: str
     logins: tuple[str, ...]
     requested_at: float
+    kind: str = "kick"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,8 +419,10 @@ class Store(abc.ABC):
         """Nodes whose heartbeat is at most `within` seconds old, sorted."""
 
     @abc.abstractmethod
-    def request_kick(self, address: str, logins: list[str]) -> Kick:
-        """Ask every node to kick the account's proxied sessions (one request per call)."""
+    def request_kick(self, address: str, logins: list[str], kind: str = "kick") -> Kick:
+        """Ask every node to kick the account's proxied sessions (one request per call; the address is always
+        among the logins), or (kind "flush") to flush exactly these names in its auth cache (`address` then only
+        says what for: an account, or a label such as "import-hashes (12 account(s))")."""
 
     @abc.abstractmethod
     def pending_kicks(self, node: str, since: float) -> list[Kick]:

@@ -272,12 +272,18 @@ _V5: dict[Dialect, tuple[str, ...]] = {
     ),
 }
 
+# v6: a kick request has a kind: "kick" (the cutover's: close proxied sessions, clear the route cache; every
+# request before v6) or "flush" (forget the account's entries in Dovecot's auth cache: its password, logins or
+# state changed; sidecar.migration.cutover.flush_everywhere).
+_V6 = _both("ALTER TABLE kicks ADD COLUMN kind TEXT NOT NULL DEFAULT 'kick'")
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "accounts, logins, jobs, events, message log, folder marks, dovecot views", _V1),
     Migration(2, "aliases; dovecot_deny lists only migrated accounts with a hash", _V2),
     Migration(3, "inventory of legacy accounts and shared folders; exclusions", _V3),
     Migration(4, "cutover handshake between nodes (nodes, kicks, kick_acks); sweeps that cannot run", _V4),
     Migration(5, "imported users and their extra addresses (login map); dovecot views answer for them", _V5),
+    Migration(6, "kick requests have a kind: kick (cutover) or flush (Dovecot's auth cache)", _V6),
 ]
 
 

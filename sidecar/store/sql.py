@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from sidecar.states import State, check_transition
 from sidecar.store import schema
 from sidecar.store.base import (
+    KICK_KINDS,
     Account,
     Alias,
     Conflict,
@@ -784,25 +785,27 @@ class SqlStore(Store):
             ).fetchall()
         return [str(r[0]) for r in rows]
 
-    def request_kick(self, address: str, logins: list[str]) -> Kick:
+    def request_kick(self, address: str, logins: list[str], kind: str = "kick") -> Kick:
+        if kind not in KICK_KINDS:
+            raise ValueError(f"kick kind must be one of {', '.join(KICK_KINDS)}, not {kind!r}")
         now = self._clock()
-        names = sorted(set(logins) | {address})
+        names = sorted(set(logins) | ({address} if kind == "kick" else set()))
         with self._write() as cur:
             row = cur.execute(
-                "INSERT INTO kicks (address, logins, requested_at) VALUES (?, ?, ?) RETURNING id",
-                (address, "\n".join(names), now),
+                "INSERT INTO kicks (address, logins, requested_at, kind) VALUES (?, ?, ?, ?) RETURNING id",
+                (address, "\n".join(names), now, kind),
             ).fetchone()
         assert row is not None
-        return Kick(id=int(row[0]), address=address, logins=tuple(names), requested_at=now)
+        return Kick(id=int(row[0]), address=address, logins=tuple(names), requested_at=now, kind=kind)
 
     def pending_kicks(self, node: str, since: float) -> list[Kick]:
         with self._read() as cur:
             rows = cur.execute(
-                "SELECT id, address, logins, requested_at FROM kicks k WHERE requested_at >= ? AND NOT EXISTS "
+                "SELECT id, address, logins, requested_at, kind FROM kicks k WHERE requested_at >= ? AND NOT EXISTS "
                 "(SELECT 1 FROM kick_acks a WHERE a.kick_id = k.id AND a.node = ?) ORDER BY id",
                 (since, node),
             ).fetchall()
-        return [Kick(int(r[0]), r[1], tuple(x for x in str(r[2]).split("\n") if x), r[3]) for r in rows]
+        return [Kick(int(r[0]), r[1], tuple(x for x in str(r[2]).split("\n") if x), r[3], str(r[4])) for r in rows]
 
     def ack_kick(self, kick_id: int, node: str, detail: str = "") -> None:
         with self._write() as cur:

@@ -174,6 +174,41 @@ def test_first_logins_are_proxied_then_the_account_migrates(lab: dict[str, Any],
         c.login(user["login"], user["password"] + "x")
 
 
+def test_passwd_takes_effect_at_once_with_the_auth_cache(lab: dict[str, Any], store: Store) -> None:
+    """The auth cache is on for the sql steps on 2.4 too: `autoport passwd` flushes the account's entries (the
+    doveadm of the lab's wrappers: the root's), so the old password, cached with its hash, is refused at once."""
+    tg, user = lab["target"], lab["users"][0]
+    assert store.state_of(user["address"]) is State.MIGRATED  # by the test above
+    bin_dir = Path(lab["dir"]) / "target" / "bin"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    autoport = str(Path(sys.executable).parent / "autoport")
+
+    def can_login(password: str) -> bool:
+        with imap(tg["host"], tg["imap"]) as c:
+            try:
+                c.login(user["login"], password)
+            except imaplib.IMAP4.error:
+                return False
+            return True
+
+    def passwd(password: str) -> None:
+        out = subprocess.run([autoport, "--config", lab["config"], "passwd", user["address"], "--stdin"],
+                             input=password + "\n", capture_output=True, text=True, timeout=120, env=env,
+                             check=False)  # fmt: skip
+        assert out.returncode == 0 and "auth cache flushed here" in out.stdout, out.stdout + out.stderr
+
+    old, new = user["password"], user["password"] + "-New1"
+    for _ in range(2):  # the second login is answered from the cache
+        assert after_kick(lambda: can_login(old))
+    passwd(new)
+    try:
+        assert not can_login(old)
+        assert can_login(new)
+    finally:
+        passwd(old)  # the tests below log in as this user too
+    assert can_login(old) and not can_login(new)
+
+
 def test_first_pop3_login_is_proxied(lab: dict[str, Any], store: Store) -> None:
     lg, tg = lab["legacy"], lab["target"]
     user = lab["users"][1]

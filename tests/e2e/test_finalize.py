@@ -9,6 +9,7 @@ import os
 import signal
 import smtplib
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -90,6 +91,9 @@ def test_finalize_refuses_then_runs_and_the_stack_works_without_the_sidecar(
     assert out.returncode == 0, out.stdout + out.stderr
     assert "reloaded Postfix and Dovecot" in out.stdout
     assert [e.kind for e in store.events("")] == ["finalized", "inventory"]
+    # Dovecot's auth cache stays on: every login is a native one from now on
+    auth = (Path(lab["target"]["dovecot_config"]).parent / "conf.d" / "10-auth.conf").read_text()
+    assert "auth_cache_size = 10M\n" in auth and "driver = checkpassword" not in auth
 
     # the sidecar goes away: nothing below may depend on it
     pid = lab["pids"]["sidecar"]

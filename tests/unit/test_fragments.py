@@ -120,6 +120,8 @@ def test_dovecot_fragments_pass_doveconf(work: Path, url: str, driver: str, conn
     assert f"unix_listener {work}/queue/private/auth {{" in out
     assert f"unix_listener {work}/queue/private/dovecot-lmtp {{" in out
     assert "auth_debug = yes" not in out
+    # the auth cache is on (issue 17; tests/unit/test_auth_cache_flush.py)
+    assert "auth_cache_size = 10 M" in out and "auth_cache_negative_ttl = 5 mins" in out
     connect_file = (conf / "dovecot-sql-connect.conf.ext").read_text()
     assert f"driver = {driver}\n" in connect_file
     assert f"connect = {connect}\n" in connect_file
@@ -218,10 +220,10 @@ def _ns_vars(cfg: config.Config, legacy_ns: tuple[str, str]) -> dict[str, str]:
 
 def test_a_record_from_before_the_added_variables_still_renders(work: Path) -> None:
     """finalize renders a recorded configuration again: one recorded before namespace_* existed gets the old
-    values (what the templates did then), while a fresh render without them is still an error."""
+    values (what the templates did then: no auth cache either), while a fresh render without them is still an error."""
     cfg = _cfg("sqlite:////x.db")
     old = {k: v for k, v in _dovecot_vars(work, cfg).items() if k not in render.ADDED_DOVECOT_VARIABLES}
-    with pytest.raises(render.RenderError, match="namespace_"):
+    with pytest.raises(render.RenderError, match=r"namespace_|auth_cache_"):
         render.render_dovecot(work / "dovecot", old)
     render.render_dovecot(work / "dovecot", {**render.ADDED_DOVECOT_VARIABLES, **old})
     pf_old = {k: v for k, v in _postfix_vars(work, cfg).items() if k not in render.ADDED_POSTFIX_VARIABLES}
