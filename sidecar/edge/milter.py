@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import socket
+import stat
 import threading
 import time
 from typing import Any
@@ -350,6 +351,17 @@ def stop_milter() -> None:
 STATS_INTERVAL = 1.0  # seconds between the counter lines a milter process writes for its daemon
 
 
+def remove_stale_socket(path: str) -> None:
+    """Remove the socket a killed milter process left at path (libmilter would replace it, but only after the
+    child's secure() thread had already found the old file there and given *it* the mode: the new socket then kept
+    the umask's 0755 and Postfix could not connect). Anything but a socket is left alone."""
+    if not path:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+
+
 def child_main(argv: list[str] | None = None) -> int:
     """`python -m sidecar.edge.milter --config FILE`: the milter in a process of its own, as `autoport serve` runs it.
 
@@ -360,6 +372,7 @@ def child_main(argv: list[str] | None = None) -> int:
     import json
 
     from sidecar import config as config_mod
+    from sidecar.config import unix_path
     from sidecar.logsetup import setup_logging
     from sidecar.store import open_store
 
@@ -374,11 +387,12 @@ def child_main(argv: list[str] | None = None) -> int:
         while not stop.wait(STATS_INTERVAL):
             print(json.dumps(stats.snapshot()), flush=True)
 
+    path = unix_path(cfg.sockets.milter)
+    remove_stale_socket(path)
+
     def secure() -> None:  # libmilter creates the socket with the umask; Postfix needs its group and mode
-        from sidecar.config import unix_path
         from sidecar.daemon import secure_socket
 
-        path = unix_path(cfg.sockets.milter)
         deadline = time.monotonic() + 30
         while path and not stop.is_set() and time.monotonic() < deadline:
             if os.path.exists(path):

@@ -10,6 +10,7 @@ More (the reasons and limits behind this module): docs/modules.md, sidecar/lab/l
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -24,6 +25,11 @@ TARGET_HOST = "127.0.0.3"
 NODE2_HOST = "127.0.0.4"
 SIDECAR = "sidecar"
 POSTGRES = "postgres"
+# [limits] cutover_grace of a lab that starts its own legacy server (unless `settings` name one): the grace covers
+# a login answered just before cutover reaching the legacy server, which on loopback takes milliseconds; the
+# production default (sidecar/config.py) is sized for a real network. Every migration in a lab waits it once, so it
+# is most of a test's cutover time. AUTOPORT_LAB_CUTOVER_GRACE overrides it (e.g. to run the suite with a longer one).
+LAB_CUTOVER_GRACE = float(os.environ.get("AUTOPORT_LAB_CUTOVER_GRACE", "1.0"))
 
 
 def _bin(name: str) -> str:
@@ -153,6 +159,8 @@ def lab_up(
             }
         # the target offers what the legacy server offered (ports, SMTP AUTH, size): asked as doctor asks
         settings = _offer_settings(legacy_cfg, settings or {})
+        if not external:
+            settings = with_lab_grace(settings)
         # 2. the store
         store_url = _start_store(lab_dir, store)
         # 3. the target stack (Postfix + Dovecot from the repository's fragments) and its autoport config
@@ -210,6 +218,11 @@ def lab_up(
     state["info"] = info
     proc.save_state(lab_dir, state)
     return info
+
+
+def with_lab_grace(settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """settings with [limits] cutover_grace = LAB_CUTOVER_GRACE unless they set one (a lab's own legacy server)."""
+    return {**settings, "limits": {"cutover_grace": LAB_CUTOVER_GRACE, **settings.get("limits", {})}}
 
 
 def _offer_settings(legacy_cfg: dict[str, Any], settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.lab import launcher, pgcluster, proc
@@ -92,7 +93,7 @@ def wait_settled(store: Store, timeout: float = 420) -> dict[str, State]:
         if not moving or time.monotonic() > deadline:
             assert not moving, f"accounts still moving: {moving}"
             return states
-        time.sleep(1)
+        time.sleep(0.25)
 
 
 def queue_empty(postfix_dir: str) -> bool:
@@ -101,17 +102,44 @@ def queue_empty(postfix_dir: str) -> bool:
 
 
 def drain(postfix_dirs: list[str], timeout: float = 240) -> None:
+    """Flush the queues (again every 3 s while mail waits) until all are empty, looked at every 0.25 s. The
+    target's queue is looked at first: mail it hands to the legacy server is in the legacy queue by then."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for d in postfix_dirs:
             subprocess.run(["postqueue", "-c", d, "-f"], capture_output=True, check=False)
-        time.sleep(3)
-        if all(queue_empty(d) for d in postfix_dirs):
-            return
+        flushed = time.monotonic()
+        while time.monotonic() - flushed < 3:
+            if all(queue_empty(d) for d in postfix_dirs):
+                return
+            time.sleep(0.25)
     raise AssertionError("queues did not drain: " + "; ".join(
         subprocess.run(["postqueue", "-c", d, "-p"], capture_output=True, text=True, check=False).stdout[-1500:]
         for d in postfix_dirs
     ))
+
+
+def wait_sweeps(store: Store, addresses: list[str], timeout: float = 120) -> None:
+    """Until each account's trailing sweep has run once entirely after now. A sweep that ends sets its job's next
+    run to (end + sweep_interval), later than any before: the first such rise after now may come from a sweep that
+    read the legacy mailbox before now, the second from a sweep leased after the first one ended."""
+    latest: dict[str, float] = {}  # the latest next-run time seen per account
+    rises: Counter[str] = Counter()
+
+    def swept() -> bool:
+        try:
+            jobs = [j for j in store.jobs() if j.kind == "sweep" and j.address in addresses]
+        except StoreUnavailable:
+            return False
+        for j in jobs:
+            if j.address not in latest:
+                latest[j.address] = j.not_before
+            elif j.not_before > latest[j.address]:  # a sweep ended (a wake-up sets 0: not a rise)
+                latest[j.address] = j.not_before
+                rises[j.address] += 1
+        return all(rises[a] >= 2 for a in addresses)
+
+    wait_for(swept, timeout, lambda: f"a whole sweep of {[a for a in addresses if rises[a] < 2][:5]}", interval=0.2)
 
 
 MSGID = re.compile(rb"<cons-\d+@conservation\.test>")
@@ -270,7 +298,8 @@ def test_nothing_lost_nothing_twice(lab: dict[str, Any]) -> None:
         # 3. settle: migrations finish, queues drain, trailing sweeps run
         states = wait_settled(store)
         drain([tg["postfix_config"], str(lab_dir / "legacy" / "postfix")])
-        time.sleep(6)  # two sweep intervals: mail that reached a migrated user's legacy mailbox late is appended
+        # mail that reached a migrated user's legacy mailbox late is appended by the next trailing sweep
+        wait_sweeps(store, [a for a, s in states.items() if s is State.MIGRATED])
         drain([tg["postfix_config"], str(lab_dir / "legacy" / "postfix")])
         states = wait_settled(store)
 

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from harness.cli import AUTOPORT, autoport
 
-from sidecar.lab import proc
+from sidecar import config
+from sidecar.lab import launcher, proc
 
 pytestmark = pytest.mark.e2e
 
@@ -56,6 +57,8 @@ def test_lab_up_json_shape_and_down_leaves_nothing(lab_dir: Path) -> None:
     assert {"legacy-dovecot", "legacy-postfix", "target-dovecot", "target-postfix", "sidecar"} <= set(pids)
     assert all(proc.pid_alive(p) for p in pids.values())
     assert _lab_processes(lab_dir)
+    # its own legacy server on loopback: the lab's short cutover grace, not the production default
+    assert config.load(info["config"]).limits.cutover_grace == launcher.LAB_CUTOVER_GRACE
 
     down = subprocess.run([AUTOPORT, "lab", "down", "--dir", str(lab_dir)], capture_output=True, text=True)
     assert down.returncode == 0, down.stderr

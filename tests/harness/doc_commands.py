@@ -37,8 +37,11 @@ NEEDS_HOST: dict[str, str] = {
     "-e autoport_manage_services=false -e @vars.json ansible/site.yml":
         "deploys onto this machine; tests/e2e/test_ansible.py runs exactly this",
     "systemctl status autoport postfix dovecot": "needs systemd as PID 1 (not on the test machines)",
-    ".venv/bin/pytest tests/test_ansible.py -q": "runs another test module",
+    ".venv/bin/pytest tests/e2e/test_ansible.py -q": "runs another test module (its own deployment, minutes)",
     ".venv/bin/ansible-lint ansible/": "lint, not a lab command",
+    '.venv/bin/pytest -q -m "not e2e" -p no:cacheprovider': "runs the unit tests (docs/testing.md)",
+    ".venv/bin/pytest -q tests/e2e/test_identity.py": "runs another test module (docs/testing.md)",
+    ".venv/bin/pytest -q tests/e2e/test_identity.py -k attack --durations=0": "runs another test (docs/testing.md)",
     "autoport serve": "the daemon itself; every lab starts it (sidecar/lab/target.py)",
     "autoport --config %s config": "a format string in docs/security.md, expanded by the test that runs it",
     "autoport finalize": "rewrites the target's configuration for good (tests/e2e/test_finalize.py runs it)",

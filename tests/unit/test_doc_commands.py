@@ -36,6 +36,23 @@ def test_every_documented_autoport_form_parses(doc: str, cmd: str) -> None:
             raise AssertionError(f"{doc}: `{line}` (from `{cmd}`) does not parse") from e
 
 
+def test_needs_host_lists_only_documented_commands() -> None:
+    """A stale entry is a documented command that the lab test runs after all: the docs showed
+    `.venv/bin/pytest tests/e2e/test_ansible.py -q` while the entry said tests/test_ansible.py, so the lab test ran
+    the whole Ansible module (minutes) a second time."""
+    shown = {doc_commands.strip_comment(cmd) for _doc, cmd in COMMANDS} | {cmd for _doc, cmd in COMMANDS}
+    stale = [cmd for cmd in doc_commands.NEEDS_HOST if cmd not in shown]
+    assert not stale, f"NEEDS_HOST entries no document shows (fix the path or drop them): {stale}"
+
+
+def test_documented_test_runs_are_not_run_by_the_lab_test() -> None:
+    """pytest and `make test` lines in the docs run (parts of) the suite: the lab test must not start them."""
+    runs = [cmd for _doc, cmd in COMMANDS if "pytest" in cmd or cmd.startswith("make test")]
+    assert runs, "the docs show how to run the tests"
+    for cmd in runs:
+        assert doc_commands.strip_comment(cmd) in doc_commands.NEEDS_HOST, cmd
+
+
 def test_lab_restart_takes_its_name_after_the_options() -> None:
     args = cli.build_parser().parse_args(["lab", "restart", "--dir", "/tmp/lab", "sidecar"])
     assert (args.action, args.name, args.dir) == ("restart", "sidecar", "/tmp/lab")

@@ -249,3 +249,18 @@ def test_real_libmilter_conversation(milter_server: tuple[str, subprocess.Popen[
     }
     assert lines[-1].startswith("stats ")
     assert json.loads(lines[-1][6:]) == {"messages": 1, "records": 2, "dropped": 0, "errors": 0}
+
+
+def test_a_killed_milters_socket_is_removed_before_the_new_one_is_secured(tmp_path: Any) -> None:
+    """The child gives its socket Postfix's mode as soon as the file is there: a predecessor's socket left at the
+    path must go first, or the child secures that one and the socket libmilter then creates keeps 0755."""
+    path = str(tmp_path / "milter.sock")
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(path)  # what SIGKILL leaves behind: the file, no listener
+    m.remove_stale_socket(path)
+    assert not (tmp_path / "milter.sock").exists()
+    m.remove_stale_socket(path)  # nothing there: fine
+    (tmp_path / "milter.sock").write_text("not a socket")
+    m.remove_stale_socket(path)
+    assert (tmp_path / "milter.sock").read_text() == "not a socket"
+    m.remove_stale_socket("")  # an inet: milter has no path
