@@ -519,7 +519,8 @@ class MaildirFolder:
         pop3_uidl: str | None = None,
     ) -> int:
         """Write one message into tmp/ (a spooled Body is moved); visible after commit(). Returns its size."""
-        if uid <= self.last_uid or any(s.uid >= uid for s in self._staged):
+        # the staged UIDs ascend (each was checked here), so the last one is the highest: no scan per message
+        if uid <= (self._staged[-1].uid if self._staged else self.last_uid):
             raise MaildirError(f"{self.path}: UID {uid} is not above the last UID")
         tmp, base, size, synced = self._write_tmp(body, internaldate)
         self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl, synced=synced))
