@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from sidecar.migration.copier.folders import (
@@ -218,6 +218,32 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
+WRITE_AHEAD = 8 << 20  # bytes of in-memory bodies queued for the pool to write, per folder
+
+
+def _write_new(path: Path, body: Body, owner: Owner, mtime: float | None, fsync: bool) -> None:
+    """Create `path` with the body (no copy of it), owner, mode 0600 and mtime; fsync it when asked. A failed
+    write leaves no partial file (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _chown(fd, owner)
+        with body.view() as whole:
+            done = 0
+            while done < len(whole):
+                done += os.write(fd, whole[done:])
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    if fsync:
+        _fsync_close(fd)
+    else:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -316,6 +342,8 @@ class MaildirFolder:
         self.orphans_removed = 0
         self._staged: list[_Staged] = []
         self._sync_fd: int | None = None  # the folder, opened before the batch's first write: syncfs at commit
+        self._inflight: collections.deque[tuple[Future[None], int]] = collections.deque()  # queued writes
+        self._inflight_bytes = 0
         self._dirty = False
         self._keywords_dirty = False
         self._cur_dirty = False
@@ -467,6 +495,9 @@ class MaildirFolder:
     # --- changes -----------------------------------------------------------------------------------------
     def reset(self, uidvalidity: int, next_uid: int = 1) -> None:
         """Empty the folder (new legacy UIDVALIDITY): messages, uidlist, keywords, Dovecot indexes."""
+        self._close_sync_fd()
+        with contextlib.suppress(OSError):
+            self._wait_synced()  # no queued write may create a file after the cleanup
         for sub in ("cur", "new", "tmp"):
             for name in os.listdir(self.path / sub):
                 with contextlib.suppress(FileNotFoundError):
@@ -479,7 +510,6 @@ class MaildirFolder:
             with contextlib.suppress(FileNotFoundError):
                 s.tmp.unlink()
         self._staged = []
-        self._close_sync_fd()
         self.records = {}
         self.keywords = {}
         self.header_ext = []
@@ -533,7 +563,11 @@ class MaildirFolder:
         the first rename. With syncfs: one syncfs of the filesystem per batch, on a descriptor opened before the
         batch's first write (so writeback errors of its files are reported). Without it (and for a body spooled
         before that descriptor existed): the file's own fsync, run by a background pool while the next
-        messages arrive (concurrent fsyncs share journal commits)."""
+        messages arrive (concurrent fsyncs share journal commits).
+
+        An in-memory body is written by that pool too (creating a file waits for the filesystem journal, which
+        a sync keeps busy: meanwhile the next messages are read), at most WRITE_AHEAD bytes queued per folder.
+        The returned future is the write (and fsync) of the file."""
         if USE_SYNCFS and self._sync_fd is None:
             self._sync_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if isinstance(body, bytes):
@@ -543,44 +577,36 @@ class MaildirFolder:
             body = b
         base = new_basename(body.size, body.vsize, tag)
         tmp = self.tmp_dir / base
-        spooled = body.path is not None
-        if body.path is not None:
-            if body.path.parent != self.tmp_dir:
-                shutil.move(body.path, tmp)
-            else:
-                os.rename(body.path, tmp)
-            body.path = None
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _chown(fd, self.owner)
-                os.fchmod(fd, 0o600)
-            except BaseException:
-                os.close(fd)
-                raise
+        ts = internaldate.timestamp() if internaldate is not None else None
+        if body.path is None:
+            self._write_ahead(body.size)
+            fut = _sync_pool().submit(_write_new, tmp, body, self.owner, ts, self._sync_fd is None)
+            self._inflight.append((fut, body.size))
+            self._inflight_bytes += body.size
+            return tmp, base, body.size, fut
+        if body.path.parent != self.tmp_dir:
+            shutil.move(body.path, tmp)
         else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                _chown(fd, self.owner)
-                with body.view() as whole:  # no copy of the body
-                    done = 0
-                    while done < len(whole):
-                        done += os.write(fd, whole[done:])
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):  # ENOSPC: no partial message left in tmp/
-                    os.unlink(tmp)
-                raise
+            os.rename(body.path, tmp)
+        body.path = None
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if internaldate is not None:
-                ts = internaldate.timestamp()
+            _chown(fd, self.owner)
+            os.fchmod(fd, 0o600)
+            if ts is not None:
                 os.utime(fd, (ts, ts))
         except BaseException:
             os.close(fd)
             raise
-        if self._sync_fd is not None and not spooled:
-            os.close(fd)
-            return tmp, base, body.size, None
         return tmp, base, body.size, _sync_pool().submit(_fsync_close, fd)
+
+    def _write_ahead(self, size: int) -> None:
+        """Wait for queued writes until `size` more bytes fit under WRITE_AHEAD (bounds the bodies in memory)."""
+        q = self._inflight
+        while q and (q[0][0].done() or self._inflight_bytes + size > WRITE_AHEAD):
+            fut, n = q.popleft()
+            wait([fut])  # its error, if any, is raised by _wait_synced()
+            self._inflight_bytes -= n
 
     # --- append mode (Dovecot owns the folder) ---------------------------------------------------------
     def open_shared(self) -> MaildirFolder:
@@ -768,6 +794,8 @@ class MaildirFolder:
                 except OSError as e:
                     errors.append(e)
                 s.synced = None
+        self._inflight.clear()
+        self._inflight_bytes = 0
         fd, self._sync_fd = self._sync_fd, None
         if fd is not None:
             try:
