@@ -221,7 +221,7 @@ def _syncfs(fd: int) -> None:
 WRITE_AHEAD = 8 << 20  # bytes of in-memory bodies queued for the pool to write, per folder
 
 
-def _write_new(path: Path, body: Body, owner: Owner, mtime: float | None, fsync: bool) -> None:
+def _write_new(path: str, body: Body, owner: Owner, mtime: float | None, fsync: bool) -> None:
     """Create `path` with the body (no copy of it), owner, mode 0600 and mtime; fsync it when asked. A failed
     write leaves no partial file (ENOSPC)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -305,7 +305,7 @@ class Record:
 @dataclasses.dataclass
 class _Staged:
     uid: int
-    tmp: Path
+    tmp: str  # path in tmp/ (a str: no Path object per message)
     base: str
     letters: str
     pop3_uidl: str | None
@@ -508,7 +508,7 @@ class MaildirFolder:
                     (self.path / name).unlink()
         for s in self._staged:
             with contextlib.suppress(FileNotFoundError):
-                s.tmp.unlink()
+                os.unlink(s.tmp)
         self._staged = []
         self.records = {}
         self.keywords = {}
@@ -558,7 +558,7 @@ class MaildirFolder:
 
     def _write_tmp(
         self, body: Body | bytes, internaldate: dt.datetime | None, tag: str = ""
-    ) -> tuple[Path, str, int, Future[None] | None]:
+    ) -> tuple[str, str, int, Future[None] | None]:
         """Write (or move) a message into tmp/, not yet durable: _wait_synced() (commit) makes it so, before
         the first rename. With syncfs: one syncfs of the filesystem per batch, on a descriptor opened before the
         batch's first write (so writeback errors of its files are reported). Without it (and for a body spooled
@@ -576,7 +576,7 @@ class MaildirFolder:
             b.finish()
             body = b
         base = new_basename(body.size, body.vsize, tag)
-        tmp = self.tmp_dir / base
+        tmp = os.path.join(self.path, "tmp", base)
         ts = internaldate.timestamp() if internaldate is not None else None
         if body.path is None:
             self._write_ahead(body.size)
@@ -681,9 +681,10 @@ class MaildirFolder:
             for s in self._staged:
                 s.letters = self._letters(s.flags)
             uid = max(self.next_uid, self.last_uid + 1)
+            cur = f"{self.path}/cur/"
             for s in self._staged:
                 name = f"{s.base}:2,{s.letters}"
-                os.rename(s.tmp, self.path / "cur" / name)
+                os.rename(s.tmp, cur + name)
                 self.records[uid] = Record(uid, s.base, name, "cur", s.letters, s.pop3_uidl)
                 uids.append(uid)
                 uid += 1
@@ -735,9 +736,10 @@ class MaildirFolder:
     def commit(self) -> None:
         """Make everything staged and changed durable and visible (see module doc for the order)."""
         self._wait_synced()
+        cur = f"{self.path}/cur/"
         for s in self._staged:
             name = f"{s.base}:2,{s.letters}"
-            os.rename(s.tmp, self.path / "cur" / name)
+            os.rename(s.tmp, cur + name)
             self.records[s.uid] = Record(s.uid, s.base, name, "cur", s.letters, s.pop3_uidl)
             self.next_uid = max(self.next_uid, s.uid + 1)
             self._dirty = True
@@ -820,7 +822,7 @@ class MaildirFolder:
             self._wait_synced()
         for s in self._staged:
             with contextlib.suppress(FileNotFoundError):
-                s.tmp.unlink()
+                os.unlink(s.tmp)
         self._staged = []
 
 
