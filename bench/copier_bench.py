@@ -14,8 +14,9 @@ dsync's imapc password: Dovecot 2.3 does not expand %{env:...} in the imapc_pass
 target's static userdb returns it as a user field, `imapc_password=%{env:IMAPC_PASSWORD}`, expanded by the
 auth process from the environment the bench starts that Dovecot with: never in a file or in argv.
 
---baseline CHECKOUT also runs the copier of another checkout (say `git worktree add /tmp/base main`) in each
-round, right before ours, with the same Python: before and after side by side under the same load. The
+--baseline CHECKOUT (repeatable) also runs the copier of another checkout (say `git worktree add /tmp/base
+main`) in each round, right before ours, with the same Python: before and after side by side under the same
+load. The
 "machine CPU" column is the busy time of all CPUs (/proc/stat) while the tool ran: it includes the legacy
 Dovecot serving the copy, and anything else running on a shared machine (compare it with the tool's own CPU).
 """
@@ -180,7 +181,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the lab directory")
     ap.add_argument("--profile", type=Path, help="also run our copier under cProfile, stats to this file")
     ap.add_argument(
-        "--baseline", type=Path, metavar="CHECKOUT", help="also run the copier of this checkout (before/after)"
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        action="append",
+        default=[],
+        help="also run the copier of this checkout (before/after); may be repeated",
     )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="copier-bench-", dir="/tmp"))
@@ -217,8 +223,9 @@ def main() -> int:
         wait_port(host, int(conf.read_text().split("port = ")[1].split()[0]))
 
         copiers = [("autoport copier", REPO)]
-        if args.baseline:
-            copiers.insert(0, ("baseline copier", args.baseline.resolve()))
+        for n, checkout in enumerate(args.baseline, start=1):
+            label = "baseline copier" if len(args.baseline) == 1 else f"baseline{n} copier"
+            copiers.insert(n - 1, (label, checkout.resolve()))
         for rnd in range(args.rounds):
             for label, checkout in copiers:
                 home = root / f"{label.split()[0]}-{rnd}" / "home"
@@ -267,8 +274,8 @@ def main() -> int:
         print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
               f"{_cpu_model()}, Python {platform.python_version()}, {_dovecot_version()}")  # fmt: skip
         print()
-        if args.baseline:
-            print(f"baseline: {args.baseline} ({_git_head(args.baseline)}), ours: {REPO} ({_git_head(REPO)})")
+        for label, checkout in copiers:
+            print(f"{label}: {checkout} ({_git_head(checkout)})")
         print("| tool | round | wall s | msg/s | MB/s | CPU s (user+sys) | machine CPU s | load | peak RSS MB "
               "| wall vs dsync | CPU vs dsync |")  # fmt: skip
         print("|---|---|---|---|---|---|---|---|---|---|---|")

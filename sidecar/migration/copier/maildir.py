@@ -181,6 +181,18 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+_WRITE_POOL: ThreadPoolExecutor | None = None
+WRITE_THREADS = 2  # file writers: more add GIL and directory-lock contention, not speed (measured)
+
+
+def _write_pool() -> ThreadPoolExecutor:
+    global _WRITE_POOL
+    with _POOL_LOCK:
+        if _WRITE_POOL is None:
+            _WRITE_POOL = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="maildir-write")
+        return _WRITE_POOL
+
+
 def _fsync_close(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -580,7 +592,7 @@ class MaildirFolder:
         ts = internaldate.timestamp() if internaldate is not None else None
         if body.path is None:
             self._write_ahead(body.size)
-            fut = _sync_pool().submit(_write_new, tmp, body, self.owner, ts, self._sync_fd is None)
+            fut = _write_pool().submit(_write_new, tmp, body, self.owner, ts, self._sync_fd is None)
             self._inflight.append((fut, body.size))
             self._inflight_bytes += body.size
             return tmp, base, body.size, fut
