@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from sidecar.migration.copier.folders import (
@@ -181,18 +181,6 @@ def _sync_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-_WRITE_POOL: ThreadPoolExecutor | None = None
-WRITE_THREADS = 2  # file writers: more add GIL and directory-lock contention, not speed (measured)
-
-
-def _write_pool() -> ThreadPoolExecutor:
-    global _WRITE_POOL
-    with _POOL_LOCK:
-        if _WRITE_POOL is None:
-            _WRITE_POOL = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="maildir-write")
-        return _WRITE_POOL
-
-
 def _fsync_close(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -230,12 +218,9 @@ def _syncfs(fd: int) -> None:
         raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
-WRITE_AHEAD = 8 << 20  # bytes of in-memory bodies queued for the pool to write, per folder
-
-
-def _write_new(path: str, body: Body, owner: Owner, mtime: float | None, fsync: bool) -> None:
-    """Create `path` with the body (no copy of it), owner, mode 0600 and mtime; fsync it when asked. A failed
-    write leaves no partial file (ENOSPC)."""
+def _write_new(path: str, body: Body, owner: Owner, mtime: float | None) -> int:
+    """Create `path` with the body (no copy of it), owner, mode 0600 and mtime; returns the open descriptor.
+    A failed write leaves no partial file (ENOSPC)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         _chown(fd, owner)
@@ -250,10 +235,7 @@ def _write_new(path: str, body: Body, owner: Owner, mtime: float | None, fsync: 
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    if fsync:
-        _fsync_close(fd)
-    else:
-        os.close(fd)
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
@@ -354,8 +336,6 @@ class MaildirFolder:
         self.orphans_removed = 0
         self._staged: list[_Staged] = []
         self._sync_fd: int | None = None  # the folder, opened before the batch's first write: syncfs at commit
-        self._inflight: collections.deque[tuple[Future[None], int]] = collections.deque()  # queued writes
-        self._inflight_bytes = 0
         self._dirty = False
         self._keywords_dirty = False
         self._cur_dirty = False
@@ -509,7 +489,7 @@ class MaildirFolder:
         """Empty the folder (new legacy UIDVALIDITY): messages, uidlist, keywords, Dovecot indexes."""
         self._close_sync_fd()
         with contextlib.suppress(OSError):
-            self._wait_synced()  # no queued write may create a file after the cleanup
+            self._wait_synced()  # no background fsync left on a file removed below
         for sub in ("cur", "new", "tmp"):
             for name in os.listdir(self.path / sub):
                 with contextlib.suppress(FileNotFoundError):
@@ -575,11 +555,7 @@ class MaildirFolder:
         the first rename. With syncfs: one syncfs of the filesystem per batch, on a descriptor opened before the
         batch's first write (so writeback errors of its files are reported). Without it (and for a body spooled
         before that descriptor existed): the file's own fsync, run by a background pool while the next
-        messages arrive (concurrent fsyncs share journal commits).
-
-        An in-memory body is written by that pool too (creating a file waits for the filesystem journal, which
-        a sync keeps busy: meanwhile the next messages are read), at most WRITE_AHEAD bytes queued per folder.
-        The returned future is the write (and fsync) of the file."""
+        messages arrive (concurrent fsyncs share journal commits); the returned future is that fsync."""
         if USE_SYNCFS and self._sync_fd is None:
             self._sync_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if isinstance(body, bytes):
@@ -591,11 +567,11 @@ class MaildirFolder:
         tmp = os.path.join(self.path, "tmp", base)
         ts = internaldate.timestamp() if internaldate is not None else None
         if body.path is None:
-            self._write_ahead(body.size)
-            fut = _write_pool().submit(_write_new, tmp, body, self.owner, ts, self._sync_fd is None)
-            self._inflight.append((fut, body.size))
-            self._inflight_bytes += body.size
-            return tmp, base, body.size, fut
+            fd = _write_new(tmp, body, self.owner, ts)
+            if self._sync_fd is not None:
+                os.close(fd)
+                return tmp, base, body.size, None
+            return tmp, base, body.size, _sync_pool().submit(_fsync_close, fd)
         if body.path.parent != self.tmp_dir:
             shutil.move(body.path, tmp)
         else:
@@ -611,14 +587,6 @@ class MaildirFolder:
             os.close(fd)
             raise
         return tmp, base, body.size, _sync_pool().submit(_fsync_close, fd)
-
-    def _write_ahead(self, size: int) -> None:
-        """Wait for queued writes until `size` more bytes fit under WRITE_AHEAD (bounds the bodies in memory)."""
-        q = self._inflight
-        while q and (q[0][0].done() or self._inflight_bytes + size > WRITE_AHEAD):
-            fut, n = q.popleft()
-            wait([fut])  # its error, if any, is raised by _wait_synced()
-            self._inflight_bytes -= n
 
     # --- append mode (Dovecot owns the folder) ---------------------------------------------------------
     def open_shared(self) -> MaildirFolder:
@@ -808,8 +776,6 @@ class MaildirFolder:
                 except OSError as e:
                     errors.append(e)
                 s.synced = None
-        self._inflight.clear()
-        self._inflight_bytes = 0
         fd, self._sync_fd = self._sync_fd, None
         if fd is not None:
             try:
