@@ -5,8 +5,9 @@
 The legacy server is the lab's (sidecar.lab.legacy, dovecot profile) holding the reference mailbox made by
 sidecar.lab.mailgen.reference_plan / reference_messages (seed 1): 10,000 messages, ~423 MB, 8 folders.
 Both tools copy it from the legacy IMAP on loopback into a Maildir of their own (same layout, fsync on: our
-copier fsyncs every message, directories and metadata; dsync runs with Dovecot's default mail_fsync=optimized,
-which fsyncs every saved message). Measured per tool, for its process tree (wait4 rusage): wall time, CPU
+copier makes every batch of messages durable before renaming it (one syncfs, else an fsync per message) and
+fsyncs directories and metadata; dsync runs with Dovecot's default mail_fsync=optimized, which fsyncs every
+saved message). Measured per tool, for its process tree (wait4 rusage): wall time, CPU
 user+sys, peak RSS. The legacy Dovecot's own CPU is not counted for either. The legacy Maildir is read once
 before the first run so both start with the files in the page cache. imapsync is run when on PATH.
 
