@@ -1,18 +1,30 @@
 """Copier benchmark (run by hand, not a test): our copier vs `doveadm backup -R imapc:` (dsync) in one run.
 
-    sudo .venv/bin/python bench/copier_bench.py [--rounds 1] [--keep]
+    sudo .venv/bin/python bench/copier_bench.py [--rounds 1] [--keep] [--baseline CHECKOUT]
 
 The legacy server is the lab's (sidecar.lab.legacy, dovecot profile) holding the reference mailbox made by
 sidecar.lab.mailgen.reference_plan / reference_messages (seed 1): 10,000 messages, ~423 MB, 8 folders.
 Both tools copy it from the legacy IMAP on loopback into a Maildir of their own (same layout, fsync on: our
-copier fsyncs every message, directories and metadata; dsync runs with Dovecot's default mail_fsync=optimized,
-which fsyncs every saved message). Measured per tool, for its process tree (wait4 rusage): wall time, CPU
+copier makes every batch of messages durable before renaming it (one syncfs, else an fsync per message) and
+fsyncs directories and metadata; dsync runs with Dovecot's default mail_fsync=optimized, which fsyncs every
+saved message). Measured per tool, for its process tree (wait4 rusage): wall time, CPU
 user+sys, peak RSS. The legacy Dovecot's own CPU is not counted for either. The legacy Maildir is read once
 before the first run so both start with the files in the page cache. imapsync is run when on PATH.
 
 dsync's imapc password: Dovecot 2.3 does not expand %{env:...} in the imapc_password setting itself, so the
 target's static userdb returns it as a user field, `imapc_password=%{env:IMAPC_PASSWORD}`, expanded by the
 auth process from the environment the bench starts that Dovecot with: never in a file or in argv.
+
+--baseline CHECKOUT (repeatable) also runs the copier of another checkout (say `git worktree add /tmp/base
+main`) in each round, right before ours, with the same Python: before and after side by side under the same
+load. The
+"machine CPU" column is the busy time of all CPUs (/proc/stat) while the tool ran: it includes the legacy
+Dovecot serving the copy, and anything else running on a shared machine (compare it with the tool's own CPU).
+
+No copy is deleted before the end of the bench: on ext4, creating files right after ~10,000 were deleted costs
+much kernel time (ext4_create -> find_inode_bit -> recently_deleted skips inodes freed in the last minutes, one
+inode-table lookup each: 45% of a copier run's samples in `perf record`), and it would fall on whichever tool ran
+next (the bench used to delete dsync's copy before our next round).
 """
 
 from __future__ import annotations
@@ -33,18 +45,28 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-METRICS = ("wall", "cpu", "user", "sys", "rss")
+METRICS = ("wall", "cpu", "user", "sys", "rss", "machine", "load")
 sys.path.insert(0, str(REPO))
 
 from sidecar.lab import legacy, mailgen  # noqa: E402
 from sidecar.lab.proc import free_port, read_pidfile, stop_pid, wait_port  # noqa: E402
 
 
-def run_measured(argv: list[str], *, stdin: str = "", env: dict[str, str] | None = None) -> dict[str, Any]:
+def machine_busy() -> float:
+    """Seconds of CPU time all CPUs spent not idle since boot (/proc/stat: everything but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(
+    argv: list[str], *, stdin: str = "", env: dict[str, str] | None = None, cwd: Path = REPO
+) -> dict[str, Any]:
     """Run a command; wall time, CPU (user+sys of it and its reaped children) and peak RSS via wait4."""
     t0 = time.monotonic()
+    busy0 = machine_busy()
     p = subprocess.Popen(
-        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=REPO, text=True
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd, text=True
     )
     assert p.stdin is not None and p.stdout is not None and p.stderr is not None
     # peak RSS: VmHWM sampled while it runs (wait4's ru_maxrss counts the pages of the forking bench process)
@@ -69,6 +91,7 @@ def run_measured(argv: list[str], *, stdin: str = "", env: dict[str, str] | None
     err = p.stderr.read()
     _pid, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t0
+    busy = machine_busy() - busy0
     done.set()
     sampler.join()
     p.returncode = os.waitstatus_to_exitcode(status)
@@ -81,6 +104,8 @@ def run_measured(argv: list[str], *, stdin: str = "", env: dict[str, str] | None
         "user": ru.ru_utime,
         "sys": ru.ru_stime,
         "rss": hwm[0],
+        "machine": busy,
+        "load": os.getloadavg()[0],
         "stdout": out,
         "stderr": err,
     }
@@ -161,6 +186,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the lab directory")
     ap.add_argument("--profile", type=Path, help="also run our copier under cProfile, stats to this file")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        action="append",
+        default=[],
+        help="also run the copier of this checkout (before/after); may be repeated",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="copier-bench-", dir="/tmp"))
     os.chmod(root, 0o755)  # noqa: S103 - Dovecot's unprivileged processes must traverse it
@@ -195,22 +228,28 @@ def main() -> int:
         dovecot_pid = read_pidfile(tdir / "run" / "master.pid")
         wait_port(host, int(conf.read_text().split("port = ")[1].split()[0]))
 
+        copiers = [("autoport copier", REPO)]
+        for n, checkout in enumerate(args.baseline, start=1):
+            label = "baseline copier" if len(args.baseline) == 1 else f"baseline{n} copier"
+            copiers.insert(n - 1, (label, checkout.resolve()))
         for rnd in range(args.rounds):
-            # ours
-            home = root / f"ours-{rnd}" / "home"
-            home.parent.mkdir(mode=0o755)
-            os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
-            r = run_measured(
-                [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
-                 "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home)],
-                stdin=u.password + "\n",
-            )  # fmt: skip
-            if r["rc"] != 0:
-                raise SystemExit(f"copier failed: {r['stderr'][-2000:]}")
-            ours = json.loads(r["stdout"])
-            assert ours["messages_copied"] == visible, ours["messages_copied"]
-            assert count_maildir(home / "Maildir") == legacy_counts
-            results.append({"tool": "autoport copier", "round": rnd, **{k: r[k] for k in METRICS}})
+            for label, checkout in copiers:
+                home = root / f"{label.split()[0]}-{rnd}" / "home"
+                home.parent.mkdir(mode=0o755)
+                os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
+                r = run_measured(
+                    [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
+                     "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home)],
+                    stdin=u.password + "\n",
+                    env={**os.environ, "PYTHONPATH": str(checkout)},
+                    cwd=checkout,
+                )  # fmt: skip
+                if r["rc"] != 0:
+                    raise SystemExit(f"{label} failed: {r['stderr'][-2000:]}")
+                ours = json.loads(r["stdout"])
+                assert ours["messages_copied"] == visible, ours["messages_copied"]
+                assert count_maildir(home / "Maildir") == legacy_counts
+                results.append({"tool": label, "round": rnd, **{k: r[k] for k in METRICS}})
 
             # dsync
             r = run_measured(["doveadm", "-c", str(conf), "backup", "-R", "-u", u.address, "imapc:"])
@@ -220,7 +259,7 @@ def main() -> int:
             dcounts = count_maildir(dhome)
             assert {k: v[0] for k, v in dcounts.items()} == {k: v[0] for k, v in legacy_counts.items()}, dcounts
             results.append({"tool": "dsync (doveadm backup -R imapc:)", "round": rnd, **{k: r[k] for k in METRICS}})
-            shutil.rmtree(dhome.parent)
+            dhome.parent.rename(tdir / f"dsync-round-{rnd}")  # out of the way, not deleted (see the module doc)
 
         if args.profile:
             home = root / "profiled" / "home"
@@ -240,15 +279,18 @@ def main() -> int:
         print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
               f"{_cpu_model()}, Python {platform.python_version()}, {_dovecot_version()}")  # fmt: skip
         print()
-        print("| tool | round | wall s | msg/s | MB/s | CPU s (user+sys) | peak RSS MB | wall vs dsync | CPU vs dsync |"
-              "")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|")
+        for label, checkout in copiers:
+            print(f"{label}: {checkout} ({_git_head(checkout)})")
+        print("| tool | round | wall s | msg/s | MB/s | CPU s (user+sys) | machine CPU s | load | peak RSS MB "
+              "| wall vs dsync | CPU vs dsync |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for rnd in range(args.rounds):
             ds = next(x for x in results if x["round"] == rnd and x["tool"].startswith("dsync"))
             for x in (x for x in results if x["round"] == rnd):
                 print(
                     f"| {x['tool']} | {rnd + 1} | {x['wall']:.2f} | {visible / x['wall']:.0f} | "
                     f"{imap_bytes / 1e6 / x['wall']:.1f} | {x['cpu']:.2f} ({x['user']:.2f}+{x['sys']:.2f}) | "
+                    f"{x['machine']:.2f} | {x['load']:.1f} | "
                     f"{x['rss'] / 2**20:.1f} | {x['wall'] / ds['wall']:.2f} | {x['cpu'] / ds['cpu']:.2f} |"
                 )
     finally:
@@ -268,6 +310,13 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "?"
+
+
+def _git_head(checkout: Path) -> str:
+    p = subprocess.run(
+        ["git", "-C", str(checkout), "log", "-1", "--format=%h %s"], capture_output=True, text=True, check=False
+    )
+    return p.stdout.strip()[:80] or "not a git checkout"
 
 
 def _dovecot_version() -> str:

@@ -52,19 +52,23 @@ class Body:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             self._file = os.fdopen(fd, "wb", buffering=1 << 16)
 
-    def write(self, chunk: bytes | memoryview) -> None:
-        data = bytes(chunk)
-        if not data:
+    def write(self, chunk: bytes | bytearray, start: int = 0, end: int | None = None) -> None:
+        """Append chunk[start:end]: counted and copied straight from the caller's buffer (no slice copy)."""
+        if end is None:
+            end = len(chunk)
+        n = end - start
+        if n <= 0:
             return
-        lf = data.count(b"\n")
-        crlf = data.count(b"\r\n") + (1 if self._prev_cr and data[0:1] == b"\n" else 0)
-        self.vsize += len(data) + (lf - crlf)
-        self._prev_cr = data[-1:] == b"\r"
-        self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
-        else:
-            self._buf += data
+        lf = chunk.count(b"\n", start, end)
+        crlf = chunk.count(b"\r\n", start, end) + (1 if self._prev_cr and chunk[start] == 0x0A else 0)
+        self.vsize += n + (lf - crlf)
+        self._prev_cr = chunk[end - 1] == 0x0D
+        self.size += n
+        with memoryview(chunk) as view:
+            if self._file is not None:
+                self._file.write(view[start:end])
+            else:
+                self._buf += view[start:end]
 
     def finish(self) -> None:
         if self._file is not None:
@@ -81,6 +85,12 @@ class Body:
         if self.path is not None:
             return self.path.read_bytes()
         return bytes(self._buf)
+
+    def view(self) -> memoryview:
+        """The in-memory body without a copy (valid until the next write; not for a spooled body)."""
+        if self.path is not None:
+            raise ValueError("spooled body: use its path")
+        return memoryview(self._buf)
 
     def head(self, limit: int = 1 << 16) -> bytes:
         if self.path is not None:
@@ -178,6 +188,17 @@ Token = bytes | _Lit | list["Token"] | None
 _LITERAL_AT_END = re.compile(rb"~?\{(\d+)\}$")
 _BODY_ITEMS = (b"BODY[]", b"RFC822", b"BINARY[]")
 
+# Fast path: the response to our own bulk FETCH (sidecar.legacy.imap.BODY_ITEMS) in the order Dovecot, Cyrus and
+# most servers send it, `* n FETCH (UID u FLAGS (...) INTERNALDATE "..." RFC822.SIZE s BODY[] {s}` CRLF body `)`:
+# the text before the literal matched by one regex instead of the tokenizer. Only plain atoms as flags (no
+# quotes, brackets, parentheses, braces, % or control characters) and a quoted date without backslashes; anything
+# else, another order, other spacing or case falls back to the tokenizer, which gives the same result
+# (tests/unit/test_fetchparse.py checks both paths against each other).
+_FAST_FETCH = re.compile(
+    rb"\* ([0-9]{1,10}) FETCH \(UID ([0-9]{1,10}) FLAGS \(([A-Za-z0-9\\$!#&'*+,\-./:;<=>?@^_`|~ ]*)\) "
+    rb'INTERNALDATE "([^"\\\x00-\x1f\x7f]*)" RFC822\.SIZE ([0-9]{1,10}) BODY\[\] '
+)
+
 
 class FetchParser:
     """Push parser for the response stream of one FETCH command (see module doc)."""
@@ -219,13 +240,12 @@ class FetchParser:
             if self._lit_left:
                 take = min(self._lit_left, len(buf) - pos)
                 sink = self._lit_sink
-                chunk = memoryview(buf)[pos : pos + take]
                 if isinstance(sink, Body):
-                    sink.write(chunk)
+                    sink.write(buf, pos, pos + take)
                 else:
                     assert sink is not None
-                    sink += chunk
-                chunk.release()
+                    with memoryview(buf) as view:
+                        sink += view[pos : pos + take]
                 pos += take
                 self._lit_left -= take
                 if self._lit_left == 0:
@@ -316,6 +336,9 @@ class FetchParser:
 
     # --- one complete response ---------------------------------------------------------------------------
     def _response(self, parts: list[bytes | _Lit]) -> Event:
+        fast = self._fast_fetch(parts)
+        if fast is not None:
+            return fast
         first = parts[0]
         assert isinstance(first, bytes)
         if first.startswith(b"* "):
@@ -337,6 +360,34 @@ class FetchParser:
             raise FetchParseError(f"malformed response line {first[:80]!r}")
         self._done = True
         return Tagged(tag, status.upper().decode(), text.decode("utf-8", "replace"))
+
+    @staticmethod
+    def _fast_fetch(parts: list[bytes | _Lit]) -> FetchResponse | None:
+        """The common response decoded by one regex (see _FAST_FETCH), or None: use the tokenizer."""
+        if len(parts) != 3 or parts[2] != b")":
+            return None
+        text, lit = parts[0], parts[1]
+        if not isinstance(text, bytes) or not isinstance(lit, _Lit) or not isinstance(lit.value, Body):
+            return None
+        m = _FAST_FETCH.fullmatch(text)
+        if m is None:
+            return None
+        seq, uid, flags, date, size = m.groups()
+        names = flags.split(b" ") if flags else []
+        if any(not f or f.upper() == b"NIL" for f in names):  # odd spacing or NIL: the tokenizer decides
+            return None
+        try:
+            when = parse_internaldate(date)
+        except FetchParseError:
+            return None  # the tokenizer raises it again, dropping the body with it
+        return FetchResponse(
+            int(seq),
+            uid=int(uid),
+            flags=tuple(f.decode("ascii") for f in names),
+            internaldate=when,
+            size=int(size),
+            body=lit.value,
+        )
 
     @staticmethod
     def _drop_bodies(parts: list[bytes | _Lit]) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from sidecar.migration.copier import maildir
 from sidecar.migration.copier.maildir import MaildirAccount, MaildirError, MaildirFolder
 from sidecar.wire.fetchparse import Body
 
@@ -118,3 +120,109 @@ def test_subscriptions_file_format(tmp_path: Path) -> None:
     acc.write_subscriptions(["INBOX", "Ärger/sub", "INBOX"])
     assert (acc.root / "subscriptions").read_text() == "V\t2\n\nINBOX\n&AMQ-rger\tsub\n"
     assert acc.read_subscriptions() == ["INBOX", "Ärger/sub"]
+
+
+# --- durability order: no message is renamed into cur/ before its data is on disk ------------------------------
+def record_syncs(monkeypatch: pytest.MonkeyPatch, f: MaildirFolder, *, syncfs_error: int = 0) -> list[str]:
+    """Events in order: 'syncfs', 'fsync' (one file), 'rename <name>' (into cur/)."""
+    events: list[str] = []
+    real_fsync_close, real_rename = maildir._fsync_close, os.rename
+
+    def fake_syncfs(fd: int) -> None:
+        assert os.path.samestat(os.fstat(fd), os.stat(f.path))  # the folder's filesystem
+        events.append("syncfs")
+        if syncfs_error:
+            raise OSError(syncfs_error, "syncfs failed")
+
+    def fsync_close(fd: int) -> None:
+        real_fsync_close(fd)
+        events.append("fsync")
+
+    def rename(src: Any, dst: Any) -> None:
+        real_rename(src, dst)
+        if Path(dst).parent.name == "cur":
+            events.append(f"rename {Path(dst).name[:1]}")
+
+    monkeypatch.setattr(maildir, "_syncfs", fake_syncfs)
+    monkeypatch.setattr(maildir, "_fsync_close", fsync_close)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+def spooled(f: MaildirFolder, data: bytes) -> Body:
+    body = Body(len(data), 10, f.tmp_dir)
+    body.write(data)
+    body.finish()
+    return body
+
+
+def test_one_syncfs_per_batch_before_the_first_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", True)
+    f = folder(tmp_path)
+    big = spooled(f, b"z" * 100)  # spooled by the parser before the batch began: fsynced on its own
+    events = record_syncs(monkeypatch, f)
+    for uid in (1, 2, 3):
+        f.stage(uid, MSG, [], WHEN)
+    f.stage(4, big, [], WHEN)
+    assert not list((f.path / "cur").iterdir())
+    f.commit()
+    renames = [e for e in events if e.startswith("rename")]
+    assert events[: -len(renames)] in (["fsync", "syncfs"], ["syncfs", "fsync"])
+    assert len(renames) == 4
+    f.stage(5, MSG, [], None)  # the next batch: its own syncfs
+    f.commit()
+    assert events[-2:][0] == "syncfs" and events[-1].startswith("rename")
+    g = MaildirFolder(f.path).open()
+    assert sorted(g.records) == [1, 2, 3, 4, 5] and g.file_path(4).read_bytes() == b"z" * 100
+    assert g.file_path(1).read_bytes() == MSG and os.stat(g.file_path(1)).st_mtime == WHEN.timestamp()
+
+
+def test_fsync_per_file_without_syncfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", False)
+    f = folder(tmp_path)
+    events = record_syncs(monkeypatch, f)
+    for uid in (1, 2, 3):
+        f.stage(uid, MSG, [], None)
+    f.commit()
+    assert events[:3] == ["fsync"] * 3  # every file's fsync finished before the first rename
+    assert len(events) == 6 and all(e.startswith("rename") for e in events[3:])
+
+
+def test_failed_syncfs_makes_nothing_visible(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", True)
+    f = folder(tmp_path)
+    f.stage(1, MSG, [], None)
+    f.commit()
+    events = record_syncs(monkeypatch, f, syncfs_error=5)
+    f.stage(2, MSG, [], None)
+    with pytest.raises(OSError, match="syncfs failed"):
+        f.commit()
+    assert events == ["syncfs"]
+    f.abort()
+    assert len(os.listdir(f.path / "cur")) == 1 and not os.listdir(f.path / "tmp")
+    assert sorted(MaildirFolder(f.path).open().records) == [1]
+
+
+@pytest.mark.skipif(not maildir.USE_SYNCFS, reason="no syncfs here")
+def test_real_syncfs_commit(tmp_path: Path) -> None:
+    f = folder(tmp_path)
+    f.stage(1, MSG, ["\\Seen"], WHEN)
+    f.commit()
+    assert MaildirFolder(f.path).open().file_path(1).read_bytes() == MSG
+    assert f._sync_fd is None  # closed after the batch
+
+
+@pytest.mark.parametrize("syncfs", [True, False])
+def test_failed_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, syncfs: bool) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", syncfs and maildir.USE_SYNCFS)
+    f = folder(tmp_path)
+    f.stage(1, MSG, [], None)
+
+    def full(fd: int, owner: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(maildir, "_chown", full)
+    with pytest.raises(OSError, match="No space"):
+        f.stage(2, MSG, [], None)
+    f.abort()
+    assert not os.listdir(f.path / "cur") and not os.listdir(f.path / "tmp")  # no partial file anywhere

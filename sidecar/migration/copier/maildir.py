@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
+import functools
 import itertools
 import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -147,7 +150,9 @@ def parse_legacy_tag(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+@functools.cache
 def _host() -> str:
+    """This host's name as Dovecot puts it in a Maildir file name (computed once per process)."""
     return (
         socket.gethostname().replace("/", "\\057").replace(":", "\\072").replace(",", "\\054") or "localhost"
     )
@@ -181,6 +186,56 @@ def _fsync_close(fd: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2), or None: not Linux, no such symbol, or a kernel before 5.8 (whose syncfs does not
+    report writeback errors, so a failed write would go unnoticed: fsync every file there instead)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if m is None or (int(m.group(1)), int(m.group(2))) < (5, 8):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs  # CDLL releases the GIL during the call
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNCFS = _load_syncfs()
+USE_SYNCFS = _SYNCFS is not None  # tests switch it off to exercise the fsync-per-file path
+
+
+def _syncfs(fd: int) -> None:
+    """Write out and wait for everything dirty on fd's filesystem; raises the writeback errors seen since fd
+    was opened (or since the last syncfs on it)."""
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
+
+
+def _write_new(path: str, body: Body, owner: Owner, mtime: float | None) -> int:
+    """Create `path` with the body (no copy of it), owner, mode 0600 and mtime; returns the open descriptor.
+    A failed write leaves no partial file (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        _chown(fd, owner)
+        with body.view() as whole:
+            done = 0
+            while done < len(whole):
+                done += os.write(fd, whole[done:])
+        if mtime is not None:
+            os.utime(fd, (mtime, mtime))
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return fd
 
 
 def _fsync_dir(path: Path) -> None:
@@ -244,12 +299,12 @@ class Record:
 @dataclasses.dataclass
 class _Staged:
     uid: int
-    tmp: Path
+    tmp: str  # path in tmp/ (a str: no Path object per message)
     base: str
     letters: str
     pop3_uidl: str | None
     flags: tuple[str, ...] = ()  # append mode: letters are chosen under the lock
-    synced: Future[None] | None = None  # the background fsync (and close) of the tmp file
+    synced: Future[None] | None = None  # the background fsync (and close) of the tmp file; None: syncfs covers it
 
 
 def flags_to_letters(flags: Iterable[str], keyword_letter: dict[str, str]) -> str:
@@ -280,6 +335,7 @@ class MaildirFolder:
         self.lost_keywords: collections.Counter[str] = collections.Counter()
         self.orphans_removed = 0
         self._staged: list[_Staged] = []
+        self._sync_fd: int | None = None  # the folder, opened before the batch's first write: syncfs at commit
         self._dirty = False
         self._keywords_dirty = False
         self._cur_dirty = False
@@ -431,6 +487,9 @@ class MaildirFolder:
     # --- changes -----------------------------------------------------------------------------------------
     def reset(self, uidvalidity: int, next_uid: int = 1) -> None:
         """Empty the folder (new legacy UIDVALIDITY): messages, uidlist, keywords, Dovecot indexes."""
+        self._close_sync_fd()
+        with contextlib.suppress(OSError):
+            self._wait_synced()  # no background fsync left on a file removed below
         for sub in ("cur", "new", "tmp"):
             for name in os.listdir(self.path / sub):
                 with contextlib.suppress(FileNotFoundError):
@@ -441,7 +500,7 @@ class MaildirFolder:
                     (self.path / name).unlink()
         for s in self._staged:
             with contextlib.suppress(FileNotFoundError):
-                s.tmp.unlink()
+                os.unlink(s.tmp)
         self._staged = []
         self.records = {}
         self.keywords = {}
@@ -482,7 +541,8 @@ class MaildirFolder:
         pop3_uidl: str | None = None,
     ) -> int:
         """Write one message into tmp/ (a spooled Body is moved); visible after commit(). Returns its size."""
-        if uid <= self.last_uid or any(s.uid >= uid for s in self._staged):
+        # the staged UIDs ascend (each was checked here), so the last one is the highest: no scan per message
+        if uid <= (self._staged[-1].uid if self._staged else self.last_uid):
             raise MaildirError(f"{self.path}: UID {uid} is not above the last UID")
         tmp, base, size, synced = self._write_tmp(body, internaldate)
         self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl, synced=synced))
@@ -490,44 +550,38 @@ class MaildirFolder:
 
     def _write_tmp(
         self, body: Body | bytes, internaldate: dt.datetime | None, tag: str = ""
-    ) -> tuple[Path, str, int, Future[None]]:
-        """Write (or move) a message into tmp/; its fsync runs in the background (waited for by commit)."""
+    ) -> tuple[str, str, int, Future[None] | None]:
+        """Write (or move) a message into tmp/, not yet durable: _wait_synced() (commit) makes it so, before
+        the first rename. With syncfs: one syncfs of the filesystem per batch, on a descriptor opened before the
+        batch's first write (so writeback errors of its files are reported). Without it (and for a body spooled
+        before that descriptor existed): the file's own fsync, run by a background pool while the next
+        messages arrive (concurrent fsyncs share journal commits); the returned future is that fsync."""
+        if USE_SYNCFS and self._sync_fd is None:
+            self._sync_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         if isinstance(body, bytes):
             b = Body(len(body), len(body) + 1, None)
             b.write(body)
             b.finish()
             body = b
         base = new_basename(body.size, body.vsize, tag)
-        tmp = self.tmp_dir / base
-        if body.path is not None:
-            if body.path.parent != self.tmp_dir:
-                shutil.move(body.path, tmp)
-            else:
-                os.rename(body.path, tmp)
-            body.path = None
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _chown(fd, self.owner)
-                os.fchmod(fd, 0o600)
-            except BaseException:
+        tmp = os.path.join(self.path, "tmp", base)
+        ts = internaldate.timestamp() if internaldate is not None else None
+        if body.path is None:
+            fd = _write_new(tmp, body, self.owner, ts)
+            if self._sync_fd is not None:
                 os.close(fd)
-                raise
+                return tmp, base, body.size, None
+            return tmp, base, body.size, _sync_pool().submit(_fsync_close, fd)
+        if body.path.parent != self.tmp_dir:
+            shutil.move(body.path, tmp)
         else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                _chown(fd, self.owner)
-                view = memoryview(body.data())
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):  # ENOSPC: no partial message left in tmp/
-                    os.unlink(tmp)
-                raise
+            os.rename(body.path, tmp)
+        body.path = None
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if internaldate is not None:
-                ts = internaldate.timestamp()
+            _chown(fd, self.owner)
+            os.fchmod(fd, 0o600)
+            if ts is not None:
                 os.utime(fd, (ts, ts))
         except BaseException:
             os.close(fd)
@@ -607,9 +661,10 @@ class MaildirFolder:
             for s in self._staged:
                 s.letters = self._letters(s.flags)
             uid = max(self.next_uid, self.last_uid + 1)
+            cur = f"{self.path}/cur/"
             for s in self._staged:
                 name = f"{s.base}:2,{s.letters}"
-                os.rename(s.tmp, self.path / "cur" / name)
+                os.rename(s.tmp, cur + name)
                 self.records[uid] = Record(uid, s.base, name, "cur", s.letters, s.pop3_uidl)
                 uids.append(uid)
                 uid += 1
@@ -661,9 +716,10 @@ class MaildirFolder:
     def commit(self) -> None:
         """Make everything staged and changed durable and visible (see module doc for the order)."""
         self._wait_synced()
+        cur = f"{self.path}/cur/"
         for s in self._staged:
             name = f"{s.base}:2,{s.letters}"
-            os.rename(s.tmp, self.path / "cur" / name)
+            os.rename(s.tmp, cur + name)
             self.records[s.uid] = Record(s.uid, s.base, name, "cur", s.letters, s.pop3_uidl)
             self.next_uid = max(self.next_uid, s.uid + 1)
             self._dirty = True
@@ -711,7 +767,7 @@ class MaildirFolder:
         )
 
     def _wait_synced(self) -> None:
-        """Every staged file is on disk (its fsync done); the first fsync error is raised."""
+        """Every staged file is on disk (its fsync, or the batch's syncfs, done); the first error is raised."""
         errors = []
         for s in self._staged:
             if s.synced is not None:
@@ -720,16 +776,31 @@ class MaildirFolder:
                 except OSError as e:
                     errors.append(e)
                 s.synced = None
+        fd, self._sync_fd = self._sync_fd, None
+        if fd is not None:
+            try:
+                if self._staged:
+                    _syncfs(fd)
+            except OSError as e:
+                errors.append(e)
+            finally:
+                os.close(fd)
         if errors:
             raise errors[0]
 
+    def _close_sync_fd(self) -> None:
+        fd, self._sync_fd = self._sync_fd, None
+        if fd is not None:
+            os.close(fd)
+
     def abort(self) -> None:
         """Drop what was staged and not committed."""
+        self._close_sync_fd()  # nothing to make durable
         with contextlib.suppress(OSError):
             self._wait_synced()
         for s in self._staged:
             with contextlib.suppress(FileNotFoundError):
-                s.tmp.unlink()
+                os.unlink(s.tmp)
         self._staged = []
 
 
