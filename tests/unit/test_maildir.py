@@ -34,8 +34,9 @@ def test_commit_writes_files_uidlist_and_keywords(tmp_path: Path) -> None:
     f.stage(7, b"x\r\n", ["Zeta", "$Label1", "\\Answered", "\\Draft", "\\Deleted"], None)
     assert list((f.path / "cur").iterdir()) == []  # nothing visible before commit
     f.commit()
-    names = sorted(os.listdir(f.path / "cur"))
-    assert names[0].endswith(f",S={len(MSG)},W={len(MSG) + 3}:2,FSa")
+    # UID 3's file first: by content, not by name (a name's microsecond field has no fixed width)
+    names = sorted(os.listdir(f.path / "cur"), key=lambda n: ",S=3," in n)
+    assert len(names) == 2 and names[0].endswith(f",S={len(MSG)},W={len(MSG) + 3}:2,FSa")
     assert names[1].endswith(",S=3,W=3:2,DRTab")
     lines = (f.path / "dovecot-uidlist").read_text().splitlines()
     assert lines[0] == "3 V1234 N8"
