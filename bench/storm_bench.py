@@ -320,8 +320,11 @@ def storm(args: argparse.Namespace, lab_dir: Path, result: dict[str, Any]) -> No
     pids = {k: v for k, v in proc.load_state(lab_dir)["pids"].items() if v}
     store = open_store(info["store"])
     sidecar_log = Path(info["logs"]) / "sidecar.log"
-    ports = {k: lg.get(k) for k in ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve")}
-    conns = LegacyConnections(lg["host"], {k: int(v) for k, v in ports.items() if v})
+    legacy: dict[str, Any] = dict(lg)
+    ports = {
+        k: int(legacy[k]) for k in ("imap", "imaps", "pop3", "pop3s", "smtp", "submission", "sieve") if legacy.get(k)
+    }
+    conns = LegacyConnections(legacy["host"], ports)
     time.sleep(2)  # the sidecar's ready connections toward the legacy server are up
     result["legacy_connections_idle"] = conns.count()
     conns.start()
@@ -454,7 +457,7 @@ def seed_store(url: str, n: int, seed: int) -> dict[str, int]:
 
 def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    p = subprocess.run(cmd, env=env, capture_output=True, check=False)
     ms = (time.perf_counter() - t) * 1000
     if p.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode(errors='replace')[-500:]}")
@@ -520,6 +523,12 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
     if r["failure_examples"]:
         lines.append(f"Failure examples: {r['failure_examples']}")
     lo, se, sd = r["login_ms"], r["session_ms"], r["sidecar_decision_ms"]
+    done = r["all_migrated_s"]
+    migrated = (
+        f"{done:.1f} s"
+        if not math.isnan(done)
+        else f"not within {r['migrate_timeout']:.0f} s ({r['migrated']} migrated; states {r['states_end']})"
+    )
     lines += [
         "",
         "| measure | n | p50 ms | p95 ms | max ms |",
@@ -528,10 +537,7 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
         f"| first session | {se['n']} | {se['p50']:.0f} | {se['p95']:.0f} | {se['max']:.0f} |",
         f"| sidecar decision (log duration_ms) | {sd['n']} | {sd['p50']:.0f} | {sd['p95']:.0f} | {sd['max']:.0f} |",
         "",
-        f"All {r['users']} migrated after: "
-        + (f"{r['all_migrated_s']:.1f} s" if not math.isnan(r["all_migrated_s"]) else
-           f"not within {r['migrate_timeout']:.0f} s ({r['migrated']} migrated; states {r['states_end']})")  # fmt: skip
-        + " from the storm's start",
+        f"All {r['users']} migrated after: {migrated} from the storm's start",
         f"Legacy connections (legacy side, ESTABLISHED): idle before {r['legacy_connections_idle']}; peak in the storm "
         f"{r['legacy_peak_storm']['total']} (per port {r['legacy_peak_storm']['per_port_peak']}); peak in the copy "
         f"phase {r['legacy_peak_copy']['total']} (per port {r['legacy_peak_copy']['per_port_peak']}); "
@@ -547,9 +553,7 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
             f"| {part} | {cs[part]:.2f} ({cs[part] / cs['machine'] * 100:.0f}%) | {cs[part] / n * 1000:.1f} "
             f"| {cc[part]:.2f} |"
         )
-    lines.append(
-        f"| machine capacity (nproc x wall) | {os.cpu_count() * r['storm_s']:.2f} | | |"  # type: ignore[operator]
-    )
+    lines.append(f"| machine capacity (nproc x wall) | {(os.cpu_count() or 1) * r['storm_s']:.2f} | | |")
     if "cli" in r:
         c = r["cli"]
         lines += [
