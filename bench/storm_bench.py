@@ -455,13 +455,17 @@ def seed_store(url: str, n: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """(wall ms, CPU ms of the command: user + sys, from wait4 via RUSAGE_CHILDREN, output bytes)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, check=False)
     ms = (time.perf_counter() - t) * 1000
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) * 1000
     if p.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(cmd)} exited {p.returncode}: {p.stderr.decode(errors='replace')[-500:]}")
-    return ms, len(p.stdout), p.returncode
+    return ms, cpu, len(p.stdout)
 
 
 def cli_bench(args: argparse.Namespace, lab_dir: Path, lab_config: Path) -> dict[str, Any]:
@@ -485,12 +489,22 @@ def cli_bench(args: argparse.Namespace, lab_dir: Path, lab_config: Path) -> dict
         "report --format json": ["report", "--format", "json"],
         "report --section never_seen": ["report", "--section", "never_seen"],
     }
-    env = dict(os.environ, COLUMNS="160")
+    # byte-compiled modules, as an installed package has them (this environment may set PYTHONDONTWRITEBYTECODE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["COLUMNS"] = "160"
     versions: dict[str, dict[str, list[str]]] = {"this": {}}
     if args.baseline:
         versions["baseline"] = {}
-    out: dict[str, Any] = {"accounts": args.cli_accounts, "seeded": counts, "seed_s": seed_s, "ms": {}, "bytes": {}}
-    for _ in range(args.cli_runs):
+    out: dict[str, Any] = {
+        "accounts": args.cli_accounts,
+        "seeded": counts,
+        "seed_s": seed_s,
+        "ms": {},
+        "cpu_ms": {},
+        "bytes": {},
+        "load_start": loadavg(),
+    }
+    for run in range(args.cli_runs + 1):  # run 0 writes the byte code and warms the page cache: not counted
         for version in versions:
             for label, argv in commands.items():
                 if version == "this":
@@ -500,9 +514,12 @@ def cli_bench(args: argparse.Namespace, lab_dir: Path, lab_config: Path) -> dict
                     code = "import sys; from sidecar.ops.cli import main; sys.exit(main())"
                     cmd = [sys.executable, "-c", code, "--config", str(conf), *argv]
                     e = dict(env, PYTHONPATH=str(args.baseline))
-                ms, size, _rc = _timed(cmd, e)
-                out["ms"].setdefault(version, {}).setdefault(label, []).append(ms)
+                ms, cpu, size = _timed(cmd, e)
+                if run:
+                    out["ms"].setdefault(version, {}).setdefault(label, []).append(ms)
+                    out["cpu_ms"].setdefault(version, {}).setdefault(label, []).append(cpu)
                 out["bytes"].setdefault(version, {})[label] = size
+    out["load_end"] = loadavg()
     return out
 
 
@@ -555,23 +572,44 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
         )
     lines.append(f"| machine capacity (nproc x wall) | {(os.cpu_count() or 1) * r['storm_s']:.2f} | | |")
     if "cli" in r:
+        lines += report_cli(r, [])
+
+    return "\n".join(lines)
+
+
+def report_cli(r: dict[str, Any], argv: list[str]) -> Any:
+    """The status/report table (a string with argv: --cli-only; else lines for report())."""
+    lines: list[str] = []
+    if argv:
+        lines += [
+            f"Command: `.venv/bin/python bench/storm_bench.py {' '.join(argv)}`",
+            f"Machine: {platform.machine()}, nproc {os.cpu_count()}, Python {platform.python_version()}",
+        ]
+    if "cli" in r:
         c = r["cli"]
+        base = "baseline" in c["ms"]
         lines += [
             "",
-            f"CLI with {c['accounts']} accounts (seeded in {c['seed_s']:.0f} s: {c['seeded']}), "
-            f"wall ms over {len(next(iter(c['ms']['this'].values())))} runs (min / median / max):",
+            f"CLI with {c['accounts']} accounts (seeded in {c['seed_s']:.0f} s: {c['seeded']}); load "
+            f"{c['load_start']} -> {c['load_end']}; {len(next(iter(c['ms']['this'].values())))} runs each "
+            "after one warm-up, ms min / median / max:",
             "",
-            "| command | this | " + ("baseline | ratio |" if "baseline" in c["ms"] else ""),
-            "|---|---|" + ("---|---|" if "baseline" in c["ms"] else ""),
+            "| command | wall | CPU | " + ("baseline wall | baseline CPU | wall ratio | CPU ratio |" if base else ""),
+            "|---|---|---|" + ("---|---|---|---|" if base else ""),
         ]
+
+        def mmm(v: list[float]) -> str:
+            return f"{min(v):.0f} / {statistics.median(v):.0f} / {max(v):.0f}"
+
         for label, ms in c["ms"]["this"].items():
-            row = f"| `{label}` | {min(ms):.0f} / {statistics.median(ms):.0f} / {max(ms):.0f} |"
-            if "baseline" in c["ms"]:
-                b = c["ms"]["baseline"][label]
-                row += f" {min(b):.0f} / {statistics.median(b):.0f} / {max(b):.0f} |"
-                row += f" {statistics.median(ms) / statistics.median(b):.2f} |"
+            cpu = c["cpu_ms"]["this"][label]
+            row = f"| `{label}` | {mmm(ms)} | {mmm(cpu)} |"
+            if base:
+                bw, bc = c["ms"]["baseline"][label], c["cpu_ms"]["baseline"][label]
+                row += f" {mmm(bw)} | {mmm(bc)} | {statistics.median(ms) / statistics.median(bw):.2f} |"
+                row += f" {statistics.median(cpu) / statistics.median(bc):.2f} |"
             lines.append(row)
-    return "\n".join(lines)
+    return "\n".join(lines) if argv else lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -584,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cli-accounts", type=int, default=10000, help="accounts in the status/report store (0: skip)")
     ap.add_argument("--cli-runs", type=int, default=3, help="runs of each status/report command")
     ap.add_argument("--baseline", type=Path, help="a checkout whose `sidecar` also runs the status/report commands")
+    ap.add_argument("--cli-only", action="store_true", help="only the status/report part (no lab, no storm)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write every sample to this file")
     ap.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
@@ -601,7 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         "migrate_timeout": args.migrate_timeout,
     }
     try:
-        storm(args, lab_dir, result)
+        if args.cli_only:
+            cfg = lab_dir / "autoport.toml"
+            cfg.write_text('[store]\nurl = "sqlite:///unused"\n[mail]\ndomains = ["example.test"]\n'
+                           '[legacy]\nhost = "127.0.0.1"\n')  # fmt: skip
+            result["cli"] = cli_bench(args, lab_dir, cfg)
+        else:
+            storm(args, lab_dir, result)
     finally:
         launcher.lab_down(lab_dir)
         if args.keep:
@@ -610,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(lab_dir, ignore_errors=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    print(report(result, argv))
+    print(report_cli(result, argv) if args.cli_only else report(result, argv))
     return 0
 
 
