@@ -197,8 +197,9 @@ def readiness_reasons(
     store: Store, accounts: list[Account], excluded: set[str], never: list[NeverSeen] | None = None
 ) -> list[str]:
     """Why the legacy server may not be retired yet, as far as the inventory goes (module doc). `never`: the
-    caller's never_seen(store, accounts), when it has it."""
-    if not store.inventory(ACCOUNT):
+    caller's never_seen(store, accounts), when it has it (then the inventory is not read again when it lists
+    anybody never seen)."""
+    if not never and not store.inventory(ACCOUNT):
         return [
             "the legacy server's own account list was never read, so accounts nobody logged in to or sent mail "
             "to would be lost: run `autoport inventory --from legacy` (admin credentials), `--from ldap` or "
