@@ -399,7 +399,7 @@ def storm(args: argparse.Namespace, lab_dir: Path, result: dict[str, Any]) -> No
     result["legacy_peak_storm"] = {"total": peak, **detail}
 
     # the copies the storm started: until every account is migrated (or the timeout)
-    conns.slow_down(0.1)
+    conns.slow_down(0.25)
     want = len(ok)  # a failed login made no account
     deadline = t0 + args.migrate_timeout
     migrated_at = float("nan")
