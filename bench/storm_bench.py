@@ -327,6 +327,14 @@ def sidecar_decisions(text: str) -> list[float]:
     return [float(m.group(1)) for m in pat.finditer(text)]
 
 
+def sidecar_outcomes(text: str) -> dict[str, int]:
+    """The sidecar's decisions by outcome (`auth OUTCOME account=...` lines): ok, busy, ..."""
+    out: dict[str, int] = {}
+    for m in re.finditer(r"INFO \S+: auth (.+?) account=\S+ ", text):
+        out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
+
+
 # --- the storm ----------------------------------------------------------------------------------------------
 
 
@@ -428,6 +436,7 @@ def storm(args: argparse.Namespace, lab_dir: Path, result: dict[str, Any]) -> No
     store.close()
     tail = sidecar_log.read_bytes()[mark:].decode(errors="replace")
     result["sidecar_decision_ms"] = summary(sidecar_decisions(tail))
+    result["sidecar_outcomes"] = sidecar_outcomes(tail)
     result["raw"] = sorted(samples, key=lambda s: s["start"])
 
     if args.cli_accounts:
@@ -569,6 +578,7 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
         f"Storm: {r['logins']} first logins at concurrency {r['concurrency']} in {r['storm_s']:.1f} s: "
         f"**{r['logins_per_s']:.1f} logins/s**, {r['ok']} ok, failures: {r['failures'] or 0}",
     ]
+    lines.append(f"The sidecar's decisions by outcome (its log): {r.get('sidecar_outcomes')}")
     if r["failure_examples"]:
         lines.append(f"Failure examples: {r['failure_examples']}")
     lo, se, sd = r["login_ms"], r["session_ms"], r["sidecar_decision_ms"]
