@@ -496,11 +496,11 @@ def seed_store(url: str, n: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float, int]:
     """(wall ms, CPU ms of the command: user + sys, from wait4 via RUSAGE_CHILDREN, output bytes)."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, check=False)
+    p = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, check=False)
     ms = (time.perf_counter() - t) * 1000
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime) * 1000
@@ -548,14 +548,17 @@ def cli_bench(args: argparse.Namespace, lab_dir: Path, lab_config: Path) -> dict
     for run in range(args.cli_runs + 1):  # run 0 writes the byte code and warms the page cache: not counted
         for version in versions:
             for label, argv in commands.items():
+                cwd = None
                 if version == "this":
                     cmd = [exe, "--config", str(conf), *argv]
                     e = env
                 else:
+                    # `python -c` puts the working directory first on sys.path: run it in the baseline's
+                    cwd = args.baseline
                     code = "import sys; from sidecar.ops.cli import main; sys.exit(main())"
                     cmd = [sys.executable, "-c", code, "--config", str(conf), *argv]
                     e = dict(env, PYTHONPATH=str(args.baseline))
-                ms, cpu, size = _timed(cmd, e)
+                ms, cpu, size = _timed(cmd, e, cwd)
                 if run:
                     out["ms"].setdefault(version, {}).setdefault(label, []).append(ms)
                     out["cpu_ms"].setdefault(version, {}).setdefault(label, []).append(cpu)
