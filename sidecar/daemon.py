@@ -30,6 +30,24 @@ from sidecar.store.base import Store, StoreError
 
 log = logging.getLogger("autoport.daemon")
 
+HASH_NICE = 19  # the deferred argon2 hashes yield the CPU to live logins and lookups
+
+
+def _lower_thread_priority(nice: int = HASH_NICE) -> None:
+    """Run the calling thread (only: Linux keeps the nice value per thread) at `nice`; trouble is logged."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:
+        log.warning("hash thread: cannot lower its priority to nice %d (%s)", nice, e)
+
+
+def hash_executor() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread at nice 19: verified passwords are hashed after the answer, in the order they were verified,
+    and an argon2 hash (tens of ms of CPU) never delays a login or a lookup waiting for a CPU."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="hash", initializer=_lower_thread_priority
+    )
+
 
 def sd_notify(message: str) -> None:
     """Send a status line to systemd's notify socket when there is one (no-op otherwise)."""
@@ -156,8 +174,7 @@ class Daemon:
         from sidecar.migration.jobs import JobRunner
 
         self.credentials = CredentialCache()
-        # one thread: verified passwords are hashed after the answer, in the order they were verified
-        self.hasher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hash")
+        self.hasher = hash_executor()
         from sidecar.legacy.limit import LegacyLimiter
 
         # one cap for every connection this node's sidecar opens toward the legacy server (Postfix's relay apart)

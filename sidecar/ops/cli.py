@@ -296,6 +296,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from sidecar.ops.report import COLUMNS, build_report
 
     cfg = _load_config(args)
+    if args.rows < 0:
+        print("autoport: --rows needs a number >= 0 (0: every row)", file=sys.stderr)
+        return 2
     if args.format == "csv" and not args.section:
         print(f"autoport: --format csv needs --section (one of {', '.join(COLUMNS)})", file=sys.stderr)
         return 2
@@ -318,11 +321,11 @@ def cmd_report(args: argparse.Namespace) -> int:
         for row in report.rows(args.section):
             w.writerow({k: "; ".join(v) if isinstance(v, list) else v for k, v in row.items()})
     else:
-        _print_report(report, args.section)
+        _print_report(report, args.section, args.rows)
     return 0
 
 
-def _print_report(report: object, only: str | None) -> None:
+def _print_report(report: object, only: str | None, limit: int = 0) -> None:
     import datetime
 
     from rich.console import Console
@@ -347,7 +350,6 @@ def _print_report(report: object, only: str | None) -> None:
     for section in SECTIONS:
         if section == "readiness" or (only and section != only):
             continue
-        rows = report.rows(section)
         if section == "accounts":
             table = Table(title=titles[section])
             table.add_column("domain")
@@ -359,9 +361,12 @@ def _print_report(report: object, only: str | None) -> None:
             table.add_row("total", *(str(report.by_state[s]) for s in states), style="bold")
             console.print(table)
             continue
-        if not rows:
+        total = report.count(section)
+        if not total:
             console.print(f"{titles[section]}: none")
             continue
+        # --rows N: a table shows its first N rows (0: all) and says how many it left out
+        rows = report.rows(section, limit or None)
         table = Table(title=titles[section])
         for col in COLUMNS[section]:
             justify = "right" if col in ("messages", "bytes", "attempts") else "left"
@@ -377,6 +382,12 @@ def _print_report(report: object, only: str | None) -> None:
                 cells.append("\n".join(v) if isinstance(v, list) else str(v))
             table.add_row(*cells)
         console.print(table)
+        if total > len(rows):
+            console.print(
+                f"{total - len(rows)} more row(s) not shown ({total} in all): `autoport report --section {section} "
+                "--rows 0` shows every row, --format csv or json lists them too",
+                soft_wrap=True,
+            )
     if not only or only == "readiness":
         if report.readiness.ready:
             console.print("[bold green]Ready to retire the legacy server.[/]")
@@ -690,6 +701,8 @@ def _add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     s.add_argument("--section", choices=SECTIONS, help="one section only (required with --format csv)")
     s.add_argument("--days", type=int, default=7, help="window for mail still routed to the legacy server")
     s.add_argument("--users", metavar="FILE", help="the legacy server's user list (one address per line)")
+    s.add_argument("--rows", type=int, default=50, metavar="N",
+                   help="rows per table (default 50; 0: all); csv and json always list every row")  # fmt: skip
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("migrate", help="migrate accounts in bulk with the legacy admin credentials")

@@ -171,13 +171,15 @@ class NeverSeen:
     first_listed: float
 
 
-def _known(store: Store, address: str, accounts: dict[str, Account]) -> Account | None:
-    return accounts.get(address) or store.find_by_login(address)
-
-
 def never_seen(store: Store, accounts: Iterable[Account] | None = None) -> list[NeverSeen]:
-    """Inventoried addresses without an account here (nobody logged in, no mail), excluded ones included."""
-    by_address = {a.address: a for a in (store.accounts() if accounts is None else accounts)}
+    """Inventoried addresses without an account here (nobody logged in, no mail), excluded ones included.
+
+    An address is known when it is an account's address or one of its login names: both answered from the
+    accounts (store.accounts() reads every login in one query), never with a query per inventoried address."""
+    known: set[str] = set()
+    for a in store.accounts() if accounts is None else accounts:
+        known.add(a.address)
+        known.update(a.logins)
     found: dict[str, tuple[set[str], float]] = {}
     for e in store.inventory(ACCOUNT):
         sources, first = found.get(e.name, (set(), e.first_seen))
@@ -186,20 +188,26 @@ def never_seen(store: Store, accounts: Iterable[Account] | None = None) -> list[
     out = [
         NeverSeen(address, tuple(sorted(sources)), first)
         for address, (sources, first) in sorted(found.items())
-        if _known(store, address, by_address) is None
+        if address not in known
     ]
     return out
 
 
-def readiness_reasons(store: Store, accounts: list[Account], excluded: set[str]) -> list[str]:
-    """Why the legacy server may not be retired yet, as far as the inventory goes (module doc)."""
-    if not store.inventory(ACCOUNT):
+def readiness_reasons(
+    store: Store, accounts: list[Account], excluded: set[str], never: list[NeverSeen] | None = None
+) -> list[str]:
+    """Why the legacy server may not be retired yet, as far as the inventory goes (module doc). `never`: the
+    caller's never_seen(store, accounts), when it has it (then the inventory is not read again when it lists
+    anybody never seen)."""
+    if not never and not store.inventory(ACCOUNT):
         return [
             "the legacy server's own account list was never read, so accounts nobody logged in to or sent mail "
             "to would be lost: run `autoport inventory --from legacy` (admin credentials), `--from ldap` or "
             "`--from file FILE`"
         ]
-    missing = [n.address for n in never_seen(store, accounts) if n.address not in excluded]
+    missing = [
+        n.address for n in (never_seen(store, accounts) if never is None else never) if n.address not in excluded
+    ]
     if not missing:
         return []
     shown = ", ".join(missing[:SHOW]) + (f" and {len(missing) - SHOW} more" if len(missing) > SHOW else "")

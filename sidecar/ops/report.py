@@ -167,8 +167,15 @@ class Report:
     shared_folders: list[SharedFolder] = dataclasses.field(default_factory=list)
     sweeps: list[SweepBlocked] = dataclasses.field(default_factory=list)
 
-    def rows(self, section: str) -> list[dict[str, Any]]:
-        """The rows of one section with the documented field names (times as ISO strings)."""
+    def count(self, section: str) -> int:
+        """How many rows rows(section) has."""
+        if section in ("accounts", "readiness"):
+            return len(self.rows(section))
+        return len(getattr(self, section))
+
+    def rows(self, section: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The rows of one section with the documented field names (times as ISO strings); the first `limit`
+        only when given (the tables of `autoport report --rows N`; only those rows are built)."""
         if section == "accounts":
             return [
                 {"domain": d, "state": s, "accounts": n}
@@ -179,6 +186,8 @@ class Report:
             ready = "yes" if self.readiness.ready else "no"
             return [{"ready": ready, "reason": r} for r in self.readiness.reasons] or [{"ready": ready, "reason": ""}]
         items: list[Any] = getattr(self, section)
+        if limit is not None:
+            items = items[:limit]
         out = []
         for item in items:
             row = dataclasses.asdict(item)
@@ -334,7 +343,7 @@ def build_report(
         n, last, _ = groups.get(key, (0, 0.0, detail))
         groups[key] = (n + 1, max(last, r.at), detail)
     auto_rules = [AutoRule(k[0], k[1], k[2], n, last, detail) for k, (n, last, detail) in groups.items()]
-    for e in store.events(limit=100_000):
+    for e in store.events(limit=100_000, kind="sweep-hit"):
         if e.kind == "sweep-hit":
             count = e.detail.split(" ", 1)[0]  # "3 message(s) arrived on the legacy server after ..."
             auto_rules.append(
@@ -375,7 +384,8 @@ def build_report(
     # the inventory: accounts the legacy server (LDAP, a file) lists that nobody has seen; exclusions
     exclusions = store.exclusions()
     excluded_set = {x.address for x in exclusions}
-    never = [NeverSeen(n.address, n.sources, n.first_listed) for n in inventory.never_seen(store, accounts.values())]
+    never_listed = inventory.never_seen(store, accounts.values())
+    never = [NeverSeen(n.address, n.sources, n.first_listed) for n in never_listed]
     shared = [SharedFolder(e.name, e.source, e.detail) for e in store.inventory(inventory.SHARED_FOLDER)]
 
     # the verdict
@@ -408,7 +418,7 @@ def build_report(
     if hits:
         n = sum(x.messages for x in hits)
         reasons.append(f"{n} message(s) reached legacy mailboxes after cutover in the last {days} day(s)")
-    reasons += inventory.readiness_reasons(store, list(accounts.values()), excluded_set)
+    reasons += inventory.readiness_reasons(store, list(accounts.values()), excluded_set, never_listed)
     sweeps = [SweepBlocked(b.address, b.reason, b.since) for b in store.sweep_blocks()
               if b.address in accounts and accounts[b.address].state is State.MIGRATED]  # fmt: skip
     if sweeps:

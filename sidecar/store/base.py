@@ -323,8 +323,8 @@ class Store(abc.ABC):
     def record_event(self, address: str, kind: str, detail: str = "") -> None: ...
 
     @abc.abstractmethod
-    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
-        """The newest `limit` events (of one account), newest first."""
+    def events(self, address: str | None = None, limit: int = 100, *, kind: str | None = None) -> list[Event]:
+        """The newest `limit` events (of one account, of one kind), newest first."""
 
     # --- message log (milter) -----------------------------------------------------------------------------
     @abc.abstractmethod

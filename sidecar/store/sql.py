@@ -540,8 +540,10 @@ class SqlStore(Store):
         with self._write() as cur:
             self._event(cur, address, kind, detail, self._clock())
 
-    def events(self, address: str | None = None, limit: int = 100) -> list[Event]:
+    def events(self, address: str | None = None, limit: int = 100, *, kind: str | None = None) -> list[Event]:
         where, params = ("WHERE address = ?", [address]) if address is not None else ("", [])
+        if kind is not None:
+            where, params = (f"{where} AND kind = ?" if where else "WHERE kind = ?"), [*params, kind]
         with self._read() as cur:
             rows = cur.execute(
                 f"SELECT {_EVENT_COLS} FROM events {where} ORDER BY id DESC LIMIT ?", (*params, limit)
@@ -699,12 +701,12 @@ class SqlStore(Store):
             rows = cur.execute(
                 f"SELECT {', '.join(_MSG_FIELDS)} FROM message_log WHERE at >= ? ORDER BY at, id", (since,)
             ).fetchall()
-        out = []
-        for r in rows:
-            values = dict(zip(_MSG_FIELDS, r, strict=True))
-            values["from_legacy"] = bool(values["from_legacy"])
-            out.append(MessageRecord(**values))
-        return out
+        # positional, in _MSG_FIELDS order (test_store checks every field): `autoport report` reads every row,
+        # and a dict of keyword arguments per row cost more than the query
+        return [
+            MessageRecord(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], bool(r[11]), r[12])
+            for r in rows
+        ]
 
     # --- inventory and exclusions (schema v3) -------------------------------------------------------------
     def set_inventory(

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from harness.cli import autoport
@@ -16,6 +19,7 @@ from sidecar import config as config_mod
 from sidecar.ops.report import build_report
 from sidecar.states import State
 from sidecar.store.base import Store
+from sidecar.store.sqlite import SqliteStore
 
 
 def fill(store: Store) -> None:
@@ -191,3 +195,69 @@ def test_cli_renders_table_json_and_csv(cfg_path: Path, store: Store) -> None:
 
     p = autoport(cfg_path, "report", "--format", "csv")
     assert p.returncode == 2 and "--format csv needs --section" in p.stderr
+
+
+def _queries(store: Store, build: Callable[[], object]) -> list[str]:
+    """The SQL statements `build` runs on this thread's connection of the SQLite store."""
+    conn = cast(SqliteStore, store)._conn()
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        build()
+    finally:
+        conn.set_trace_callback(None)
+    return [s for s in seen if s.lstrip().upper().startswith("SELECT")]
+
+
+def _listed_accounts(store: Store, first: int, n: int) -> list[str]:
+    """n accounts that logged in by an old login name; the inventory lists them by that name. Returns the names."""
+    names = []
+    for i in range(first, first + n):
+        address = f"user{i}@example.org"
+        store.transition(address, State.COPYING, reason="test")
+        store.add_login(address, f"old.name{i}@example.org")
+        names += [address, f"old.name{i}@example.org"]
+    return names
+
+
+def test_report_reads_the_store_in_a_fixed_number_of_queries_whatever_the_number_of_accounts(
+    cfg_path: Path, store: Store
+) -> None:
+    cfg = config_mod.load(cfg_path)
+    fill(store)
+    listed = _listed_accounts(store, 0, 3)
+    store.set_inventory("file", "account", [*listed, "gone0@example.org"])
+    few = _queries(store, lambda: build_report(cfg, store))
+
+    listed += _listed_accounts(store, 3, 40)
+    store.set_inventory("file", "account", [*listed, *(f"gone{i}@example.org" for i in range(30))])
+    rep = build_report(cfg, store)
+    many = _queries(store, lambda: build_report(cfg, store))
+
+    assert len(many) == len(few), "\n".join(many)  # not one query per account, login or inventoried address
+    # an account listed under one of its login names is known; only the 30 gone ones were never seen
+    assert sorted(n.address for n in rep.never_seen) == sorted(f"gone{i}@example.org" for i in range(30))
+    assert any("30 legacy account(s) in the inventory were never seen" in r for r in rep.readiness.reasons)
+
+
+def test_report_tables_show_rows_first_rows_and_say_how_many_are_left_out(cfg_path: Path, store: Store) -> None:
+    fill(store)
+    store.set_inventory("file", "account", [f"gone{i:02d}@example.org" for i in range(60)])
+    store.close()
+    p = autoport(cfg_path, "report", "--section", "never_seen", "--rows", "5")
+    assert p.returncode == 0, p.stderr
+    shown = sorted(set(re.findall(r"gone\d\d@example\.org", p.stdout)))
+    assert shown == [f"gone{i:02d}@example.org" for i in range(5)]
+    assert "55 more row(s) not shown (60 in all)" in p.stdout
+
+    p = autoport(cfg_path, "report", "--section", "never_seen")  # default: 50 rows
+    assert len(set(re.findall(r"gone\d\d@example\.org", p.stdout))) == 50 and "10 more row(s)" in p.stdout
+    p = autoport(cfg_path, "report", "--section", "never_seen", "--rows", "0")
+    assert len(set(re.findall(r"gone\d\d@example\.org", p.stdout))) == 60 and "more row(s)" not in p.stdout
+    # csv and json are not cut
+    p = autoport(cfg_path, "report", "--format", "json", "--section", "never_seen", "--rows", "5")
+    assert len(json.loads(p.stdout)["never_seen"]) == 60
+    p = autoport(cfg_path, "report", "--format", "csv", "--section", "never_seen", "--rows", "5")
+    assert len(list(csv.DictReader(io.StringIO(p.stdout)))) == 60
+    p = autoport(cfg_path, "report", "--rows", "-1")
+    assert p.returncode == 2 and "--rows" in p.stderr

@@ -319,6 +319,8 @@ def test_events_message_log_and_folder_marks(store: SqlStore) -> None:
     store.record_event("other@example.org", "sweep-hit", "1 message")
     assert [e.kind for e in store.events(a)] == ["retry", "transition"]
     assert len(store.events()) == 3 and len(store.events(limit=1)) == 1
+    assert [(e.address, e.kind) for e in store.events(kind="sweep-hit")] == [("other@example.org", "sweep-hit")]
+    assert [e.kind for e in store.events(a, kind="retry")] == ["retry"] and store.events(a, kind="sweep-hit") == []
 
     recs = [
         MessageRecord("Q1", a, "s@x.org", "<1@x>", "smtp:[legacy]:25", 100, auto_submitted="auto-replied"),
@@ -332,6 +334,14 @@ def test_events_message_log_and_folder_marks(store: SqlStore) -> None:
     assert got[0] == recs[1]
     assert got[1].auto_submitted == "auto-replied" and got[1].at > 0 and got[1].from_legacy is False
     assert len(store.message_log()) == 3
+    # every field comes back in its place (message_log_since builds the records positionally)
+    full = MessageRecord("Q3", "i@example.org", "s@y.org", "<3@y>", "lmtp", 300, "auto-generated", "bulk",
+                         "<l.example.org>", "192.0.2.5", "i@example.org", True, 7.0)  # fmt: skip
+    store.log_messages([full])
+    since = store.message_log_since(0.0)
+    assert since[0] == recs[1] and since[1] == full and {r.queue_id for r in since[2:]} == {"Q1", "Q2"}
+    assert since[0].from_legacy is True and since[-1].from_legacy is False
+    assert store.message_log_since(6.0)[0] == full
 
     assert store.folder_marks(a) == {}
     store.set_folder_mark(a, FolderMark("INBOX", 1234, 10, 10))
