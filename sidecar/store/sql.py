@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -163,6 +164,10 @@ class SqlStore(Store):
         """A consistent read (one transaction)."""
 
     @abc.abstractmethod
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """One SELECT outside any transaction (a single statement is its own consistent read), for hot paths."""
+
+    @abc.abstractmethod
     def _schema_lock(self, cur: Cursor) -> None:
         """Serialise migrations between processes (inside the migration's transaction)."""
 
@@ -242,9 +247,15 @@ class SqlStore(Store):
             return None if row is None else self._load_account(cur, row[0])
 
     def state_of(self, address: str) -> State | None:
-        with self._read() as cur:
-            row = cur.execute("SELECT state FROM accounts WHERE address = ?", (address,)).fetchone()
-        return None if row is None else State(row[0])
+        rows = self._select("SELECT state FROM accounts WHERE address = ?", (address,))
+        return State(rows[0][0]) if rows else None
+
+    def state_of_either(self, address: str, fallback: str) -> State | None:
+        """The state of `address`, else of `fallback` (its base address): one SELECT, no BEGIN."""
+        rows = self._select("SELECT address, state FROM accounts WHERE address IN (?, ?)", (address, fallback))
+        found: dict[str, str] = {r[0]: r[1] for r in rows}
+        state = found.get(address, found.get(fallback))
+        return None if state is None else State(state)
 
     def transition(
         self, address: str, new: State, *, expect: State | object | None = ..., reason: str = ""
@@ -842,6 +853,9 @@ def _alias(row: Row) -> Alias:
     )
 
 
+_INHERITED: list[Any] = []  # connections a forked child inherited: kept, never used, never finalised
+
+
 class PerThread:
     """One driver connection per thread, all of them closable at once.
 
@@ -854,9 +868,21 @@ class PerThread:
         self._lock = threading.Lock()
         self._conns: dict[int, Any] = {}
         self.closed = False
+        self._pid = os.getpid()
 
     def get(self) -> Any:
+        if self._pid != os.getpid():
+            self._forked()
         return self._conns.get(threading.get_ident())
+
+    def _forked(self) -> None:
+        """In a forked child (the socketmap workers): the parent's connections are not ours to use or close
+        (closing one would end the parent's session or checkpoint its WAL), so they stay referenced (never
+        finalised) until the child exits; start afresh, with a lock no other thread can be holding."""
+        _INHERITED.append(self._conns)
+        self._conns = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def put(self, conn: Any) -> None:
         ident = threading.get_ident()
