@@ -155,8 +155,8 @@ async def drive(args: argparse.Namespace, tmp: str, sock: str) -> tuple[float, s
     return time.perf_counter() - t0, codes
 
 
-async def run_one(kind: str, args: argparse.Namespace, tmp: str, policy: RoutingPolicy) -> dict[str, Any]:
-    sock = f"{tmp}/sm-{kind}.sock"
+async def run_one(kind: str, args: argparse.Namespace, tmp: str, policy: RoutingPolicy, r: int) -> dict[str, Any]:
+    sock = f"{tmp}/sm-{kind}-{r}.sock"
     total = args.clients * args.keys
     load = os.getloadavg()[0]
     if kind == "null":
@@ -220,7 +220,7 @@ async def main() -> None:
         kinds = args.servers.split(",")
         print(f"cpus={os.cpu_count()} clients={args.clients} keys/client={args.keys} cache_ttl={args.cache_ttl}")
         for r in range(args.rounds):
-            results = [await run_one(k, args, tmp, policy) for k in (kinds if r % 2 == 0 else kinds[::-1])]
+            results = [await run_one(k, args, tmp, policy, r) for k in (kinds if r % 2 == 0 else kinds[::-1])]
             for res in results:
                 print(res, flush=True)
             rates = {res["server"]: res["rate"] for res in results}

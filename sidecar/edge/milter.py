@@ -158,6 +158,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
         self.client_addr = ""
+        self._protocol = 0  # Milter.Base's: the options negotiate() agreed (no super().__init__ without a ctx)
         self._reset()
 
     def _reset(self) -> None:
@@ -181,6 +182,9 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
         return str(value)[:MAX_HEADER_VALUE]
 
     # --- callbacks: each returns CONTINUE (ACCEPT at end of message), whatever happens -------------------
+    # @noreply: Postfix is told (SMFIP_NR_*) not to wait for our answer to these (one a header!); it goes on at
+    # once. Not overriding hello/data/unknown/eoh leaves them negotiated away (SMFIP_NO*): Postfix never sends
+    # them. connect keeps its reply: once per SMTP connection, and pymilter's test context closes on NOREPLY.
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         try:
             if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
@@ -192,6 +196,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("connect")
         return CONTINUE
 
+    @Milter.noreply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         try:
             self._reset()
@@ -204,6 +209,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("envfrom")
         return CONTINUE
 
+    @Milter.noreply
     def envrcpt(self, to: str, *params: str) -> int:
         try:
             if len(self.rcpts) < MAX_RECIPIENTS:
@@ -222,6 +228,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             return mailer
         return f"{mailer}:{host}"
 
+    @Milter.noreply
     def header(self, field: str, value: str) -> int:
         try:
             self.size += len(field) + len(value) + 4  # "Field: value\r\n"
@@ -232,10 +239,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("header")
         return CONTINUE
 
-    def eoh(self) -> int:
-        self.size += 2  # the empty line
-        return CONTINUE
-
+    @Milter.noreply
     def body(self, chunk: bytes) -> int:
         self.size += len(chunk)
         return CONTINUE
@@ -261,6 +265,8 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
 
     def _records(self) -> list[MessageRecord]:
         queue_id = self._macro("i")
+        # the empty line after the header section (counted here: no eoh callback, one event less per message)
+        size = self.size + 2 if self.size else 0
         now = time.time()
         from_legacy = self.client_addr in self.shared.legacy_addrs
         return [
@@ -270,7 +276,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
                 sender=self.sender,
                 message_id=self.fields.get("message_id", ""),
                 route=route,
-                size=self.size,
+                size=size,
                 auto_submitted=self.fields.get("auto_submitted", ""),
                 precedence=self.fields.get("precedence", ""),
                 list_id=self.fields.get("list_id", ""),
