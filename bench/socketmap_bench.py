@@ -225,9 +225,8 @@ async def main() -> None:
                 print(res, flush=True)
             rates = {res["server"]: res["rate"] for res in results}
             if "null" in rates:
-                print(
-                    f"round {r}: " + "  ".join(f"{k} {v:,}/s ({v / rates['null']:.2f} of null)" for k, v in rates.items())
-                )
+                shown = (f"{k} {v:,}/s ({v / rates['null']:.2f} of null)" for k, v in rates.items())
+                print(f"round {r}: " + "  ".join(shown))
         store.close()
 
 

@@ -296,7 +296,7 @@ def test_killed_socketmap_worker_is_restarted_and_postfix_keeps_getting_answers(
         asker.join(30)
         assert workers[1] in _socketmap_workers(sc.proc.pid)  # the other one kept serving
         # every answer Postfix got is the right route; a lookup caught by the kill is a temporary error
-        wrong = [a for a in answers if a[0] == 0 and a[1] != route or a[0] != 0 and "temporary" not in a[2]]
+        wrong = [a for a in answers if (a[0] == 0 and a[1] != route) or (a[0] != 0 and "temporary" not in a[2])]
         assert wrong == [] and sum(a[0] == 0 for a in answers) >= 3, answers[:5]
         assert sc.lookup("ann@example.org").decode()[3:] == route
         assert sc.proc.poll() is None
