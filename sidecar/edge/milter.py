@@ -18,7 +18,8 @@ import queue
 import socket
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import Milter
 
@@ -39,6 +40,14 @@ MAX_RECIPIENTS = 1000  # per message (Postfix's smtpd_recipient_limit default)
 BARE_ROUTES = ("retry", "error", "discard")  # their "host" is a reason text, not a nexthop
 HEADERS = {"message-id": "message_id", "auto-submitted": "auto_submitted", "precedence": "precedence",
            "list-id": "list_id"}  # fmt: skip
+
+
+_Callback = TypeVar("_Callback", bound=Callable[..., int])
+
+
+def _noreply(func: _Callback) -> _Callback:
+    """Milter.noreply, typed: negotiates SMFIP_NR_* for the callback and answers NOREPLY where agreed."""
+    return cast(_Callback, Milter.noreply(func))
 
 
 class MilterStats:
@@ -196,7 +205,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("connect")
         return CONTINUE
 
-    @Milter.noreply
+    @_noreply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         try:
             self._reset()
@@ -209,7 +218,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("envfrom")
         return CONTINUE
 
-    @Milter.noreply
+    @_noreply
     def envrcpt(self, to: str, *params: str) -> int:
         try:
             if len(self.rcpts) < MAX_RECIPIENTS:
@@ -228,7 +237,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             return mailer
         return f"{mailer}:{host}"
 
-    @Milter.noreply
+    @_noreply
     def header(self, field: str, value: str) -> int:
         try:
             self.size += len(field) + len(value) + 4  # "Field: value\r\n"
@@ -239,7 +248,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("header")
         return CONTINUE
 
-    @Milter.noreply
+    @_noreply
     def body(self, chunk: bytes) -> int:
         self.size += len(chunk)
         return CONTINUE
