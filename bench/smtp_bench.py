@@ -7,6 +7,7 @@ Starts one lab (legacy + target + sidecar, SQLite store) and alternates, in one 
            smtpd_milters = the sidecar's milter (as deployed);
   static:  the same Postfix with texthash maps holding the same answers, no virtual_alias_maps, no milter
   socketmap-only: the sidecar's maps without the milter (to tell the two costs apart)
+  milter-only: the static maps with the sidecar's milter
 (`postconf -e` + `postfix reload` between phases). Every recipient is a migrated account (local LMTP delivery)
 verified beforehand, so both phases do the same work. Reports messages/s accepted (250 after DATA, N clients
 each sending its share over one connection per 50 messages) and the time until the queue is empty again.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import shutil
 import smtplib
 import subprocess
@@ -110,13 +112,18 @@ def main() -> None:
             phases = [
                 ("sidecar", original),
                 ("socketmap-only", original | {"smtpd_milters": ""}),
+                ("milter-only", static_settings | {"smtpd_milters": original["smtpd_milters"]}),
                 ("static", static_settings),
             ]
             if r % 2:  # odd rounds in reverse: the first phase after a reload runs on a colder Postfix
                 phases.reverse()
             for label, settings in phases:
                 postconf(pf, settings)
-                results.append(phase(info, pf, rcpts, args, f"{label}{r}"))
+                load = os.getloadavg()[0]
+                results.append(phase(info, pf, rcpts, args, f"{label}{r}") | {"load1": load})
+            rates = {x["phase"][:-1]: x["rate"] for x in results[-len(phases) :]}
+            print(f"round {r}: " + "  ".join(f"{k} {v / rates['static']:.2f}" for k, v in rates.items())
+                  + " (accept rate / static's)", flush=True)  # fmt: skip
         postconf(pf, original)
         for res in results:
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))

@@ -8,9 +8,10 @@ the auth socket or the job runner: that path was the asyncio server's cost (benc
 - The parent supervises: a worker that dies is forked again (at once, then with a backoff if it keeps dying).
   Postfix's connection to a dead worker breaks, Postfix retries the lookup later (a temporary failure, never a
   wrong route); new connections go to the other workers, or wait in the listen backlog for the new one.
-- A lookup that overruns ``request_timeout`` is interrupted (SIGALRM) and answered ``TIMEOUT``; the worker keeps
-  serving. A broken netstring gets the replies of the requests before it, then the connection is closed; a
-  well-framed request that is not ``NAME KEY`` gets ``PERM`` and the connection stays.
+- A lookup that overruns ``request_timeout`` is interrupted (a periodic SIGALRM, every request_timeout / 4,
+  finds it too old) and answered ``TIMEOUT``; the worker keeps serving. A broken netstring gets the replies of
+  the requests before it, then the connection is closed; a well-framed request that is not ``NAME KEY`` gets
+  ``PERM`` and the connection stays.
 - Counters live in shared memory, a row per worker slot (written by that worker only), summed by the parent for
   the dashboard's metrics.
 
@@ -103,10 +104,6 @@ class _Stalled(BaseException):
     """Raised by SIGALRM inside a lookup that overran request_timeout (BaseException: no store code catches it)."""
 
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise _Stalled
-
-
 class _Conn:
     __slots__ = ("closing", "decoder", "events", "last", "out", "sock")
 
@@ -145,6 +142,14 @@ class _Worker:
         self.sel = selectors.DefaultSelector()
         self.conns: dict[int, _Conn] = {}
         self.running = True
+        self.lookup_started = 0.0  # monotonic time the current lookup began; 0: none running
+
+    def watchdog(self, signum: int, frame: FrameType | None) -> None:
+        """SIGALRM, every request_timeout / 4 (a periodic timer: no system call per request)."""
+        started = self.lookup_started
+        if started and time.monotonic() - started >= self.request_timeout:
+            self.lookup_started = 0.0
+            raise _Stalled
 
     # --- lookups --------------------------------------------------------------------------------------------
     def _encode(self, reply: Reply) -> bytes:
@@ -167,8 +172,7 @@ class _Worker:
             if hit is not None and hit[0] > time.monotonic():
                 counts[CACHE_HITS] += 1
                 return hit[1]
-        if self.request_timeout > 0:
-            signal.setitimer(signal.ITIMER_REAL, self.request_timeout)
+        self.lookup_started = time.monotonic()
         try:
             reply = self.policy.lookup(name, key)
         except _Stalled:
@@ -179,7 +183,7 @@ class _Worker:
             log.exception("socketmap lookup %s %r failed", name, key[:200])
             reply = INTERNAL
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.lookup_started = 0.0
         data = self._encode(reply)
         if self.cache_ttl > 0 and reply.status in (Status.OK, Status.NOTFOUND):
             if len(self.cache) >= CACHE_MAX:
@@ -310,7 +314,10 @@ def _child_main(worker: _Worker) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C at a terminal is the parent's to handle
-    signal.signal(signal.SIGALRM, _alarm)
+    signal.signal(signal.SIGALRM, worker.watchdog)
+    if worker.request_timeout > 0:
+        tick = max(0.01, worker.request_timeout / 4)
+        signal.setitimer(signal.ITIMER_REAL, tick, tick)
     for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2):
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)

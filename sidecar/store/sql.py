@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
@@ -854,6 +855,15 @@ def _alias(row: Row) -> Alias:
 
 
 _INHERITED: list[Any] = []  # connections a forked child inherited: kept, never used, never finalised
+_ALL: weakref.WeakSet[PerThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_ALL):
+        pool._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class PerThread:
@@ -868,11 +878,9 @@ class PerThread:
         self._lock = threading.Lock()
         self._conns: dict[int, Any] = {}
         self.closed = False
-        self._pid = os.getpid()
+        _ALL.add(self)
 
     def get(self) -> Any:
-        if self._pid != os.getpid():
-            self._forked()
         return self._conns.get(threading.get_ident())
 
     def _forked(self) -> None:
@@ -882,7 +890,6 @@ class PerThread:
         _INHERITED.append(self._conns)
         self._conns = {}
         self._lock = threading.Lock()
-        self._pid = os.getpid()
 
     def put(self, conn: Any) -> None:
         ident = threading.get_ident()

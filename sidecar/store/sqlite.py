@@ -165,8 +165,10 @@ class SqliteStore(SqlStore):
         return self._tx("BEGIN")
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[Row]:
-        with self._errors():
+        try:  # not `with self._errors()`: this is routing's hot path, and a context manager costs as much
             return self._conn().execute(sql, tuple(params)).fetchall()  # autocommit: no BEGIN/COMMIT round
+        except sqlite3.Error as e:
+            raise translate(e, self.path) from None
 
     def _schema_lock(self, cur: Cursor) -> None:
         """BEGIN IMMEDIATE already holds the write lock."""
