@@ -21,6 +21,7 @@ More: docs/modules.md ("socketmap workers").
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import mmap
@@ -58,6 +59,7 @@ CONNECTIONS, REQUESTS, CACHE_HITS, MALFORMED_N, TIMEOUTS, RESTARTS = range(len(F
 READ_SIZE = 65536
 MAX_OUTPUT = 256 * 1024  # unsent reply bytes of one connection before we stop reading from it
 RESTART_BACKOFF_MAX = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_GRACE = 3.0  # seconds a worker gets after SIGTERM before SIGKILL
 
 
@@ -324,6 +326,15 @@ def _child_main(worker: _Worker) -> None:
     worker.run(wake_r)
 
 
+def _die_with(parent: int) -> None:
+    """SIGTERM when the daemon goes (even by SIGKILL): no orphan keeps answering from an old socket."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it went before prctl took effect
+        os._exit(0)
+
+
 class SocketmapWorkers:
     """The listening socket plus its worker processes; the asyncio.AbstractServer surface the daemon uses."""
 
@@ -367,10 +378,12 @@ class SocketmapWorkers:
 
     # --- processes ------------------------------------------------------------------------------------------
     def _spawn(self, slot: int) -> None:
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 0
             try:
+                _die_with(parent)
                 if self.on_fork is not None:
                     self.on_fork()
                 worker = _Worker(self.listener, self.policy, self.stats.row(slot), **self.limits)

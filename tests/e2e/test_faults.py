@@ -310,6 +310,22 @@ def test_killed_socketmap_worker_is_restarted_and_postfix_keeps_getting_answers(
 
 
 @pytest.mark.e2e
+def test_socketmap_workers_end_with_a_killed_daemon(sidecar_dir: Path) -> None:
+    fake = FakeLegacy(accept="right-pw")
+    sc = Sidecar(sidecar_dir, f"sqlite:///{sidecar_dir / 'store' / 'state.db'}", fake)
+    try:
+        workers = _socketmap_workers(sc.proc.pid)
+        assert len(workers) == 2
+        sc.proc.kill()  # SIGKILL: the daemon cannot stop them itself
+        sc.proc.wait(10)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10,
+                 "the orphaned workers to end")  # fmt: skip
+    finally:
+        sc.stop()
+        fake.close()
+
+
+@pytest.mark.e2e
 def test_slow_legacy_server_bounded_waits_and_no_pile_up(sidecar_dir: Path) -> None:
     fake = FakeLegacy(delay=30)  # accepts the connection, then says nothing for 30 s
     sc = Sidecar(sidecar_dir, f"sqlite:///{sidecar_dir / 'store' / 'state.db'}", fake, auth_concurrency=4)
