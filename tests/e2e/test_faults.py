@@ -140,7 +140,9 @@ class Sidecar:
             self.proc = subprocess.Popen([AUTOPORT, "--config", str(self.config), "serve"], cwd=ROOT,
                                          stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         deadline = time.monotonic() + 20
-        while not (os.path.exists(self.auth) and os.path.exists(self.socketmap)):
+        # ready, not only listening: the start-up after the sockets (forking the socketmap workers, the node's
+        # first heartbeat) must not meet a fault a test injects right after
+        while not (os.path.exists(self.auth) and os.path.exists(self.socketmap) and "sidecar ready" in self.log()):
             assert self.proc.poll() is None, (root / "stderr").read_text()
             assert time.monotonic() < deadline, "sidecar did not start"
             time.sleep(0.05)
@@ -188,7 +190,8 @@ class Sidecar:
         raise AssertionError("no Threads line")
 
     def log(self) -> str:
-        return (self.root / "sidecar.log").read_text(errors="replace")
+        path = self.root / "sidecar.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @pytest.fixture
