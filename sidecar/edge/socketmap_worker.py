@@ -398,7 +398,7 @@ class SocketmapWorkers:
         self._started[slot] = time.monotonic()
 
     def _supervise(self) -> None:
-        while not self._stopping.wait(0.02):
+        while not self._stopping.wait(0.1):  # a dead worker is forked again within 0.1 s
             for slot, pid in enumerate(self.pids):
                 if not pid:
                     continue
