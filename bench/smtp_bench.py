@@ -7,6 +7,7 @@ Starts one lab (legacy + target + sidecar, SQLite store) and alternates, in one 
            smtpd_milters = the sidecar's milter (as deployed);
   static:  the same Postfix with texthash maps holding the same answers, no virtual_alias_maps, no milter
   socketmap-only: the sidecar's maps without the milter (to tell the two costs apart)
+  milter-only: the static maps with the sidecar's milter
 (`postconf -e` + `postfix reload` between phases). Every recipient is a migrated account (local LMTP delivery)
 verified beforehand, so both phases do the same work. Reports messages/s accepted (250 after DATA, N clients
 each sending its share over one connection per 50 messages) and the time until the queue is empty again.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import shutil
 import smtplib
 import subprocess
@@ -55,9 +57,38 @@ def queue_empty(pf: str) -> bool:
     return not out.strip()
 
 
+CLK = os.sysconf("SC_CLK_TCK")
+COMPONENTS = {"sidecar": "sidecar", "postfix": "target-postfix", "dovecot": "target-dovecot"}
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds of a process tree: every live descendant's own, plus what each has reaped (cutime/cstime)."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                f = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+            except OSError:
+                continue
+            parent[int(entry)] = int(f[1])
+            ticks[int(entry)] = sum(int(x) for x in f[11:15])  # utime stime cutime cstime
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += [c for c, p in parent.items() if p == pid]
+    return total / CLK
+
+
+def cpu_by_component(info: dict[str, Any]) -> dict[str, float]:
+    return {k: tree_cpu(info["pids"][v]) for k, v in COMPONENTS.items() if info["pids"].get(v)}
+
+
 def phase(info: dict[str, Any], pf: str, rcpts: list[str], args: argparse.Namespace, name: str) -> dict[str, Any]:
     host, port = info["target"]["host"], info["target"]["smtp"]
     per = args.messages // args.clients
+    cpu0 = cpu_by_component(info)
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
         done = sum(pool.map(lambda c: client(host, port, rcpts, per, f"{name}{c}"), range(args.clients)))
@@ -65,7 +96,12 @@ def phase(info: dict[str, Any], pf: str, rcpts: list[str], args: argparse.Namesp
     while not queue_empty(pf):
         time.sleep(0.05)
     drained = time.perf_counter() - t0
-    return {"phase": name, "messages": done, "accept_s": accepted, "rate": done / accepted, "drained_s": drained}
+    cpu1 = cpu_by_component(info)
+    # CPU per message of each component until the queue is empty (ms): independent of the machine's load, unlike
+    # the rates, which are what other users of the 2 CPUs leave to us
+    cpu_ms = {f"{k}_cpu_ms": round((cpu1[k] - cpu0[k]) / done * 1000, 3) for k in cpu0 if k in cpu1}
+    rates = {"rate": done / accepted, "drained_s": drained}
+    return {"phase": name, "messages": done, "accept_s": accepted} | rates | cpu_ms
 
 
 def postconf(pf: str, settings: dict[str, str]) -> None:
@@ -110,13 +146,18 @@ def main() -> None:
             phases = [
                 ("sidecar", original),
                 ("socketmap-only", original | {"smtpd_milters": ""}),
+                ("milter-only", static_settings | {"smtpd_milters": original["smtpd_milters"]}),
                 ("static", static_settings),
             ]
             if r % 2:  # odd rounds in reverse: the first phase after a reload runs on a colder Postfix
                 phases.reverse()
             for label, settings in phases:
                 postconf(pf, settings)
-                results.append(phase(info, pf, rcpts, args, f"{label}{r}"))
+                load = os.getloadavg()[0]
+                results.append(phase(info, pf, rcpts, args, f"{label}{r}") | {"load1": load})
+            rates = {x["phase"][:-1]: x["rate"] for x in results[-len(phases) :]}
+            print(f"round {r}: " + "  ".join(f"{k} {v / rates['static']:.2f}" for k, v in rates.items())
+                  + " (accept rate / static's)", flush=True)  # fmt: skip
         postconf(pf, original)
         for res in results:
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in res.items()}))

@@ -135,6 +135,11 @@ class SocketsConfig:
 
     auth: str = _f("/run/autoport/auth.sock", "socket autoport-checkpassword talks to")
     socketmap: str = _f("/run/autoport/socketmap.sock", "Postfix socketmap (transport, verify maps)")
+    socketmap_workers: int = _f(
+        2,
+        "processes answering the socketmap (forked by the daemon, restarted if they die; 0: answer in the "
+        "daemon's own event loop, ~2x slower, bench/results/routing.md)",
+    )
     milter: str = _f(
         "unix:/run/autoport/milter.sock",
         "milter listener, in Postfix's notation (unix:/PATH; inet:HOST:PORT works but costs Postfix 2x "
@@ -389,6 +394,8 @@ def _check_semantics(cfg: Config, path: str) -> None:
             f"{path}: key 'mail.namespace_prefix' {prefix!r} must be empty or end with namespace_separator "
             f"(given explicitly), e.g. \"INBOX.\" with \".\""
         )
+    if not 0 <= cfg.sockets.socketmap_workers <= 64:
+        raise ConfigError(f"{path}: key 'sockets.socketmap_workers' must be 0..64, not {cfg.sockets.socketmap_workers}")
     for d in cfg.mail.domains:
         if not d or "@" in d or " " in d:
             raise ConfigError(f"{path}: key 'mail.domains' has an invalid domain {d!r}")

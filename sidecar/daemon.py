@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import grp
 import importlib.util
 import json
@@ -221,13 +222,19 @@ class Daemon:
         routing = RoutingPolicy(cfg, self.store)
         sm = cfg.sockets.socketmap
         sm_path = unix_path(sm)
+        workers = cfg.sockets.socketmap_workers
+        start_sm: Any = start_socketmap_server
+        if workers > 0:
+            from sidecar.edge.socketmap_worker import start_socketmap_workers
+
+            start_sm = functools.partial(start_socketmap_workers, workers=workers)
         if sm_path:
             _prepare_unix_path(sm_path)
-            self.servers.append(await start_socketmap_server(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
+            self.servers.append(await start_sm(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
             secure_socket(sm_path, cfg.sockets.postfix_group, cfg.sockets.mode)
         else:
-            self.servers.append(await start_socketmap_server(sm, routing))
-        log.info("socketmap listening on %s", sm)
+            self.servers.append(await start_sm(sm, routing))
+        log.info("socketmap listening on %s (%s)", sm, f"{workers} worker processes" if workers else "in-process")
         if sources is not None:
             sources.socketmap = getattr(self.servers[-1], "stats", None)
 

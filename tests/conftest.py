@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 from harness.backends import Backend
-from harness.fakes import FakeStore
 from harness.labs import make_lab_dir, running_lab
 from harness.milter_wire import SERVER as MILTER_SERVER
 from harness.shim import FakePolicy, Server
-from harness.socketmap_server import STATES, Running
+from harness.socketmap_server import KINDS, STATES, Running, SharedFlagsStore
 
 from sidecar.lab.info import LabInfo
 from sidecar.lab.pgcluster import PgCluster
@@ -91,14 +90,15 @@ def server(tmp_path: Path) -> Iterator[Server]:
     s.close()
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[..., Running]]:
-    """serve(**server limits) starts a socketmap server over the fake store holding STATES; all stopped after."""
+@pytest.fixture(params=KINDS)
+def serve(request: pytest.FixtureRequest) -> Iterator[Callable[..., Running]]:
+    """serve(**server limits) starts a socketmap server over the fake store holding STATES; all stopped after.
+    Once per server: the asyncio one and the worker processes (both must answer alike)."""
     started: list[Running] = []
     tmp = Path(tempfile.mkdtemp(prefix="sm-", dir="/tmp"))
 
     def start(**kw: Any) -> Running:
-        r = Running(tmp, FakeStore(dict(STATES)), **kw)
+        r = Running(tmp, SharedFlagsStore(dict(STATES), tmp / f"flags{len(started)}"), request.param, **kw)
         started.append(r)
         return r
 

@@ -365,6 +365,7 @@ class Collector:
                 ("cache_hits", "Socketmap answers from the cache"),
                 ("malformed", "Malformed socketmap requests"),
                 ("timeouts", "Socketmap requests answered TEMP after the request timeout"),
+                ("restarts", "Socketmap worker processes started again after they died"),
             ):
                 yield _counter(f"autoport_socketmap_{name}", help_, getattr(sm, name, 0))
 

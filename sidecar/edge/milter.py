@@ -19,7 +19,8 @@ import socket
 import stat
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import Milter
 
@@ -40,6 +41,14 @@ MAX_RECIPIENTS = 1000  # per message (Postfix's smtpd_recipient_limit default)
 BARE_ROUTES = ("retry", "error", "discard")  # their "host" is a reason text, not a nexthop
 HEADERS = {"message-id": "message_id", "auto-submitted": "auto_submitted", "precedence": "precedence",
            "list-id": "list_id"}  # fmt: skip
+
+
+_Callback = TypeVar("_Callback", bound=Callable[..., int])
+
+
+def _noreply(func: _Callback) -> _Callback:
+    """Milter.noreply, typed: negotiates SMFIP_NR_* for the callback and answers NOREPLY where agreed."""
+    return cast(_Callback, Milter.noreply(func))
 
 
 class MilterStats:
@@ -159,6 +168,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self, shared: _Shared) -> None:
         self.shared = shared
         self.client_addr = ""
+        self._protocol = 0  # Milter.Base's: the options negotiate() agreed (no super().__init__ without a ctx)
         self._reset()
 
     def _reset(self) -> None:
@@ -182,6 +192,9 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
         return str(value)[:MAX_HEADER_VALUE]
 
     # --- callbacks: each returns CONTINUE (ACCEPT at end of message), whatever happens -------------------
+    # @noreply: Postfix is told (SMFIP_NR_*) not to wait for our answer to these (one a header!); it goes on at
+    # once. Not overriding hello/data/unknown/eoh leaves them negotiated away (SMFIP_NO*): Postfix never sends
+    # them. connect keeps its reply: once per SMTP connection, and pymilter's test context closes on NOREPLY.
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
         try:
             if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
@@ -193,6 +206,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("connect")
         return CONTINUE
 
+    @_noreply
     def envfrom(self, mailfrom: str, *params: str) -> int:
         try:
             self._reset()
@@ -205,6 +219,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("envfrom")
         return CONTINUE
 
+    @_noreply
     def envrcpt(self, to: str, *params: str) -> int:
         try:
             if len(self.rcpts) < MAX_RECIPIENTS:
@@ -223,6 +238,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             return mailer
         return f"{mailer}:{host}"
 
+    @_noreply
     def header(self, field: str, value: str) -> int:
         try:
             self.size += len(field) + len(value) + 4  # "Field: value\r\n"
@@ -233,10 +249,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
             self._fault("header")
         return CONTINUE
 
-    def eoh(self) -> int:
-        self.size += 2  # the empty line
-        return CONTINUE
-
+    @_noreply
     def body(self, chunk: bytes) -> int:
         self.size += len(chunk)
         return CONTINUE
@@ -262,6 +275,8 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
 
     def _records(self) -> list[MessageRecord]:
         queue_id = self._macro("i")
+        # the empty line after the header section (counted here: no eoh callback, one event less per message)
+        size = self.size + 2 if self.size else 0
         now = time.time()
         from_legacy = self.client_addr in self.shared.legacy_addrs
         return [
@@ -271,7 +286,7 @@ class MessageLogMilter(Milter.Base):  # type: ignore[misc]
                 sender=self.sender,
                 message_id=self.fields.get("message_id", ""),
                 route=route,
-                size=self.size,
+                size=size,
                 auto_submitted=self.fields.get("auto_submitted", ""),
                 precedence=self.fields.get("precedence", ""),
                 list_id=self.fields.get("list_id", ""),

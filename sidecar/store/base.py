@@ -214,6 +214,11 @@ class Store(abc.ABC):
     def state_of(self, address: str) -> State | None:
         """The account's state, cheap (hot path of routing)."""
 
+    def state_of_either(self, address: str, fallback: str) -> State | None:
+        """The state of `address`, else of `fallback` (routing: user+ext@ falls back to user@)."""
+        state = self.state_of(address)
+        return state if state is not None else self.state_of(fallback)
+
     @abc.abstractmethod
     def transition(
         self, address: str, new: State, *, expect: State | object | None = ..., reason: str = ""

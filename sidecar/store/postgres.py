@@ -17,12 +17,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sidecar.store import schema
 from sidecar.store.base import StoreError, StoreUnavailable
-from sidecar.store.sql import Clock, Cursor, PerThread, SqlStore
+from sidecar.store.sql import Clock, Cursor, PerThread, Row, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,11 @@ class PgStore(SqlStore):
 
     def _read(self) -> contextlib.AbstractContextManager[Cursor]:
         return self._tx()
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        with self._errors():
+            # an autocommit connection: one statement, no BEGIN/COMMIT round trips
+            return [tuple(r) for r in self._conn().execute(sql.replace("?", "%s"), tuple(params)).fetchall()]
 
     def _schema_lock(self, cur: Cursor) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(?)", (SCHEMA_LOCK_KEY,))

@@ -15,8 +15,10 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
@@ -164,6 +166,10 @@ class SqlStore(Store):
         """A consistent read (one transaction)."""
 
     @abc.abstractmethod
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        """One SELECT outside any transaction (a single statement is its own consistent read), for hot paths."""
+
+    @abc.abstractmethod
     def _schema_lock(self, cur: Cursor) -> None:
         """Serialise migrations between processes (inside the migration's transaction)."""
 
@@ -243,9 +249,15 @@ class SqlStore(Store):
             return None if row is None else self._load_account(cur, row[0])
 
     def state_of(self, address: str) -> State | None:
-        with self._read() as cur:
-            row = cur.execute("SELECT state FROM accounts WHERE address = ?", (address,)).fetchone()
-        return None if row is None else State(row[0])
+        rows = self._select("SELECT state FROM accounts WHERE address = ?", (address,))
+        return State(rows[0][0]) if rows else None
+
+    def state_of_either(self, address: str, fallback: str) -> State | None:
+        """The state of `address`, else of `fallback` (its base address): one SELECT, no BEGIN."""
+        rows = self._select("SELECT address, state FROM accounts WHERE address IN (?, ?)", (address, fallback))
+        found: dict[str, str] = {r[0]: r[1] for r in rows}
+        state = found.get(address, found.get(fallback))
+        return None if state is None else State(state)
 
     def transition(
         self, address: str, new: State, *, expect: State | object | None = ..., reason: str = ""
@@ -847,6 +859,18 @@ def _alias(row: Row) -> Alias:
     )
 
 
+_INHERITED: list[Any] = []  # connections a forked child inherited: kept, never used, never finalised
+_ALL: weakref.WeakSet[PerThread] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_ALL):
+        pool._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class PerThread:
     """One driver connection per thread, all of them closable at once.
 
@@ -859,9 +883,18 @@ class PerThread:
         self._lock = threading.Lock()
         self._conns: dict[int, Any] = {}
         self.closed = False
+        _ALL.add(self)
 
     def get(self) -> Any:
         return self._conns.get(threading.get_ident())
+
+    def _forked(self) -> None:
+        """In a forked child (the socketmap workers): the parent's connections are not ours to use or close
+        (closing one would end the parent's session or checkpoint its WAL), so they stay referenced (never
+        finalised) until the child exits; start afresh, with a lock no other thread can be holding."""
+        _INHERITED.append(self._conns)
+        self._conns = {}
+        self._lock = threading.Lock()
 
     def put(self, conn: Any) -> None:
         ident = threading.get_ident()

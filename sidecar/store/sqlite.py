@@ -18,10 +18,11 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from sidecar.store.base import StoreError, StoreUnavailable
-from sidecar.store.sql import Clock, Cursor, PerThread, SqlStore
+from sidecar.store.sql import Clock, Cursor, PerThread, Row, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +163,12 @@ class SqliteStore(SqlStore):
 
     def _read(self) -> contextlib.AbstractContextManager[Cursor]:
         return self._tx("BEGIN")
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[Row]:
+        try:  # not `with self._errors()`: this is routing's hot path, and a context manager costs as much
+            return self._conn().execute(sql, tuple(params)).fetchall()  # autocommit: no BEGIN/COMMIT round
+        except sqlite3.Error as e:
+            raise translate(e, self.path) from None
 
     def _schema_lock(self, cur: Cursor) -> None:
         """BEGIN IMMEDIATE already holds the write lock."""

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import ssl
@@ -139,7 +140,9 @@ class Sidecar:
             self.proc = subprocess.Popen([AUTOPORT, "--config", str(self.config), "serve"], cwd=ROOT,
                                          stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         deadline = time.monotonic() + 20
-        while not (os.path.exists(self.auth) and os.path.exists(self.socketmap)):
+        # ready, not only listening: the start-up after the sockets (forking the socketmap workers, the node's
+        # first heartbeat) must not meet a fault a test injects right after
+        while not (os.path.exists(self.auth) and os.path.exists(self.socketmap) and "sidecar ready" in self.log()):
             assert self.proc.poll() is None, (root / "stderr").read_text()
             assert time.monotonic() < deadline, "sidecar did not start"
             time.sleep(0.05)
@@ -187,7 +190,8 @@ class Sidecar:
         raise AssertionError("no Threads line")
 
     def log(self) -> str:
-        return (self.root / "sidecar.log").read_text(errors="replace")
+        path = self.root / "sidecar.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @pytest.fixture
@@ -243,6 +247,85 @@ def test_sqlite_store_locked_is_temporary_and_recovers(sidecar_dir: Path, tmp_pa
         sc.stop()
         fake.close()
     assert "store-unavailable" in sc.log()
+
+
+def _socketmap_workers(pid: int) -> list[int]:
+    """The daemon's forked socketmap workers: its children running the daemon's own command line."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid == pid and (entry / "cmdline").read_bytes() == cmdline:
+                    found.append(int(entry.name))
+    return sorted(found)
+
+
+@pytest.mark.e2e
+def test_killed_socketmap_worker_is_restarted_and_postfix_keeps_getting_answers(
+    sidecar_dir: Path, tmp_path: Path
+) -> None:
+    fake = FakeLegacy(accept="right-pw")
+    sc = Sidecar(sidecar_dir, f"sqlite:///{sidecar_dir / 'store' / 'state.db'}", fake)
+    pf = tmp_path / "pf"
+    pf.mkdir()
+    (pf / "main.cf").write_text("")
+    os.utime(pf / "main.cf", (time.time() - 60, time.time() - 60))  # Postfix re-reads a main.cf of this second
+    answers: list[tuple[int, str, str]] = []
+    stop = threading.Event()
+
+    def postfix_asks() -> None:  # Postfix's own client, a new connection each time, all through the restart
+        while not stop.is_set():
+            out = subprocess.run(["postmap", "-c", str(pf), "-q", "ann@example.org",
+                                  f"socketmap:unix:{sc.socketmap}:transport"],
+                                 capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+            answers.append((out.returncode, out.stdout.strip(), out.stderr))
+
+    try:
+        assert sc.login("ann@example.org", "right-pw", tmp_path) == 0  # copying: relayed to the legacy server
+        route = sc.lookup("ann@example.org").decode()[3:]
+        assert route.startswith("legacy:[127.0.0.1]")
+        workers = _socketmap_workers(sc.proc.pid)
+        assert len(workers) == 2, workers  # [sockets] socketmap_workers defaults to 2
+        asker = threading.Thread(target=postfix_asks)
+        asker.start()
+        time.sleep(0.3)
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(now := _socketmap_workers(sc.proc.pid)) == 2 and workers[0] not in now, 10,
+                 "the killed worker to be forked again")  # fmt: skip
+        time.sleep(0.3)
+        stop.set()
+        asker.join(30)
+        assert workers[1] in _socketmap_workers(sc.proc.pid)  # the other one kept serving
+        # every answer Postfix got is the right route; a lookup caught by the kill is a temporary error
+        wrong = [a for a in answers if (a[0] == 0 and a[1] != route) or (a[0] != 0 and "temporary" not in a[2])]
+        assert wrong == [] and sum(a[0] == 0 for a in answers) >= 3, answers[:5]
+        assert sc.lookup("ann@example.org").decode()[3:] == route
+        assert sc.proc.poll() is None
+        workers = _socketmap_workers(sc.proc.pid)
+    finally:
+        stop.set()
+        sc.stop()
+        fake.close()
+    assert "socketmap worker 0" in sc.log() and "starting it again" in sc.log()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)  # stopped with the daemon
+
+
+@pytest.mark.e2e
+def test_socketmap_workers_end_with_a_killed_daemon(sidecar_dir: Path) -> None:
+    fake = FakeLegacy(accept="right-pw")
+    sc = Sidecar(sidecar_dir, f"sqlite:///{sidecar_dir / 'store' / 'state.db'}", fake)
+    try:
+        workers = _socketmap_workers(sc.proc.pid)
+        assert len(workers) == 2
+        sc.proc.kill()  # SIGKILL: the daemon cannot stop them itself
+        sc.proc.wait(10)
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10,
+                 "the orphaned workers to end")  # fmt: skip
+    finally:
+        sc.stop()
+        fake.close()
 
 
 @pytest.mark.e2e

@@ -53,6 +53,10 @@ class FakeStore:
         self._check()
         return self.states.get(address)
 
+    def state_of_either(self, address: str, fallback: str) -> State | None:
+        state = self.state_of(address)
+        return state if state is not None else self.state_of(fallback)
+
     def transition(self, address: str, new: State, *, expect: Any = ..., reason: str = "") -> Any:
         self._check()
         with self.lock:

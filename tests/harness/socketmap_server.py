@@ -1,6 +1,9 @@
-"""A socketmap server (RoutingPolicy over the fake store) on a real UNIX socket in a thread, and raw clients.
+"""A socketmap server (RoutingPolicy over the fake store) on a real UNIX socket, and raw clients.
 
-Used by the socketmap unit tests and the hostile-input tests; conftest's `serve` fixture starts them.
+Two servers give the same answers: "asyncio" (sidecar.edge.socketmap, in a thread here) and "workers"
+(sidecar.edge.socketmap_worker: forked processes; the fake store's down/block flags are files so that the
+forked workers see them). Used by the socketmap unit tests and the hostile-input tests; conftest's `serve`
+fixture starts them, once per server.
 """
 
 from __future__ import annotations
@@ -17,19 +20,71 @@ from typing import Any, cast
 from harness.fakes import FakeStore
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
-from sidecar.edge.socketmap import SocketmapServer, start_socketmap_server
+from sidecar.edge.socketmap import start_socketmap_server
+from sidecar.edge.socketmap_worker import start_socketmap_workers
 from sidecar.states import State
 from sidecar.store.base import Store
 from sidecar.wire import netstring
 
 STATES = {"ann@example.org": State.MIGRATED, "bob@example.org": State.CUTOVER, "cy@example.org": State.COPYING}
+KINDS = ("asyncio", "workers")
+
+
+class _FileBlock:
+    """FakeStore.block across processes: lookups wait while the file exists; set() removes it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.path.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.path.exists()
+
+    def set(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class SharedFlagsStore(FakeStore):
+    """A FakeStore whose `down` and `block` are files, so forked socketmap workers see them change."""
+
+    def __init__(self, states: dict[str, State], flags: Path) -> None:
+        self.flags = flags
+        flags.mkdir(parents=True, exist_ok=True)
+        super().__init__(states)
+
+    @property  # type: ignore[override]
+    def down(self) -> bool:
+        return (self.flags / "down").exists()
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        if value:
+            (self.flags / "down").touch()
+        else:
+            (self.flags / "down").unlink(missing_ok=True)
+
+    @property  # type: ignore[override]
+    def block(self) -> _FileBlock | None:
+        path = self.flags / "block"
+        return _FileBlock(path) if path.exists() else None
+
+    @block.setter
+    def block(self, value: object) -> None:
+        """Any event blocks (the tests' threading.Event()); None releases. block.set() releases too."""
+        if value is None:
+            (self.flags / "block").unlink(missing_ok=True)
+        else:
+            (self.flags / "block").touch()
 
 
 class Running:
-    def __init__(self, tmp: Path, store: FakeStore, **kw: Any) -> None:
+    def __init__(self, tmp: Path, store: FakeStore, kind: str = "asyncio", **kw: Any) -> None:
         self.tmp = tmp
         self.path = str(tmp / "sm.sock")
         self.store = store
+        self.kind = kind
         cfg = Config()
         cfg.mail.domains = ["example.org"]
         cfg.legacy.host = "192.0.2.25"
@@ -37,7 +92,8 @@ class Running:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server: SocketmapServer = self.call(start_socketmap_server(f"unix:{self.path}", self.policy, **kw))
+        start = start_socketmap_workers if kind == "workers" else start_socketmap_server
+        self.server: Any = self.call(start(f"unix:{self.path}", self.policy, **kw))
         self.clients: list[socket.socket] = []
         (tmp / "pf").mkdir(exist_ok=True)
         main_cf = tmp / "pf" / "main.cf"

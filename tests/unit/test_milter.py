@@ -55,17 +55,18 @@ def send(
 ):
     """Drive one message: per recipient (address, {rcpt_mailer}, {rcpt_host})."""
     ctx._setsymval("{auth_authen}", auth or None)
-    assert ctx._envfrom(f"<{sender}>") == Milter.CONTINUE
+    # negotiated as no-reply (SMFIP_NR_*): Postfix does not wait for these answers
+    assert ctx._envfrom(f"<{sender}>") == Milter.NOREPLY
     for rcpt, mailer, host in rcpts:
         ctx._setsymval("{rcpt_mailer}", mailer)
         ctx._setsymval("{rcpt_host}", host)
-        assert ctx._envrcpt(f"<{rcpt}>") == Milter.CONTINUE
+        assert ctx._envrcpt(f"<{rcpt}>") == Milter.NOREPLY
     assert ctx._data() == Milter.CONTINUE
     for line in MESSAGE.split(b"\r\n")[:-2]:
         name, _, value = line.decode().partition(": ")
-        assert ctx._header(name, value) == Milter.CONTINUE
+        assert ctx._header(name, value) == Milter.NOREPLY
     assert ctx._eoh() == Milter.CONTINUE
-    assert ctx._feed_body(io.BytesIO(BODY)) == Milter.CONTINUE
+    assert ctx._feed_body(io.BytesIO(BODY)) == Milter.NOREPLY
     ctx._setsymval("i", queue_id)
     return ctx._eom()
 
@@ -112,7 +113,7 @@ def test_two_messages_on_one_connection_do_not_mix(harness: Harness) -> None:
     ctx = harness.session()
     send(ctx, "a@example.net", [("x@example.org", "lmtp", "h")], queue_id="Q1")
     ctx._setsymval("{auth_authen}", None)
-    assert ctx._envfrom("<b@example.net>") == Milter.CONTINUE
+    assert ctx._envfrom("<b@example.net>") == Milter.NOREPLY
     ctx._setsymval("{rcpt_mailer}", "legacy")
     ctx._setsymval("{rcpt_host}", "[h]:25")
     ctx._envrcpt("<y@example.org>")
@@ -207,30 +208,34 @@ def test_real_libmilter_conversation(milter_server: tuple[str, subprocess.Popen[
         s.settimeout(10)
         s.connect(path)
         s.sendall(packet(b"O", struct.pack(">III", 6, 0x1FF, 0x1FFFFF)))
-        cmd, _ = read_packet(s)
+        cmd, data = read_packet(s)
         assert cmd == b"O"
+        proto = struct.unpack(">III", data[:12])[2]
+        # what Postfix is told: no HELO, DATA, end-of-header or unknown-command events at all, and no reply to
+        # wait for after MAIL, RCPT, each header and each body chunk; connect and the end of message answer
+        skipped = Milter.P_NOHELO | Milter.P_NODATA | Milter.P_NOEOH | Milter.P_NOUNKNOWN
+        noreply = Milter.P_NR_MAIL | Milter.P_NR_RCPT | Milter.P_NR_HDR | Milter.P_NR_BODY
+        assert proto & (skipped | noreply) == skipped | noreply
+        wanted = Milter.P_NOCONNECT | Milter.P_NOMAIL | Milter.P_NORCPT | Milter.P_NOHDRS | Milter.P_NOBODY
+        assert proto & (wanted | Milter.P_NR_CONN) == 0
 
         def step(*packets: bytes, expect: bytes = b"c") -> None:
             s.sendall(b"".join(packets))
             assert read_packet(s)[0] == expect
 
         step(macros(b"C", j="mx.example.org"), packet(b"C", b"[192.0.2.25]\x004\x00\x19" + b"192.0.2.25\0"))
-        step(packet(b"H", b"legacy.example.org\0"))
-        step(
-            macros(b"M", **{"{auth_authen}": "", "{mail_addr}": "ann@example.net"}),
-            packet(b"M", b"<ann@example.net>\0"),
-        )
+        unanswered = [macros(b"M", **{"{auth_authen}": "", "{mail_addr}": "ann@example.net"}),
+                      packet(b"M", b"<ann@example.net>\0")]  # fmt: skip
         for rcpt, mailer, host in [
             ("bob@example.org", "lmtp", "private/dovecot-lmtp"),
             ("cy@example.org", "legacy", "[192.0.2.25]:25"),
         ]:
-            step(macros(b"R", **{"{rcpt_mailer}": mailer, "{rcpt_host}": host}), packet(b"R", f"<{rcpt}>\0".encode()))
-        step(packet(b"T"))
-        step(packet(b"L", b"Message-ID\0<m1@example.net>\0"))
-        step(packet(b"L", b"Auto-Submitted\0auto-generated\0"))
-        step(packet(b"N"))
-        step(packet(b"B", b"hello\r\n"))
-        step(macros(b"E", i="3F2A1"), packet(b"E"), expect=b"a")
+            unanswered += [macros(b"R", **{"{rcpt_mailer}": mailer, "{rcpt_host}": host}),
+                           packet(b"R", f"<{rcpt}>\0".encode())]  # fmt: skip
+        unanswered += [packet(b"L", b"Message-ID\0<m1@example.net>\0"),
+                       packet(b"L", b"Auto-Submitted\0auto-generated\0"), packet(b"B", b"hello\r\n")]  # fmt: skip
+        # everything up to the end of the message in one go: the first answer back is the final accept
+        step(*unanswered, macros(b"E", i="3F2A1"), packet(b"E"), expect=b"a")
         s.sendall(packet(b"Q"))
     time.sleep(0.3)
     proc.send_signal(signal.SIGUSR1)

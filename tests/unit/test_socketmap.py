@@ -4,6 +4,9 @@ that pipeline, break framing, send oversize requests or go silent."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
 import subprocess
 import threading
 import time
@@ -13,12 +16,13 @@ from typing import cast
 
 import pytest
 from harness.fakes import FakeStore
-from harness.socketmap_server import STATES, Running, ask, is_closed, read_replies
+from harness.socketmap_server import STATES, Running, SharedFlagsStore, ask, is_closed, read_replies
 from harness.waiting import wait_for
 
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
 from sidecar.edge.socketmap import parse_address, start_socketmap_server
+from sidecar.edge.socketmap_worker import start_socketmap_workers
 from sidecar.store.base import Store
 from sidecar.wire import netstring
 
@@ -242,3 +246,63 @@ def test_parse_address(address: str, parsed: tuple[str, str, int]) -> None:
 def test_parse_address_refuses(address: str) -> None:
     with pytest.raises(ValueError, match="socketmap address"):
         parse_address(address)
+
+
+# --- the worker processes (sidecar.edge.socketmap_worker) -------------------------------------------------------
+def test_workers_inet_listener(tmp_path: Path) -> None:
+    r = Running(tmp_path, SharedFlagsStore(dict(STATES), tmp_path / "flags"), "workers")
+    try:
+        server = r.call(start_socketmap_workers("inet:127.0.0.1:0", r.policy, workers=1))
+        try:
+            with socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]), timeout=5) as s:
+                assert ask(s, b"transport ann@example.org") == [b"OK " + LMTP.encode()]
+        finally:
+            server.close()
+    finally:
+        r.stop()
+
+
+def test_killed_worker_is_restarted_and_no_lookup_gets_a_wrong_route(tmp_path: Path) -> None:
+    r = Running(tmp_path, SharedFlagsStore(dict(STATES), tmp_path / "flags"), "workers", workers=2)
+    answers: list[bytes] = []
+    stop = threading.Event()
+
+    def client() -> None:  # new connections all the while: each gets the right route, or a broken connection
+        while not stop.is_set():
+            try:
+                answers.extend(ask(r.connect(), b"transport bob@example.org"))
+            except (ConnectionError, OSError):
+                answers.append(b"broken")
+
+    try:
+        before = list(r.server.pids)
+        t = threading.Thread(target=client)
+        t.start()
+        os.kill(before[0], signal.SIGKILL)
+        wait_for(lambda: r.server.pids[0] not in (0, before[0]), 10, "the worker to be forked again")
+        time.sleep(0.3)
+        stop.set()
+        t.join(10)
+        assert r.server.stats.restarts == 1
+        assert r.server.pids[1] == before[1]  # the other worker was left alone
+        assert set(answers) <= {b"OK " + HOLD.encode(), b"broken"} and b"OK " + HOLD.encode() in answers
+        assert r.postmap("bob@example.org").stdout.strip() == HOLD
+    finally:
+        stop.set()
+        r.stop()
+    for pid in r.server.pids:  # stopped: no worker left behind
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_a_stuck_lookup_does_not_stop_the_worker(tmp_path: Path) -> None:
+    r = Running(tmp_path, SharedFlagsStore(dict(STATES), tmp_path / "flags"), "workers", workers=1,
+                request_timeout=0.3)  # fmt: skip
+    try:
+        s = r.connect()
+        r.store.block = threading.Event()
+        assert ask(s, b"transport ann@example.org") == [b"TIMEOUT state store not answering"]
+        r.store.block = None
+        assert ask(s, b"transport ann@example.org") == [b"OK " + LMTP.encode()]  # same worker, same connection
+        assert r.server.stats.timeouts == 1 and r.server.stats.restarts == 0
+    finally:
+        r.stop()

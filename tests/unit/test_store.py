@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import os
 import shutil
 import sqlite3
 import stat
@@ -748,3 +749,28 @@ def test_imported_users_and_what_dovecot_sees(backend: Backend, store: SqlStore)
     with pytest.raises(Conflict):
         store.import_users([ImportedUser("mary", "mary@example.org", ("sales@example.org",))])
     assert [u.login for u in store.imported_users()] == ["jsmith"]
+
+
+def test_a_forked_child_reads_on_a_connection_of_its_own(store: SqlStore) -> None:
+    """The socketmap workers are forked from the daemon: a child never uses the parent's connection (one
+    session shared by two processes corrupts both), and the parent's connection keeps working after."""
+    store.transition("ann@example.org", State.COPYING)
+    parent_conn = store._conns.get()  # type: ignore[attr-defined]
+    assert parent_conn is not None
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            fresh = store._conns.get() is None  # type: ignore[attr-defined]
+            state = store.state_of_either("ann+x@example.org", "ann@example.org")
+            os.write(w, b"1" if fresh and state is State.COPYING else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert store._conns.get() is parent_conn  # type: ignore[attr-defined]
+    assert store.state_of("ann@example.org") is State.COPYING
+    assert store.state_of_either("ann+x@example.org", "ann@example.org") is State.COPYING
+    assert store.state_of_either("ann+x@example.org", "bob@example.org") is None
