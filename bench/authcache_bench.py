@@ -44,7 +44,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from login_bench import LoginFailed, imap_login, loadavg, start_copy, summary  # noqa: E402
+from benchlib import LoginFailed, loadavg, summary  # noqa: E402
+from login_bench import imap_login, start_copy  # noqa: E402
 
 from sidecar import config as config_mod  # noqa: E402
 from sidecar.lab import launcher  # noqa: E402

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import random
@@ -45,7 +44,6 @@ import re
 import shutil
 import socket
 import ssl
-import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +53,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchlib import Conn, LoginFailed, loadavg, quote, summary  # noqa: E402
 
 from sidecar import config as config_mod  # noqa: E402
 from sidecar.auth import passwords  # noqa: E402
@@ -69,37 +69,6 @@ CASES = ("legacy", "legacy-starttls", "verifier", "verifier-cold", "first", "rep
 SQL_ONLY = "bench-sqlonly-dovecot"
 
 
-class LoginFailed(Exception):
-    pass
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class _Conn:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = sock
-        self.buf = b""
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise LoginFailed(f"connection closed (buffer {self.buf[-200:]!r})")
-            self.buf += chunk
-        ln, _, self.buf = self.buf.partition(b"\r\n")
-        return ln
-
-    def command(self, tag: str, text: str) -> bytes:
-        self.sock.sendall(f"{tag} {text}\r\n".encode())
-        prefix = tag.encode() + b" "
-        while True:
-            ln = self.line()
-            if ln.startswith(prefix):
-                return ln
-
-
 def imap_login(
     host: str, port: int, user: str, password: str, *, tls: ssl.SSLContext | None = None, server_name: str = ""
 ) -> tuple[float, float]:
@@ -108,7 +77,7 @@ def imap_login(
     sock = socket.create_connection((host, port), TIMEOUT)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Conn(sock)
+        c = Conn(sock)
         greeting = c.line()
         if not greeting.startswith(b"* OK"):
             raise LoginFailed(f"greeting {greeting!r}")
@@ -119,7 +88,7 @@ def imap_login(
             c.sock = tls.wrap_socket(sock, server_hostname=server_name)
             c.buf = b""
         t1 = time.perf_counter()
-        r = c.command("a", f"LOGIN {_quote(user)} {_quote(password)}")
+        r = c.command("a", f"LOGIN {quote(user)} {quote(password)}")
         t2 = time.perf_counter()
         if not r.startswith(b"a OK"):
             raise LoginFailed(f"LOGIN {user}: {r.decode(errors='replace')}")
@@ -228,26 +197,6 @@ def start_copy(info: dict[str, Any], name: str, *, sql_only: bool, cache_size: s
 # --- statistics -------------------------------------------------------------------------------------------
 
 
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p95": pct(values, 95),
-        "mean": statistics.fmean(values) if values else float("nan"),
-        "min": min(values) if values else float("nan"),
-        "max": max(values) if values else float("nan"),
-    }
-
-
 def sidecar_durations(log: Path) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {}
     pat = re.compile(r"auth (ok|ok-cached) account=\S+ .* duration_ms=(\d+)")
@@ -256,10 +205,6 @@ def sidecar_durations(log: Path) -> dict[str, list[float]]:
         if m:
             out.setdefault(m.group(1), []).append(float(m.group(2)))
     return out
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 # --- the run ----------------------------------------------------------------------------------------------

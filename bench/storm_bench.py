@@ -51,6 +51,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import Conn, LoginFailed, loadavg, quote, summary  # noqa: E402
+
 from sidecar import config as config_mod  # noqa: E402
 from sidecar.lab import launcher, proc  # noqa: E402
 from sidecar.states import State  # noqa: E402
@@ -62,39 +64,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 # --- the IMAP client --------------------------------------------------------------------------------------------
-
-
-class LoginFailed(Exception):
-    def __init__(self, kind: str, detail: str = "") -> None:
-        super().__init__(f"{kind}: {detail}" if detail else kind)
-        self.kind = kind
-
-
-def _quote(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class _Conn:
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise LoginFailed("connection closed", self.buf[-120:].decode(errors="replace"))
-            self.buf += chunk
-        ln, _, self.buf = self.buf.partition(b"\r\n")
-        return ln
-
-    def command(self, tag: str, text: str) -> bytes:
-        self.sock.sendall(f"{tag} {text}\r\n".encode())
-        prefix = tag.encode() + b" "
-        while True:
-            ln = self.line()
-            if ln.startswith(prefix):
-                return ln
 
 
 def _no_kind(answer: bytes) -> str:
@@ -114,12 +83,12 @@ def imap_login(host: str, port: int, user: str, password: str) -> tuple[float, f
         raise LoginFailed("connect timeout") from e
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        c = _Conn(sock)
+        c = Conn(sock)
         greeting = c.line()
         if not greeting.startswith(b"* OK"):
             raise LoginFailed("greeting", greeting.decode(errors="replace")[:120])
         t1 = time.perf_counter()
-        r = c.command("a", f"LOGIN {_quote(user)} {_quote(password)}")
+        r = c.command("a", f"LOGIN {quote(user)} {quote(password)}")
         t2 = time.perf_counter()
         if not r.startswith(b"a OK"):
             raise LoginFailed(_no_kind(r), r.decode(errors="replace")[:160])
@@ -299,27 +268,6 @@ def cpu_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p95": pct(values, 95),
-        "max": max(values) if values else float("nan"),
-        "mean": statistics.fmean(values) if values else float("nan"),
-    }
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def sidecar_decisions(text: str) -> list[float]:
