@@ -54,13 +54,15 @@ from sidecar.wire import netstring
 
 log = logging.getLogger("autoport.socketmap")
 
-FIELDS = ("connections", "requests", "cache_hits", "malformed", "timeouts", "restarts")
-CONNECTIONS, REQUESTS, CACHE_HITS, MALFORMED_N, TIMEOUTS, RESTARTS = range(len(FIELDS))
+FIELDS = ("connections", "requests", "cache_hits", "malformed", "timeouts", "restarts", "ready")
+CONNECTIONS, REQUESTS, CACHE_HITS, MALFORMED_N, TIMEOUTS, RESTARTS, READY = range(len(FIELDS))
 READ_SIZE = 65536
 MAX_OUTPUT = 256 * 1024  # unsent reply bytes of one connection before we stop reading from it
 RESTART_BACKOFF_MAX = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_GRACE = 3.0  # seconds a worker gets after SIGTERM before SIGKILL
+READY_TIMEOUT = 10.0  # seconds a new worker has to finish its first store read before it is killed and forked again
+WARM_UP_KEY = "autoport-worker-warm-up@invalid"  # a state lookup no account answers (RFC 2606 .invalid)
 
 
 class SharedStats:
@@ -304,6 +306,20 @@ class _Worker:
             self._close(conn)
 
 
+def _warm_up(worker: _Worker) -> None:
+    """One store read before the first accept, then the READY mark the parent waits for.
+
+    The worker is forked from a daemon whose other threads may be inside the database library at that moment;
+    a lock such a thread held is held for ever in the child (fork copies the lock, not the thread). SQLite's
+    process-wide mutexes are the case that matters: a child that inherited one locked hangs on its first
+    query. Here that happens before the worker has taken any connection from Postfix, so nobody waits on it,
+    and the parent kills a worker that is not READY within READY_TIMEOUT and forks another (the lock is free by
+    then). A store that answers with an error is fine here: the call came back, so no lock is stuck."""
+    with contextlib.suppress(Exception):
+        worker.policy.store.state_of(WARM_UP_KEY)
+    worker.counts[READY] = 1
+
+
 def _child_main(worker: _Worker) -> None:
     """The first thing a forked worker does: signals of its own (never the parent's event loop's wakeup fd)."""
     wake_r, wake_w = socket.socketpair()
@@ -387,6 +403,7 @@ class SocketmapWorkers:
                 if self.on_fork is not None:
                     self.on_fork()
                 worker = _Worker(self.listener, self.policy, self.stats.row(slot), **self.limits)
+                _warm_up(worker)
                 _child_main(worker)
             except BaseException:
                 code = 1
@@ -397,8 +414,22 @@ class SocketmapWorkers:
         self.pids[slot] = pid
         self._started[slot] = time.monotonic()
 
+    def _kill_unready(self) -> None:
+        """SIGKILL a worker that has not finished its warm-up read within READY_TIMEOUT (see _warm_up); the
+        loop below then forks it again."""
+        now = time.monotonic()
+        with self._lock:
+            for slot, pid in enumerate(self.pids):
+                ready = self.stats.view[slot * len(FIELDS) + READY]
+                if pid and not ready and now - self._started[slot] > READY_TIMEOUT:
+                    log.error("socketmap worker %d (pid %d) did not read the store within %.0f s; killing it",
+                              slot, pid, READY_TIMEOUT)  # fmt: skip
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
     def _supervise(self) -> None:
         while not self._stopping.wait(0.1):  # a dead worker is forked again within 0.1 s
+            self._kill_unready()
             for slot, pid in enumerate(self.pids):
                 if not pid:
                     continue
@@ -423,6 +454,7 @@ class SocketmapWorkers:
                     if self._stopping.is_set():
                         return
                     self.stats.view[slot * len(FIELDS) + RESTARTS] += 1
+                    self.stats.view[slot * len(FIELDS) + READY] = 0
                     self._spawn(slot)
 
     def _stop_workers(self) -> None:

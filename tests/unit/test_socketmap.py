@@ -306,3 +306,37 @@ def test_a_stuck_lookup_does_not_stop_the_worker(tmp_path: Path) -> None:
         assert r.server.stats.timeouts == 1 and r.server.stats.restarts == 0
     finally:
         r.stop()
+
+
+def test_a_worker_stuck_before_its_first_store_read_is_replaced(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A worker forked while another daemon thread held a database lock hangs on its first read (the lock is
+    never released in the child): it is killed and forked again, and the new one serves."""
+    import sidecar.edge.socketmap_worker as smw
+
+    monkeypatch.setattr(smw, "READY_TIMEOUT", 0.5)
+    store = SharedFlagsStore(dict(STATES), tmp_path / "flags")
+    store.block = threading.Event()  # the warm-up read hangs (10 s) as on an inherited lock
+    r = Running(tmp_path, store, "workers", workers=1)
+    try:
+        first = r.server.pids[0]
+        wait_for(lambda: r.server.stats.restarts >= 1, 10, "the stuck worker to be killed and forked again")
+        assert not r.server.stats.view[smw.READY] and first not in r.server.pids
+        store.block = None
+        wait_for(lambda: r.server.stats.view[smw.READY] == 1, 10, "a worker that read the store")
+        assert r.postmap("ann@example.org").stdout.strip() == LMTP
+    finally:
+        store.block = None
+        r.stop()
+
+
+def test_workers_are_ready_after_one_store_read(tmp_path: Path) -> None:
+    import sidecar.edge.socketmap_worker as smw
+
+    r = Running(tmp_path, SharedFlagsStore(dict(STATES), tmp_path / "flags"), "workers", workers=2)
+    try:
+        wait_for(lambda: r.server.stats.view[smw.READY] + r.server.stats.view[len(smw.FIELDS) + smw.READY] == 2, 10,
+                 "both workers ready")  # fmt: skip
+        assert r.server.stats.restarts == 0
+    finally:
+        r.stop()
