@@ -34,9 +34,11 @@ from harness.passthrough_helpers import (
 )
 from harness.waiting import wait_for
 
+from sidecar import config
 from sidecar.auth import passwords
 from sidecar.config import HashConfig
 from sidecar.lab import launcher, legacy, target
+from sidecar.migration.cutover import flush_auth_cache
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -92,10 +94,17 @@ def legacy_mailbox(info: dict[str, Any], u: dict[str, str]) -> tuple[int, int]:
     return imap_mailbox(lg["host"], lg["imap"], u["login"], u["password"], source="127.0.0.60")
 
 
-def migrate(store: Store, address: str) -> None:
-    """Move an account through the state machine as the copy job runner will."""
+def migrate(store: Store, address: str, lab: dict[str, Any]) -> None:
+    """Move an account through the state machine as the copy job runner will, flush included: Dovecot's auth
+    cache still holds the sql passdb's "no such user" of the logins made while the account was copying."""
     store.transition(address, State.CUTOVER, expect=State.COPYING, reason="test: initial copy done")
     store.transition(address, State.MIGRATED, expect=State.CUTOVER, reason="test: final delta done")
+    flush(lab, address)
+
+
+def flush(lab: dict[str, Any], *names: str) -> None:
+    """What autoport does on this node after it changes an account's answer (the migration, `autoport passwd`)."""
+    flush_auth_cache(config.load(lab["config"]), list(names))
 
 
 def wait_for_line(mark: LogMark, needle: str, timeout: float = 5.0) -> None:
@@ -195,7 +204,7 @@ def test_migrated_account_logs_in_natively_and_its_old_password_fails(lab: dict[
     address, old = u["address"], u["password"]
     assert imap_result(host, imap, u["login"], old, source=CLIENT)[0] == "OK"  # first login: copying
     assert stored_hash(lab, address)  # stored right after the answer
-    migrate(store, address)
+    migrate(store, address, lab)
 
     # with the verified password, now natively: served by the target Dovecot (its empty Maildir: no copier
     # ran), not by the legacy server, whose INBOX has messages
@@ -210,6 +219,7 @@ def test_migrated_account_logs_in_natively_and_its_old_password_fails(lab: dict[
     # the stored hash changes (the user changed the password on the target): the old legacy password fails
     new = "N3w-" + old[::-1]
     store.set_password_hash(address, passwords.hash_password(new, HashConfig()))
+    flush(lab, address)  # as `autoport passwd` does
     assert imap_result(host, imap, u["login"], new, source=CLIENT)[0] == "OK"
     assert pop3_result(host, pop3, u["login"], new, source=CLIENT)[0] == "+OK"
     assert smtp_auth_result(host, submission, u["login"], new, source=CLIENT)[0] == 235
@@ -341,7 +351,7 @@ def test_bare_login_name_migrates_and_routes(bare: dict[str, Any]) -> None:
         assert len(store.jobs(u["address"])) == 1
 
         before = postmap(bare, u["address"])
-        migrate(store, u["address"])
+        migrate(store, u["address"], bare)
         after = postmap(bare, u["address"])
         assert before != after and after.startswith("lmtp:"), (before, after)
 
