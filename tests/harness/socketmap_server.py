@@ -21,7 +21,7 @@ from harness.fakes import FakeStore
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
 from sidecar.edge.socketmap import start_socketmap_server
-from sidecar.edge.socketmap_worker import start_socketmap_workers
+from sidecar.edge.socketmap_worker import FIELDS, READY, start_socketmap_workers
 from sidecar.states import State
 from sidecar.store.base import Store
 from sidecar.wire import netstring
@@ -94,6 +94,13 @@ class Running:
         self.thread.start()
         start = start_socketmap_workers if kind == "workers" else start_socketmap_server
         self.server: Any = self.call(start(f"unix:{self.path}", self.policy, **kw))
+        if kind == "workers":  # each worker reads the store once before it serves: tests that block it come after
+            deadline = time.monotonic() + 10
+            view, slots = self.server.stats.view, self.server.stats.slots
+            while not all(view[slot * len(FIELDS) + READY] for slot in range(slots)):
+                if time.monotonic() > deadline or store.block is not None:
+                    break
+                time.sleep(0.01)
         self.clients: list[socket.socket] = []
         (tmp / "pf").mkdir(exist_ok=True)
         main_cf = tmp / "pf" / "main.cf"
