@@ -69,6 +69,16 @@ def store(lab: LabInfo) -> Iterator[Store]:
 
 
 @pytest.fixture
+def work() -> Iterator[Path]:
+    """A fresh, short directory under /tmp for rendered files (no lab in it), removed afterwards."""
+    d = make_lab_dir("ap-tgt-")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
 def lab_dir() -> Iterator[Path]:
     """An empty lab directory for a test that starts its own lab."""
     d = make_lab_dir()

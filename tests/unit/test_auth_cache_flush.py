@@ -6,14 +6,12 @@ A fake doveadm records what it was asked; the real one is tests/e2e/test_auth_ca
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness.backends import Backend
 from harness.cli import autoport
-from harness.target_helpers import lab_dir
 
 from sidecar import config
 from sidecar.migration import cutover
@@ -202,15 +200,6 @@ def test_import_users_flushes_old_and_new_names(store: Store, tmp_path: Path) ->
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    d = lab_dir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _vars(work: Path, series: str, **target: object) -> dict[str, str]:

@@ -6,11 +6,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.target_helpers import lab_dir
 
 from sidecar import config
 from sidecar.lab import tlsgen
@@ -18,15 +16,6 @@ from sidecar.mta import render
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = sorted((ROOT / "postfix").glob("*.j2")) + sorted((ROOT / "dovecot").rglob("*.j2"))
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    d = lab_dir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _cfg(url: str) -> config.Config:

@@ -7,12 +7,10 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from harness.debian13 import lab_dir_in, root_or_skip
-from harness.target_helpers import lab_dir
 
 from sidecar import config
 from sidecar.lab import debroot, tlsgen
@@ -39,15 +37,6 @@ def _vars(work: Path, cfg: config.Config) -> dict[str, str]:
         "ssl_cert": str(cert.cert_file),
         "ssl_key": str(cert.key_file),
     }
-
-
-@pytest.fixture
-def work() -> Iterator[Path]:
-    d = lab_dir()
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
