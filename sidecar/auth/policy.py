@@ -30,8 +30,9 @@ from sidecar.auth.logins import Identity, InvalidLogin, resolve
 from sidecar.config import Config
 from sidecar.legacy.verify import LegacyAuthError, LegacyUnavailable
 from sidecar.logsetup import SECRETS
+from sidecar.migration.cutover import account_names
 from sidecar.states import IllegalTransition, State, in_flight, is_local
-from sidecar.store.base import Store, StoreUnavailable
+from sidecar.store.base import Store, StoreError, StoreUnavailable
 from sidecar.wire.authproto import FAIL, OK, TEMP, Reply, Request
 
 log = logging.getLogger("sidecar.auth")
@@ -437,8 +438,20 @@ class AuthPolicy:
                 return Reply(OK, self._fields("", req, ident)), "ok-local-hash"
             self._verify(req, ident)
             self.store.record_login(address, ident.login, password_hash=self._hash(req.password), start_copy=False)
+            self._flush_everywhere(address, ident.login)
         self.account_failures.clear(self._pair(req, address))
         return Reply(OK, self._fields("", req, ident)), "ok-first-local-login"
+
+    def _flush_everywhere(self, address: str, login: str) -> None:
+        """The account has a hash now: every node forgets the "unknown user" its Dovecot cached for the sql steps
+        while this login was on its way here (those steps answer before step 3 asks us), so the next login is
+        native. A request carried out by each node's NodeAgent within a heartbeat; a store error here is only
+        logged: the cached answer merely sends logins here, checked against the hash, until
+        auth_cache_negative_ttl."""
+        try:
+            self.store.request_kick(address, account_names(self.store, address, [login]), kind="flush")
+        except StoreError as e:
+            log.warning("%s: auth cache flush on every node not requested: %s", address, e)
 
     @staticmethod
     def _pair(req: Request, address: str) -> str:

@@ -249,6 +249,9 @@ def test_hashless_migrated_account_verifies_once_on_legacy_and_logs_in_locally(c
     assert account.state is State.MIGRATED and store.jobs(a) == []
     stored = password_hash(cfg_path, a)
     assert stored is not None and verify_password("legacy-pw", stored)
+    # every node is asked to forget the "unknown user" its Dovecot cached for the sql steps on the way here
+    flushes = [k for k in store.pending_kicks("any-node", 0) if k.kind == "flush"]
+    assert [(k.address, list(k.logins)) for k in flushes] == [(a, [a])]
     # from now on the hash decides (Dovecot's sql passdb); a later request here (a spelling Dovecot's passdb does
     # not list) is checked against that hash, never on the legacy server (issue 14)
     calls = legacy.calls
