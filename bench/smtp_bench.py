@@ -8,9 +8,13 @@ Starts one lab (legacy + target + sidecar, SQLite store) and alternates, in one 
   static:  the same Postfix with texthash maps holding the same answers, no virtual_alias_maps, no milter
   socketmap-only: the sidecar's maps without the milter (to tell the two costs apart)
   milter-only: the static maps with the sidecar's milter
-(`postconf -e` + `postfix reload` between phases). Every recipient is a migrated account (local LMTP delivery)
-verified beforehand, so both phases do the same work. Reports messages/s accepted (250 after DATA, N clients
-each sending its share over one connection per 50 messages) and the time until the queue is empty again.
+  null-milter: the static maps with a do-nothing pymilter (bench/null_milter.py, same negotiated protocol):
+           what libmilter, pymilter and Postfix's milter client cost by themselves
+(`postconf -e` + `postfix reload` between phases; the mailboxes are emptied before each phase so that every
+phase delivers into the same state). Every recipient is a migrated account (local LMTP delivery) verified
+beforehand, so all phases do the same work. Reports messages/s accepted (250 after DATA, N clients each sending
+its share over one connection per 50 messages), the p50/p95 time of one SMTP transaction, the time until the
+queue is empty again and each component's CPU per message.
 """
 
 from __future__ import annotations
@@ -39,17 +43,20 @@ from sidecar.store import open_store
 BODY = ("x" * 76 + "\r\n") * 40  # ~3 KB
 
 
-def client(host: str, port: int, rcpts: list[str], n: int, tag: str) -> int:
-    sent = 0
-    while sent < n:
+def client(host: str, port: int, rcpts: list[str], n: int, tag: str) -> list[float]:
+    """Send n messages; return each transaction's time (MAIL to the 250 after DATA), seconds."""
+    took: list[float] = []
+    while len(took) < n:
         with smtplib.SMTP(host, port, timeout=60) as s:
             s.ehlo("bench.test")
-            for _ in range(min(50, n - sent)):
+            for _ in range(min(50, n - len(took))):
+                sent = len(took)
                 rcpt = rcpts[sent % len(rcpts)]
                 msg = f"From: b@outside.test\r\nTo: {rcpt}\r\nMessage-ID: <{tag}-{sent}@b>\r\nSubject: b\r\n\r\n{BODY}"
+                t = time.perf_counter()
                 s.sendmail("b@outside.test", [rcpt], msg.encode())
-                sent += 1
-    return sent
+                took.append(time.perf_counter() - t)
+    return took
 
 
 def queue_empty(pf: str) -> bool:
@@ -91,8 +98,10 @@ def phase(info: dict[str, Any], pf: str, rcpts: list[str], args: argparse.Namesp
     cpu0 = cpu_by_component(info)
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-        done = sum(pool.map(lambda c: client(host, port, rcpts, per, f"{name}{c}"), range(args.clients)))
+        per_client = pool.map(lambda c: client(host, port, rcpts, per, f"{name}{c}"), range(args.clients))
+        took = sorted(x for c in per_client for x in c)
     accepted = time.perf_counter() - t0
+    done = len(took)
     while not queue_empty(pf):
         time.sleep(0.05)
     drained = time.perf_counter() - t0
@@ -101,7 +110,17 @@ def phase(info: dict[str, Any], pf: str, rcpts: list[str], args: argparse.Namesp
     # the rates, which are what other users of the 2 CPUs leave to us
     cpu_ms = {f"{k}_cpu_ms": round((cpu1[k] - cpu0[k]) / done * 1000, 3) for k in cpu0 if k in cpu1}
     rates = {"rate": done / accepted, "drained_s": drained}
-    return {"phase": name, "messages": done, "accept_s": accepted} | rates | cpu_ms
+    latency = {"p50_ms": took[done // 2] * 1000, "p95_ms": took[done * 95 // 100] * 1000}
+    return {"phase": name, "messages": done, "accept_s": accepted} | rates | latency | cpu_ms
+
+
+def empty_mailboxes(info: dict[str, Any]) -> None:
+    """Expunge what the last phase delivered and let the machine settle: every phase starts from the same
+    mailboxes (without this, each phase delivered into mailboxes 3,000 messages fuller than the one before, and
+    later phases ran up to 2x slower whatever their maps)."""
+    conf = info["target"]["dovecot_config"]
+    subprocess.run(["doveadm", "-c", conf, "expunge", "-A", "mailbox", "*", "all"], check=True, capture_output=True)
+    time.sleep(3)
 
 
 def postconf(pf: str, settings: dict[str, str]) -> None:
@@ -140,6 +159,13 @@ def main() -> None:
             "virtual_alias_maps": "",
             "smtpd_milters": "",
         }
+        null_sock = Path(d) / "null-milter.sock"  # a do-nothing milter: what libmilter + pymilter cost by themselves
+        null_milter = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "null_milter.py"), f"unix:{null_sock}"]
+        )
+        while not null_sock.exists():
+            time.sleep(0.05)
+        null_sock.chmod(0o666)
         phase(info, pf, rcpts, argparse.Namespace(clients=2, messages=20), "warmup")  # verify cache, processes
         results = []
         for r in range(args.rounds):
@@ -147,11 +173,13 @@ def main() -> None:
                 ("sidecar", original),
                 ("socketmap-only", original | {"smtpd_milters": ""}),
                 ("milter-only", static_settings | {"smtpd_milters": original["smtpd_milters"]}),
+                ("null-milter", static_settings | {"smtpd_milters": f"unix:{null_sock}"}),
                 ("static", static_settings),
             ]
             if r % 2:  # odd rounds in reverse: the first phase after a reload runs on a colder Postfix
                 phases.reverse()
             for label, settings in phases:
+                empty_mailboxes(info)
                 postconf(pf, settings)
                 load = os.getloadavg()[0]
                 results.append(phase(info, pf, rcpts, args, f"{label}{r}") | {"load1": load})
@@ -172,6 +200,8 @@ def main() -> None:
         print(f"end to end (accepted and delivered): sidecar {sum(side_e2e) / len(side_e2e):.0f} msg/s, "
               f"static {sum(stat_e2e) / len(stat_e2e):.0f} msg/s, ratio {sum(side_e2e) / sum(stat_e2e):.2f}")
         store.close()
+        null_milter.terminate()
+        null_milter.wait()
     finally:
         launcher.lab_down(d)
         shutil.rmtree(d, ignore_errors=True)
