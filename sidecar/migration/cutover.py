@@ -33,6 +33,8 @@ HEARTBEAT = 1.0  # seconds between a node's heartbeats (and looks at the kick re
 KICK_WINDOW = 600.0  # kick requests older than this are not carried out any more (the cutover is long over)
 KICK_ROUNDS = 3  # doveadm proxy kick + list rounds on one node before it reports sessions it could not close
 POLL = 0.05
+RETRY_FIRST = 1.0  # seconds before a node tries a kick request it could not carry out again; doubled each time
+RETRY_MAX = 30.0  # ... up to this: a node whose Dovecot is down runs no doveadm per request per heartbeat
 
 
 def node_id(cfg: Config) -> str:
@@ -313,6 +315,7 @@ class NodeAgent:
         node: str = "",
         act: Callable[[Config, list[Kick]], dict[int, str]] = carry_out,
         interval: float = HEARTBEAT,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.store = store
@@ -323,6 +326,8 @@ class NodeAgent:
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.failed: dict[str, str] = {}  # the last failed batch (kick ids) -> its error, logged once
+        self.clock = clock
+        self.retry: dict[int, tuple[float, float]] = {}  # kick id not carried out -> (next try, wait after it)
 
     def start(self) -> None:
         self.tick()  # live before the first job: a runner on this node waits for us
@@ -359,6 +364,10 @@ class NodeAgent:
         except StoreError as e:
             log.warning("node %s: store unavailable (%s)", self.node, e)
             return
+        now = self.clock()
+        pending = {k.id for k in kicks}
+        self.retry = {i: r for i, r in self.retry.items() if i in pending}  # acked elsewhere, or too old now
+        kicks = [k for k in kicks if self.retry.get(k.id, (now, 0.0))[0] <= now]  # new ones, and retries due
         if not kicks:
             return
         key = ",".join(str(k.id) for k in kicks)
@@ -368,14 +377,24 @@ class NodeAgent:
             if self.failed.get(key) != str(e):
                 log.warning("node %s: kicks for %s failed: %s", self.node, ", ".join(k.address for k in kicks), e)
             self.failed = {key: str(e)}
+            self._back_off(kicks, now)
             return
         self.failed = {}
+        self._back_off([k for k in kicks if k.id not in done], now)
         for kick in kicks:
             if kick.id not in done:
                 continue
             with contextlib.suppress(StoreError):
                 self.store.ack_kick(kick.id, self.node, done[kick.id])
                 log.info("node %s: kick %d for %s done (%s)", self.node, kick.id, kick.address, done[kick.id])
+
+    def _back_off(self, kicks: list[Kick], now: float) -> None:
+        """Try these again after RETRY_FIRST, then twice as long each time up to RETRY_MAX (a new request is tried
+        at once): a node whose doveadm keeps failing does not run it for every pending request at every
+        heartbeat for KICK_WINDOW, nor log each failure every second."""
+        for kick in kicks:
+            wait = min(max(RETRY_FIRST, 2 * self.retry.get(kick.id, (0.0, 0.0))[1]), RETRY_MAX)
+            self.retry[kick.id] = (now + wait, wait)
 
 
 # --- the runner's side ----------------------------------------------------------------------------------------

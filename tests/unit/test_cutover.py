@@ -75,6 +75,55 @@ def test_every_live_node_confirms(store: Store, tmp_path: Path) -> None:
             n.agent.stop()
 
 
+def test_a_node_that_cannot_carry_a_request_out_tries_it_again_less_and_less_often(
+    store: Store, tmp_path: Path
+) -> None:
+    """A node whose doveadm fails (its Dovecot stopped) retries a pending request after 1, 2, 4, ... s up to
+    RETRY_MAX, not at every heartbeat for KICK_WINDOW; a new request is still tried at once, and the old one is
+    confirmed at its next try once the node works again."""
+    now = [1000.0]
+    tries: list[tuple[float, list[str]]] = []
+    broken: set[str] = {A}  # addresses whose requests fail on this node
+    raising = [False]  # the whole batch fails (the route cache could not be cleared)
+
+    def act(c: config.Config, kicks: list[Kick]) -> dict[int, str]:
+        tries.append((now[0] - 1000, [k.address for k in kicks]))
+        if raising[0]:
+            raise OSError("postqueue: cannot connect")
+        return {k.id: "kicked" for k in kicks if k.address not in broken}
+
+    agent = NodeAgent(cfg(tmp_path), store, node="n1", act=act, interval=60, clock=lambda: now[0])
+    old = store.request_kick(A, ["alice"])
+    for t in range(61):
+        now[0] = 1000.0 + t
+        agent.tick()
+    assert [t for t, _ in tries] == [0, 1, 3, 7, 15, 31]  # 6 tries in a minute, not 61
+    assert cutover.RETRY_MAX == 30
+    # a new request is tried at the next heartbeat, alone: the old one is not due before 61
+    b = "bob@example.org"
+    new = store.request_kick(b, ["bob"])
+    tries.clear()
+    now[0] = 1045.0
+    agent.tick()
+    assert tries == [(45, [b])] and set(store.kick_acks(new.id)) == {"n1"}
+    # the node works again: the old request is confirmed at its next try
+    broken.clear()
+    now[0] = 1060.0
+    agent.tick()
+    assert tries == [(45, [b])] and store.kick_acks(old.id) == {}
+    now[0] = 1061.0
+    agent.tick()
+    assert tries[-1] == (61, [A]) and set(store.kick_acks(old.id)) == {"n1"}
+    # a batch that fails as a whole backs off too
+    raising[0] = True
+    third = store.request_kick(b, ["bob"])
+    tries.clear()
+    for t in range(62, 70):
+        now[0] = 1000.0 + t
+        agent.tick()
+    assert [t for t, _ in tries] == [62, 63, 65, 69] and store.kick_acks(third.id) == {}
+
+
 def test_runner_kicks_twice_before_the_delta(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     c, log = cfg(tmp_path), list[str]()
     node = Node(c, store, "n1", log)
