@@ -1,1 +1,0 @@
-sieve/filters.sieve

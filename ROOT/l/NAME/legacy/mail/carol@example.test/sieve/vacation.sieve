@@ -1,2 +1,0 @@
-require ["vacation"];
-vacation :days 7 :subject "Out of office" "I am away until Monday. Ich bin bis Montag weg.";
