@@ -194,6 +194,14 @@ def main() -> int:
         default=[],
         help="also run the copier of this checkout (before/after); may be repeated",
     )
+    ap.add_argument(
+        "--connections",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="run our copier with each of these numbers of IMAP sessions (folders in parallel), side by side",
+    )
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="copier-bench-", dir="/tmp"))
     os.chmod(root, 0o755)  # noqa: S103 - Dovecot's unprivileged processes must traverse it
@@ -228,18 +236,21 @@ def main() -> int:
         dovecot_pid = read_pidfile(tdir / "run" / "master.pid")
         wait_port(host, int(conf.read_text().split("port = ")[1].split()[0]))
 
-        copiers = [("autoport copier", REPO)]
+        copiers: list[tuple[str, Path, int]] = []
         for n, checkout in enumerate(args.baseline, start=1):
             label = "baseline copier" if len(args.baseline) == 1 else f"baseline{n} copier"
-            copiers.insert(n - 1, (label, checkout.resolve()))
+            copiers.append((label, checkout.resolve(), 1))
+        for conns in args.connections:
+            copiers.append((f"autoport copier{f' ({conns} sessions)' if conns > 1 else ''}", REPO, conns))
         for rnd in range(args.rounds):
-            for label, checkout in copiers:
-                home = root / f"{label.split()[0]}-{rnd}" / "home"
+            for label, checkout, conns in copiers:
+                home = root / f"{label.split()[0]}-{conns}-{rnd}" / "home"
                 home.parent.mkdir(mode=0o755)
                 os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
                 r = run_measured(
                     [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
-                     "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home)],
+                     "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home),
+                     *(["--connections", str(conns)] if conns > 1 else [])],
                     stdin=u.password + "\n",
                     env={**os.environ, "PYTHONPATH": str(checkout)},
                     cwd=checkout,
@@ -279,7 +290,7 @@ def main() -> int:
         print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
               f"{_cpu_model()}, Python {platform.python_version()}, {_dovecot_version()}")  # fmt: skip
         print()
-        for label, checkout in copiers:
+        for label, checkout, _conns in copiers:
             print(f"{label}: {checkout} ({_git_head(checkout)})")
         print("| tool | round | wall s | msg/s | MB/s | CPU s (user+sys) | machine CPU s | load | peak RSS MB "
               "| wall vs dsync | CPU vs dsync |")  # fmt: skip

@@ -206,6 +206,12 @@ class LimitsConfig:
     """Concurrency and rate limits."""
 
     copy_concurrency: int = _f(4, "copy jobs running at once on this node (0: this node runs no copies)")
+    copy_connections: int = _f(
+        1,
+        "IMAP sessions one copy may open toward the legacy server, its folders copied in parallel; the extra ones "
+        "only while legacy_connections has room. Mind the legacy server's own caps per user or client address "
+        "(Courier MAXPERIP, Dovecot mail_max_userip_connections): the users' proxied sessions count there too",
+    )
     legacy_connections: int = _f(
         8,
         "connections this node opens to the legacy server at once: the sidecar's (password checks and the ones "
@@ -403,6 +409,8 @@ def _check_semantics(cfg: Config, path: str) -> None:
         if not r or "@" in r or "\\" in r or any(c.isspace() for c in r):
             raise ConfigError(f"{path}: key 'mail.realms' has an invalid realm {r!r}")
     lim = cfg.limits
+    if not 1 <= lim.copy_connections <= 16:
+        raise ConfigError(f"{path}: key 'limits.copy_connections' must be 1..16, not {lim.copy_connections}")
     if lim.legacy_login_connections and not lim.legacy_connections:
         raise ConfigError(
             f"{path}: key 'limits.legacy_login_connections' needs limits.legacy_connections (0 there: no cap, "

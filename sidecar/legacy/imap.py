@@ -153,8 +153,11 @@ class FolderStatus:
 class LegacySource:
     """One IMAP session on the legacy server for one account. Use as a context manager."""
 
-    def __init__(self, params: SourceParams) -> None:
+    def __init__(self, params: SourceParams, *, wait: float | None = None) -> None:
+        """wait: seconds to wait for a place under the node's legacy connection cap (None: the limiter's
+        default; 0: SourceBusy at once when the cap is reached, as for a copy's extra connections)."""
         self.params = params
+        self.wait = wait
         self.client: imapclient.IMAPClient | None = None
         self.capabilities: frozenset[str] = frozenset()
         self._tags = itertools.count(1)
@@ -173,7 +176,7 @@ class LegacySource:
         p = self.params
         if p.limiter is not None and self._permit is None:
             try:
-                self._permit = p.limiter.acquire("imap")
+                self._permit = p.limiter.acquire("imap", self.wait)
             except LegacyBusy as e:
                 raise SourceBusy(str(e)) from None
         c = None

@@ -333,7 +333,12 @@ class JobRunner:
                 with contextlib.suppress(StoreError):
                     self.store.set_progress(address, copied=p.messages_done, bytes_copied=p.bytes_done)
 
-        result: CopyResult = copy(source, home, self.store, address, mode=mode, progress=progress)
+        kw: dict[str, Any] = {}
+        if self.cfg.limits.copy_connections > 1:  # folders in parallel (engine._copy_folders)
+            from sidecar.migration.copier import CopyOptions
+
+            kw["options"] = CopyOptions(connections=self.cfg.limits.copy_connections)
+        result: CopyResult = copy(source, home, self.store, address, mode=mode, progress=progress, **kw)
         log.info("copy %s of %s: %d new messages in %.1f s", mode, address, result.messages_copied, result.seconds)
         if mode != "append":  # other users' and shared folders this login saw and the copier left out: reported
             foreign = {k: v for k, v in result.skipped.items() if "namespace" in v}

@@ -254,3 +254,55 @@ def test_legacy_pop3_order_is_kept(env: Env) -> None:
         assert len(orders) == len(uidlist) and orders != [f"O{n}" for n in range(1, len(uidlist) + 1)]
     else:
         assert orders == []
+
+
+def test_several_sessions_copy_folders_in_parallel_only_where_the_cap_has_room(env: Env) -> None:
+    """limits.copy_connections: the folders spread over several legacy sessions give the same mailbox as one
+    session; the extra sessions open only while the node's legacy cap has room; a failure in any session stops
+    the pass, every session is closed, and the next pass resumes without duplicates or holes."""
+    from sidecar.legacy.limit import LegacyLimiter
+
+    u = env.user(7)
+    store = lab.FakeStore()
+    total = env.srv.plan(u).count
+    seen: list[int] = []
+
+    class Boom(Exception):
+        pass
+
+    def stop_after(n: int) -> Callable[[Progress], None]:
+        def progress(p: Progress) -> None:
+            seen.append(p.messages_done)
+            if len(seen) == n:
+                raise Boom
+
+        return progress
+
+    def copy(limiter: LegacyLimiter, **kw: object) -> CopyResult:
+        return copy_account(
+            env.params(u, limiter=limiter), env.home(u), store, u.address,
+            options=CopyOptions(connections=3, batch_messages=4), **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    # a cap that leaves one connection for copies (the other is kept for password checks): one session only
+    full = LegacyLimiter(2, 1)
+    with pytest.raises(Boom):
+        copy(full, progress=stop_after(6))
+    assert full.peak == 1 and full.in_use() == {k: 0 for k in full.in_use()}
+    # room for three: three sessions; one of them fails; all closed, what was committed stays
+    roomy = LegacyLimiter(8, 4)
+    seen.clear()
+    with pytest.raises(Boom):
+        copy(roomy, progress=stop_after(25))
+    assert roomy.peak == 3 and sum(roomy.in_use().values()) == 0
+    committed = sum(m.messages for m in store.marks[u.address].values())
+    assert 4 <= committed < total
+    # the next pass over three sessions resumes: the target is what clients saw, nothing twice
+    roomy.peak = 0
+    result = copy(roomy)
+    assert roomy.peak == 3
+    assert result.messages_copied == total - committed
+    env.assert_equal(u)
+    for folder in [env.home(u) / "Maildir", *(env.home(u) / "Maildir").glob(".*")]:
+        if (folder / "tmp").is_dir():
+            assert not list((folder / "tmp").iterdir()), folder

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--marks", type=Path, help="JSON file keeping the watermarks between runs")
     ap.add_argument("--owner", default="vmail", help="user owning the mailbox files, or 'none'")
     ap.add_argument("--batch", type=int, default=200, help="messages per commit")
+    ap.add_argument("--connections", type=int, default=1, help="IMAP sessions, folders in parallel")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     password = sys.stdin.readline().rstrip("\r\n")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host, user=args.user, password=password, imap_port=args.imap_port, pop3_port=args.pop3_port
     )
     owner: Any = None if args.owner == "none" else args.owner
-    opts = CopyOptions(owner=owner, batch_messages=args.batch)
+    opts = CopyOptions(owner=owner, batch_messages=args.batch, connections=args.connections)
 
     def progress(p: Progress) -> None:
         print(f"progress {p.messages_done} {p.messages_total} {p.bytes_done}", file=sys.stderr, flush=True)

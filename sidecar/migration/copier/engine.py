@@ -5,10 +5,12 @@ More (the reasons and limits behind this module): docs/modules.md, sidecar/migra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pwd
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,6 +105,22 @@ class CopyOptions:
     batch_bytes: int = 32 << 20  # ... or this many bytes
     memory_limit: int = 1 << 20  # bodies above this are spooled to the target folder's tmp/
     lock_timeout: float = 30.0  # append mode: longest wait for Dovecot's uidlist lock (then MaildirLocked)
+    connections: int = 1  # IMAP sessions toward the legacy server, folders in parallel (limits.copy_connections)
+
+
+class _Cancelled(BaseException):
+    """Another connection's folder failed: this one stops at its next message (what it committed stays)."""
+
+
+@dataclasses.dataclass
+class _Counts:
+    """The running counts of one pass, shared by its connections."""
+
+    total: int = 0
+    done: int = 0
+    bytes: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 @dataclasses.dataclass
@@ -115,17 +133,31 @@ class _Pass:
     address: str
     opts: CopyOptions
     progress: ProgressCallback | None = None
-    total: int = 0
-    done: int = 0
-    bytes: int = 0
+    counts: _Counts = dataclasses.field(default_factory=_Counts)
+
+    @property
+    def total(self) -> int:
+        return self.counts.total
+
+    @property
+    def done(self) -> int:
+        return self.counts.done
+
+    @property
+    def bytes(self) -> int:
+        return self.counts.bytes
 
     def counted(self, size: int) -> None:
-        self.done += 1
-        self.bytes += size
+        with self.counts.lock:
+            self.counts.done += 1
+            self.counts.bytes += size
 
     def tick(self, folder: str) -> None:
+        if self.counts.cancel.is_set():
+            raise _Cancelled
         if self.progress is not None:
-            self.progress(Progress(self.address, folder, self.done, self.total, self.bytes))
+            c = self.counts
+            self.progress(Progress(self.address, folder, c.done, c.total, c.bytes))
 
     def save_progress(self, *, start: bool = False) -> None:
         """The store's progress: the total when the pass starts, the counts after that."""
@@ -183,13 +215,15 @@ def copy_account(
         marks = store.folder_marks(address)
         ctx = _Pass(src, store, address, opts, progress)
         for plan in plans:
-            ctx.total += src.status(plan.legacy).exists
+            ctx.counts.total += src.status(plan.legacy).exists
         ctx.save_progress(start=True)
 
         inbox: MaildirFolder | None = None
-        for plan in plans:
-            copy_one = _append_folder if mode == "append" else _copy_folder
-            fres, folder = copy_one(ctx, account, plan, marks.get(plan.legacy))
+        if mode == "append":
+            done = [_append_folder(ctx, account, plan, marks.get(plan.legacy)) for plan in plans]
+        else:
+            done = _copy_folders(ctx, account, plans, marks)
+        for plan, (fres, folder) in zip(plans, done, strict=True):
             result.folders.append(fres)
             if folder.lost_keywords:
                 result.lost_keywords[plan.target] = dict(folder.lost_keywords)
@@ -271,6 +305,59 @@ def _copy_pop3_only(
     log.info("%s: %s pass over POP3 copied %d messages (%d bytes) in %.1fs", address, mode,
              result.messages_copied, result.bytes_copied, result.seconds)  # fmt: skip
     return result
+
+
+def _copy_folders(
+    ctx: _Pass, account: MaildirAccount, plans: list[FolderPlan], marks: dict[str, FolderMark]
+) -> list[tuple[FolderResult, MaildirFolder]]:
+    """Every folder of the plan, in plan order, over up to opts.connections sessions at once (each folder on
+    one session, whole; the sessions take the next folder as they finish one). Extra sessions open only while
+    the node's legacy connection cap has room (no wait) and are simply done without when they cannot: the copy
+    is the same either way, only its wall time differs. A folder that fails stops the others at their next
+    message (what they committed stays: the resume point) and its error is raised."""
+    extra: list[LegacySource] = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(min(ctx.opts.connections, len(plans)) - 1):
+            more = LegacySource(ctx.src.params, wait=0)
+            try:
+                more.connect()
+            except SourceError as e:  # the cap is reached, or the server refuses more sessions: fine
+                log.info("%s: copying over %d legacy session(s), not more: %s", ctx.address, 1 + len(extra), e)
+                break
+            stack.callback(more.close)
+            extra.append(more)
+        if not extra:
+            return [_copy_folder(ctx, account, plan, marks.get(plan.legacy)) for plan in plans]
+        results: list[tuple[FolderResult, MaildirFolder] | None] = [None] * len(plans)
+        errors: list[BaseException] = []
+        todo = iter(range(len(plans)))
+        take = threading.Lock()
+
+        def work(wctx: _Pass) -> None:
+            try:
+                while not ctx.counts.cancel.is_set():
+                    with take:
+                        i = next(todo, None)
+                    if i is None:
+                        return
+                    results[i] = _copy_folder(wctx, account, plans[i], marks.get(plans[i].legacy))
+            except BaseException as e:  # handed to the calling thread, raised there
+                if not isinstance(e, _Cancelled):
+                    errors.append(e)
+                ctx.counts.cancel.set()
+
+        threads = [
+            threading.Thread(target=work, args=(dataclasses.replace(ctx, src=s),), name=f"copy-{ctx.address}-{n}")
+            for n, s in enumerate(extra, 1)
+        ]
+        for t in threads:
+            t.start()
+        work(ctx)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return [r for r in results if r is not None]
 
 
 def _copy_folder(
