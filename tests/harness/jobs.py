@@ -20,6 +20,7 @@ class Recorder:
         self.released: list[str] = []
         self.kicked: list[str] = []
         self.copies: list[tuple[str, str]] = []
+        self.connections: list[int] = []  # the IMAP sessions each copy was allowed (CopyOptions.connections)
         self.fail_with: list[Exception] = []
 
     def hooks(self) -> Hooks:
@@ -32,8 +33,11 @@ class Recorder:
     def after(self, address: str, logins: list[str]) -> None:
         self.kicked.append(address)
 
-    def copy(self, source: Any, home: Path, store: Store, address: str, *, mode: str, progress: Any) -> CopyResult:
+    def copy(
+        self, source: Any, home: Path, store: Store, address: str, *, mode: str, progress: Any, options: Any = None
+    ) -> CopyResult:
         self.copies.append((address, mode))
+        self.connections.append(options.connections if options is not None else 1)
         if self.fail_with:
             raise self.fail_with.pop(0)
         return CopyResult(address, mode)

@@ -39,6 +39,7 @@ def test_defaults_need_no_file_content(tmp_path: Path) -> None:
         ("[store]\nurl = 'mysql://x'\n", "key 'store.url' must start with sqlite:/// or postgresql://"),
         ("[store]\nurl = 'postgresql://u:secret@h/db'\n", "key 'store.url' must not carry a password"),
         ("[limits]\ncopy_concurrency = -1\n", "key 'limits.copy_concurrency' must not be negative"),
+        ("[limits]\ncopy_connections = 0\n", "key 'limits.copy_connections' must be 1..16, not 0"),
         ("[log]\ndestination = 'file:relative'\n", "key 'log.destination' must be stderr, syslog or file:/PATH"),
         ("legacy = 3\n", "'legacy' must be a table"),
         ("[legacy\n", "TOML syntax error"),

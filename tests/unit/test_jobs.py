@@ -61,6 +61,14 @@ def test_happy_path_copies_holds_then_releases(store: Store, tmp_path: Path) -> 
                      "(none) -> copying: first login"]
 
 
+def test_copy_connections_reach_the_copier(store: Store, tmp_path: Path) -> None:
+    rec, creds = Recorder(), CredentialCache()
+    runner = make_runner(store, tmp_path, rec, creds, copy_connections=3)
+    first_login(store, creds)
+    run_one(runner, store)
+    assert rec.copies == [(A, "initial"), (A, "delta")] and rec.connections == [3, 3]
+
+
 def test_without_credentials_the_job_waits_for_the_next_login(store: Store, tmp_path: Path) -> None:
     rec, creds = Recorder(), CredentialCache()
     runner = make_runner(store, tmp_path, rec, creds)
