@@ -172,6 +172,29 @@ class Daemon:
         from sidecar.legacy.verify import LegacyVerifier
 
         cfg = self.cfg
+        # The socketmap first, before this process starts any thread of its own (the dashboard's, the legacy
+        # verifier's, the job runner's, the node agent's): its worker processes are forked, and a child
+        # forked while another thread holds a lock (SQLite's, OpenSSL's) hangs at its first store read. Forked
+        # later, both workers of a restarted sidecar were seen to hang until the READY watchdog (10 s) killed
+        # them, and mail for that while got 451 at RCPT (tests/e2e/test_milter_e2e.py, 2 runs in ~40).
+        routing = RoutingPolicy(cfg, self.store)
+        sm = cfg.sockets.socketmap
+        sm_path = unix_path(sm)
+        workers = cfg.sockets.socketmap_workers
+        start_sm: Any = start_socketmap_server
+        if workers > 0:
+            from sidecar.edge.socketmap_worker import start_socketmap_workers
+
+            start_sm = functools.partial(start_socketmap_workers, workers=workers)
+        if sm_path:
+            _prepare_unix_path(sm_path)
+            socketmap = await start_sm(f"unix:{sm_path}", routing, mode=cfg.sockets.mode)
+            secure_socket(sm_path, cfg.sockets.postfix_group, cfg.sockets.mode)
+        else:
+            socketmap = await start_sm(sm, routing)
+        self.servers.append(socketmap)
+        log.info("socketmap listening on %s (%s)", sm, f"{workers} worker processes" if workers else "in-process")
+
         from sidecar.migration.jobs import JobRunner
 
         self.credentials = CredentialCache()
@@ -219,24 +242,8 @@ class Daemon:
             secure_socket(cfg.sockets.sasl, cfg.sockets.postfix_group, cfg.sockets.mode)
             log.info("SMTP AUTH relay listening on %s (to Dovecot's %s)", cfg.sockets.sasl, cfg.sockets.dovecot_auth)
 
-        routing = RoutingPolicy(cfg, self.store)
-        sm = cfg.sockets.socketmap
-        sm_path = unix_path(sm)
-        workers = cfg.sockets.socketmap_workers
-        start_sm: Any = start_socketmap_server
-        if workers > 0:
-            from sidecar.edge.socketmap_worker import start_socketmap_workers
-
-            start_sm = functools.partial(start_socketmap_workers, workers=workers)
-        if sm_path:
-            _prepare_unix_path(sm_path)
-            self.servers.append(await start_sm(f"unix:{sm_path}", routing, mode=cfg.sockets.mode))
-            secure_socket(sm_path, cfg.sockets.postfix_group, cfg.sockets.mode)
-        else:
-            self.servers.append(await start_sm(sm, routing))
-        log.info("socketmap listening on %s (%s)", sm, f"{workers} worker processes" if workers else "in-process")
         if sources is not None:
-            sources.socketmap = getattr(self.servers[-1], "stats", None)
+            sources.socketmap = getattr(socketmap, "stats", None)
 
         self.agent.start()
         log.info("node %s: heartbeat and cutover kicks on", self.agent.node)

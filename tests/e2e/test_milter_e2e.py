@@ -98,7 +98,7 @@ def test_milter_down_mail_still_flows_unlogged(lab: dict[str, Any], store: Store
     try:
         mid = message_id()
         replies, data = send(lab["target"]["host"], lab["target"]["smtp"], ["dave" + D], mid)
-        assert replies["dave" + D][0] == 250 and data is not None and data[0] == 250
+        assert replies["dave" + D][0] == 250 and data is not None and data[0] == 250, (replies, data)
         wait_for(lambda: legacy_count(lab, "dave" + D, mid) == 1, what="the message at dave on legacy")
         assert rows(store, "dave" + D, mid) == []
     finally:
