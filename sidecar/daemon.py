@@ -173,10 +173,10 @@ class Daemon:
 
         cfg = self.cfg
         # The socketmap first, before this process starts any thread of its own (the dashboard's, the legacy
-        # verifier's, the job runner's, the node agent's): its worker processes are forked, and a child
-        # forked while another thread holds a lock (SQLite's, OpenSSL's) hangs at its first store read. Forked
-        # later, both workers of a restarted sidecar were seen to hang until the READY watchdog (10 s) killed
-        # them, and mail for that while got 451 at RCPT (tests/e2e/test_milter_e2e.py, 2 runs in ~40).
+        # verifier's, the job runner's, the node agent's): its supervisor process is forked here, it forks
+        # every worker, and a child forked while another thread holds a lock (SQLite's, OpenSSL's) hangs at
+        # its first store read. Forked later, both workers of a restarted sidecar were seen to hang until the
+        # READY watchdog (10 s) killed them, and mail for that while got 451 at RCPT (test_milter_e2e.py).
         routing = RoutingPolicy(cfg, self.store)
         sm = cfg.sockets.socketmap
         sm_path = unix_path(sm)

@@ -5,7 +5,10 @@ loop on that one listening socket (the kernel hands each new connection to one o
 synchronously: parse, RoutingPolicy.lookup (one SELECT), write. No event loop, no thread hop, no GIL shared with
 the auth socket or the job runner: that path was the asyncio server's cost (bench/results/routing.md).
 
-- The parent supervises: a worker that dies is forked again (at once, then with a backoff if it keeps dying).
+- A supervisor process forks them, and forks a worker that dies again (at once, then with a backoff if it
+  keeps dying). The daemon forks the supervisor while it has one thread, so no worker is ever a copy of the
+  threaded daemon (a copy could inherit a lock another thread held); the daemon forks a supervisor that dies
+  again.
   Postfix's connection to a dead worker breaks, Postfix retries the lookup later (a temporary failure, never a
   wrong route); new connections go to the other workers, or wait in the listen backlog for the new one.
 - A lookup that overruns ``request_timeout`` is interrupted (a periodic SIGALRM, every request_timeout / 4,
@@ -54,14 +57,16 @@ from sidecar.wire import netstring
 
 log = logging.getLogger("autoport.socketmap")
 
-FIELDS = ("connections", "requests", "cache_hits", "malformed", "timeouts", "restarts", "ready")
-CONNECTIONS, REQUESTS, CACHE_HITS, MALFORMED_N, TIMEOUTS, RESTARTS, READY = range(len(FIELDS))
+FIELDS = ("connections", "requests", "cache_hits", "malformed", "timeouts", "restarts", "ready", "pid")
+CONNECTIONS, REQUESTS, CACHE_HITS, MALFORMED_N, TIMEOUTS, RESTARTS, READY, PID = range(len(FIELDS))
 READ_SIZE = 65536
 MAX_OUTPUT = 256 * 1024  # unsent reply bytes of one connection before we stop reading from it
 RESTART_BACKOFF_MAX = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
 STOP_GRACE = 3.0  # seconds a worker gets after SIGTERM before SIGKILL
 READY_TIMEOUT = 10.0  # seconds a new worker has to finish its first store read before it is killed and forked again
+UNREADY_LIMIT = 2  # workers of one slot killed in a row for not getting ready before the supervisor is replaced
+EXIT_STUCK = 3  # the supervisor's exit status then
 WARM_UP_KEY = "autoport-worker-warm-up@invalid"  # a state lookup no account answers (RFC 2606 .invalid)
 
 
@@ -307,14 +312,16 @@ class _Worker:
 
 
 def _warm_up(worker: _Worker) -> None:
-    """One store read before the first accept, then the READY mark the parent waits for.
+    """One store read before the first accept, then the READY mark the supervisor waits for.
 
-    The worker is forked from a daemon whose other threads may be inside the database library at that moment;
-    a lock such a thread held is held for ever in the child (fork copies the lock, not the thread). SQLite's
-    process-wide mutexes are the case that matters: a child that inherited one locked hangs on its first
-    query. Here that happens before the worker has taken any connection from Postfix, so nobody waits on it,
-    and the parent kills a worker that is not READY within READY_TIMEOUT and forks another (the lock is free by
-    then). A store that answers with an error is fine here: the call came back, so no lock is stuck."""
+    A process forked while another thread is inside the database library holds that thread's lock for ever
+    (fork copies the lock, not the thread). SQLite's process-wide mutexes are the case that matters: a child
+    that inherited one locked hangs on its first query. Here that happens before the worker has taken any
+    connection from Postfix, so nobody waits on it, and the supervisor kills a worker that is not READY within
+    READY_TIMEOUT and forks another. Workers are copies of the supervisor, forked while the daemon had one
+    thread, so this is the watchdog for a supervisor the daemon had to fork again later from its threaded self
+    (and for a store that hangs). A store that answers with an error is fine here: the call came back, so no
+    lock is stuck."""
     with contextlib.suppress(Exception):
         worker.policy.store.state_of(WARM_UP_KEY)
     worker.counts[READY] = 1
@@ -342,17 +349,163 @@ def _child_main(worker: _Worker) -> None:
     worker.run(wake_r)
 
 
-def _die_with(parent: int) -> None:
-    """SIGTERM when the daemon goes (even by SIGKILL): no orphan keeps answering from an old socket."""
+def _die_with(parent: int, sig: int = signal.SIGTERM) -> None:
+    """`sig` when `parent` goes (even by SIGKILL): nothing keeps answering from an old socket."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
     if os.getppid() != parent:  # it went before prctl took effect
         os._exit(0)
 
 
+def _own_signals() -> None:
+    """A forked child's first step: no handler of the daemon's (its event loop's wakeup fd is the daemon's)."""
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C at a terminal is the daemon's to handle
+
+
+class _Supervisor:
+    """The process that forks the workers and forks them again when they die. Runs in a child the daemon forks
+    while it still has a single thread, and never starts a thread or touches the store itself: every worker,
+    the first ones and those started again after a crash, is a copy of an image in which no other thread held a
+    lock (a copy of the threaded daemon could inherit a lock held for ever; see _warm_up)."""
+
+    def __init__(self, owner: SocketmapWorkers) -> None:
+        self.owner = owner
+        slots = owner.stats.slots
+        self.pids = [0] * slots
+        self.started = [0.0] * slots
+        self.backoff = [0.0] * slots
+        self.due = [0.0] * slots  # monotonic time a dead slot's worker is forked again
+        self.unready = [0] * slots  # workers of this slot killed in a row for not getting ready
+        self.stopping = False
+
+    def _field(self, slot: int, field: int) -> int:
+        return int(self.owner.stats.view[slot * len(FIELDS) + field])
+
+    def _set(self, slot: int, field: int, value: int) -> None:
+        self.owner.stats.view[slot * len(FIELDS) + field] = value
+
+    def run(self) -> int:
+        _own_signals()
+
+        def stop(signum: int, frame: FrameType | None) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        for slot in range(len(self.pids)):
+            self._spawn(slot)
+        code = 0
+        while not self.stopping:
+            time.sleep(0.1)  # a dead worker is forked again within 0.1 s
+            if self._kill_unready():
+                code = EXIT_STUCK
+                break
+            self._reap()
+        self._stop_workers()
+        return code
+
+    def _spawn(self, slot: int) -> None:
+        parent = os.getpid()
+        self._set(slot, READY, 0)
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            code = 0
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the supervisor's handler: until _child_main's
+                _die_with(parent, signal.SIGKILL)  # a worker without its supervisor is nobody's to stop
+                self._set(slot, PID, os.getpid())
+                if self.owner.on_fork is not None:
+                    self.owner.on_fork()
+                worker = _Worker(self.owner.listener, self.owner.policy, self.owner.stats.row(slot),
+                                 **self.owner.limits)  # fmt: skip
+                _warm_up(worker)
+                _child_main(worker)
+            except BaseException:
+                code = 1
+                with contextlib.suppress(BaseException):
+                    log.exception("socketmap worker %d failed", slot)
+            finally:
+                os._exit(code)
+        self.pids[slot] = pid
+        self._set(slot, PID, pid)
+        self.started[slot] = time.monotonic()
+        self.due[slot] = 0.0
+
+    def _kill_unready(self) -> bool:
+        """SIGKILL a worker that has not finished its warm-up read within READY_TIMEOUT (see _warm_up); _reap
+        forks it again. True: a slot's workers did that UNREADY_LIMIT times in a row, so this image may hold a
+        stuck lock (it was forked again from the threaded daemon): the daemon forks a new supervisor."""
+        now = time.monotonic()
+        for slot, pid in enumerate(self.pids):
+            if not pid:
+                continue
+            if self._field(slot, READY):
+                self.unready[slot] = 0
+            elif now - self.started[slot] > READY_TIMEOUT:
+                log.error("socketmap worker %d (pid %d) did not read the store within %.0f s; killing it",
+                          slot, pid, READY_TIMEOUT)  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self.started[slot] = now  # killed once, not again at every turn until it is reaped
+                self.unready[slot] += 1
+                if self.unready[slot] >= UNREADY_LIMIT:
+                    log.error("socketmap workers of slot %d never got ready %d times in a row; starting the "
+                              "supervisor again", slot, UNREADY_LIMIT)  # fmt: skip
+                    return True
+        return False
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for slot, pid in enumerate(self.pids):
+            if pid:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, 0
+                if not done:
+                    continue
+                lived = now - self.started[slot]
+                self.backoff[slot] = 0.0 if lived > 10 else min(max(0.1, self.backoff[slot] * 2), RESTART_BACKOFF_MAX)
+                how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {status >> 8}"
+                log.error("socketmap worker %d (pid %d) ended (%s); starting it again", slot, pid, how)
+                self.pids[slot] = 0
+                self._set(slot, PID, 0)
+                self.due[slot] = now + self.backoff[slot]
+                self._set(slot, RESTARTS, self._field(slot, RESTARTS) + 1)
+            if not self.pids[slot] and now >= self.due[slot] and not self.stopping:
+                self._spawn(slot)
+
+    def _stop_workers(self) -> None:
+        pids = [p for p in self.pids if p]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for pid in pids:
+            while True:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+
+
 class SocketmapWorkers:
-    """The listening socket plus its worker processes; the asyncio.AbstractServer surface the daemon uses."""
+    """The listening socket, the supervisor process and its workers; the asyncio.AbstractServer surface the
+    daemon uses. Construct it before the daemon starts any thread (the supervisor is forked here)."""
 
     def __init__(
         self,
@@ -381,106 +534,81 @@ class SocketmapWorkers:
         self.on_fork = on_fork
         self._unix_path = unix_path
         self._unix_ino = os.stat(unix_path).st_ino if unix_path else 0
-        self.pids = [0] * workers
-        self._started = [0.0] * workers
-        self._backoff = [0.0] * workers
+        self.supervisor_pid = 0
+        self.supervisor_restarts = 0
+        self._started = 0.0
+        self._backoff = 0.0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._closed = threading.Event()
-        for slot in range(workers):
-            self._spawn(slot)
-        self._thread = threading.Thread(target=self._supervise, name="socketmap-workers", daemon=True)
+        self._spawn_supervisor()
+        self._thread = threading.Thread(target=self._watch, name="socketmap-supervisor", daemon=True)
         self._thread.start()
 
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, a slot each (the last one a slot had, once stopped)."""
+        return [int(self.stats.view[slot * len(FIELDS) + PID]) for slot in range(self.stats.slots)]
+
     # --- processes ------------------------------------------------------------------------------------------
-    def _spawn(self, slot: int) -> None:
+    def _spawn_supervisor(self) -> None:
         parent = os.getpid()
         pid = os.fork()
-        if pid == 0:  # the child: never returns
+        if pid == 0:  # the supervisor: never returns
             code = 0
             try:
-                _die_with(parent)
-                if self.on_fork is not None:
-                    self.on_fork()
-                worker = _Worker(self.listener, self.policy, self.stats.row(slot), **self.limits)
-                _warm_up(worker)
-                _child_main(worker)
+                _die_with(parent)  # SIGTERM: it stops its workers and ends
+                code = _Supervisor(self).run()
             except BaseException:
                 code = 1
                 with contextlib.suppress(BaseException):
-                    log.exception("socketmap worker %d failed", slot)
+                    log.exception("socketmap supervisor failed")
             finally:
                 os._exit(code)
-        self.pids[slot] = pid
-        self._started[slot] = time.monotonic()
+        self.supervisor_pid = pid
+        self._started = time.monotonic()
 
-    def _kill_unready(self) -> None:
-        """SIGKILL a worker that has not finished its warm-up read within READY_TIMEOUT (see _warm_up); the
-        loop below then forks it again."""
-        now = time.monotonic()
-        with self._lock:
-            for slot, pid in enumerate(self.pids):
-                ready = self.stats.view[slot * len(FIELDS) + READY]
-                if pid and not ready and now - self._started[slot] > READY_TIMEOUT:
-                    log.error("socketmap worker %d (pid %d) did not read the store within %.0f s; killing it",
-                              slot, pid, READY_TIMEOUT)  # fmt: skip
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
-    def _supervise(self) -> None:
-        while not self._stopping.wait(0.1):  # a dead worker is forked again within 0.1 s
-            self._kill_unready()
-            for slot, pid in enumerate(self.pids):
-                if not pid:
-                    continue
-                try:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done, status = pid, 0
-                if not done:
-                    continue
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
-                    lived = time.monotonic() - self._started[slot]
-                    self._backoff[slot] = 0.0 if lived > 10 else min(max(0.1, self._backoff[slot] * 2),
-                                                                      RESTART_BACKOFF_MAX)  # fmt: skip
-                    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {status >> 8}"
-                    log.error("socketmap worker %d (pid %d) ended (%s); starting it again", slot, pid, how)
-                    self.pids[slot] = 0
-                if self._backoff[slot] and self._stopping.wait(self._backoff[slot]):
-                    return
-                with self._lock:
-                    if self._stopping.is_set():
-                        return
+    def _watch(self) -> None:
+        """The daemon's side: reap the supervisor; one that ended is forked again (with a backoff if it keeps
+        ending). That fork is from the threaded daemon; its workers' READY watchdog and EXIT_STUCK cover it."""
+        while True:
+            pid = self.supervisor_pid
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                status = 0
+            with self._lock:
+                if self._stopping.is_set():
+                    break
+                lived = time.monotonic() - self._started
+                self._backoff = 0.0 if lived > 10 else min(max(0.1, self._backoff * 2), RESTART_BACKOFF_MAX)
+                how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {status >> 8}"
+                log.error("socketmap supervisor (pid %d) ended (%s); starting it again", pid, how)
+            if self._stopping.wait(self._backoff):
+                break
+            with self._lock:
+                if self._stopping.is_set():
+                    break
+                self.supervisor_restarts += 1
+                for slot in range(self.stats.slots):  # each of its workers is started again (the metric's count)
                     self.stats.view[slot * len(FIELDS) + RESTARTS] += 1
                     self.stats.view[slot * len(FIELDS) + READY] = 0
-                    self._spawn(slot)
+                self._spawn_supervisor()
+        self._closed.set()
 
     def _stop_workers(self) -> None:
+        """SIGTERM the supervisor, which stops its workers (SIGKILL after STOP_GRACE); SIGKILL it if it does
+        not end soon after that (its workers die with it: their death signal is SIGKILL)."""
         with self._lock:
             self._stopping.set()
-            pids = [p for p in self.pids if p]
-        for pid in pids:
+            pid = self.supervisor_pid
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        self._thread.join(STOP_GRACE + 2)
+        if self._thread.is_alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for pid in pids:
-            while True:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                    break
-                time.sleep(0.01)
-        self._thread.join(5)
+                os.kill(pid, signal.SIGKILL)
+            self._thread.join(5)
         self._closed.set()
 
     # --- asyncio.AbstractServer surface -----------------------------------------------------------------------

@@ -249,9 +249,7 @@ def test_sqlite_store_locked_is_temporary_and_recovers(sidecar_dir: Path, tmp_pa
     assert "store-unavailable" in sc.log()
 
 
-def _socketmap_workers(pid: int) -> list[int]:
-    """The daemon's forked socketmap workers: its children running the daemon's own command line."""
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+def _children(pid: int, cmdline: bytes) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -260,6 +258,19 @@ def _socketmap_workers(pid: int) -> list[int]:
                 if ppid == pid and (entry / "cmdline").read_bytes() == cmdline:
                     found.append(int(entry.name))
     return sorted(found)
+
+
+def _socketmap_supervisor(pid: int) -> int:
+    """The daemon's socketmap supervisor: its one forked child running the daemon's own command line."""
+    (supervisor,) = _children(pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+    return supervisor
+
+
+def _socketmap_workers(pid: int) -> list[int]:
+    """The socketmap workers: the supervisor's children (never the daemon's: they are not copies of it)."""
+    with contextlib.suppress(ValueError, OSError):
+        return _children(_socketmap_supervisor(pid), Path(f"/proc/{pid}/cmdline").read_bytes())
+    return []
 
 
 @pytest.mark.e2e
@@ -303,6 +314,15 @@ def test_killed_socketmap_worker_is_restarted_and_postfix_keeps_getting_answers(
         assert wrong == [] and sum(a[0] == 0 for a in answers) >= 3, answers[:5]
         assert sc.lookup("ann@example.org").decode()[3:] == route
         assert sc.proc.poll() is None
+        # the supervisor killed: the daemon forks a new one, the old workers go with it, two new ones answer
+        supervisor = _socketmap_supervisor(sc.proc.pid)
+        old = _socketmap_workers(sc.proc.pid)
+        os.kill(supervisor, signal.SIGKILL)
+        wait_for(lambda: len(now := _socketmap_workers(sc.proc.pid)) == 2 and not set(now) & set(old), 10,
+                 "a new supervisor with new workers")  # fmt: skip
+        assert _socketmap_supervisor(sc.proc.pid) != supervisor
+        wait_for(lambda: sc.lookup("ann@example.org").decode()[3:] == route, 10, "the right route again")
+        assert "socketmap supervisor" in sc.log() and sc.proc.poll() is None
         workers = _socketmap_workers(sc.proc.pid)
     finally:
         stop.set()

@@ -22,7 +22,8 @@ from harness.waiting import wait_for
 from sidecar.auth.routing import RoutingPolicy
 from sidecar.config import Config
 from sidecar.edge.socketmap import parse_address, start_socketmap_server
-from sidecar.edge.socketmap_worker import start_socketmap_workers
+from sidecar.edge.socketmap_worker import READY, start_socketmap_workers
+from sidecar.states import State
 from sidecar.store.base import Store
 from sidecar.wire import netstring
 
@@ -290,8 +291,72 @@ def test_killed_worker_is_restarted_and_no_lookup_gets_a_wrong_route(tmp_path: P
     finally:
         stop.set()
         r.stop()
-    for pid in r.server.pids:  # stopped: no worker left behind
+    assert all(r.server.pids) and r.server.supervisor_pid
+    for pid in [*r.server.pids, r.server.supervisor_pid]:  # stopped: no worker and no supervisor left behind
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+class _LockedStore(SharedFlagsStore):
+    """Every state read takes one process-wide lock, as SQLite's mutexes are taken inside the library."""
+
+    mutex = threading.Lock()
+
+    def state_of(self, address: str) -> State | None:
+        with self.mutex:
+            return super().state_of(address)
+
+
+def test_a_worker_forked_again_while_a_daemon_thread_holds_a_lock_serves(tmp_path: Path) -> None:
+    """Workers are forked by a supervisor that the daemon forked while it had one thread, never by the daemon:
+    a lock another daemon thread holds when a worker dies and is forked again is not held in the new worker.
+    (Forked from the daemon, as before, the new worker hung on its first read until the READY watchdog.)"""
+    store = _LockedStore(dict(STATES), tmp_path / "flags")
+    r = Running(tmp_path, store, "workers", workers=1)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # a daemon thread inside the store library
+        with store.mutex:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    try:
+        first = r.server.pids[0]
+        assert _ppid(first) == r.server.supervisor_pid != os.getpid()
+        holder.start()
+        assert held.wait(5)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: r.server.pids[0] not in (0, first), 10, "the worker to be forked again")
+        # ready (its first store read done) well within READY_TIMEOUT, and answering, while the lock is held here
+        wait_for(lambda: r.server.stats.view[READY] == 1, 3, "the new worker to read the store")
+        assert r.postmap("ann@example.org").stdout.strip() == LMTP
+        assert r.server.stats.restarts == 1 and r.server.supervisor_restarts == 0
+    finally:
+        release.set()
+        holder.join(5) if holder.is_alive() else None
+        r.stop()
+
+
+def test_a_killed_supervisor_is_replaced_and_its_workers_go_with_it(tmp_path: Path) -> None:
+    r = Running(tmp_path, SharedFlagsStore(dict(STATES), tmp_path / "flags"), "workers", workers=2)
+    try:
+        old_supervisor, old_workers = r.server.supervisor_pid, list(r.server.pids)
+        os.kill(old_supervisor, signal.SIGKILL)
+        wait_for(lambda: r.server.supervisor_pid != old_supervisor, 10, "a new supervisor")
+        wait_for(lambda: not set(r.server.pids) & set(old_workers) and all(r.server.pids), 10, "new workers")
+        for pid in old_workers:  # their death signal is SIGKILL: none keeps the listening socket
+            wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists()
+                     or "zombie" in Path(f"/proc/{pid}/status").read_text(), 5, f"old worker {pid} to end")  # fmt: skip
+        assert {_ppid(pid) for pid in r.server.pids} == {r.server.supervisor_pid}
+        wait_for(lambda: r.server.stats.view[READY] == 1, 10, "the new workers to read the store")
+        assert r.postmap("bob@example.org").stdout.strip() == HOLD
+        assert r.server.supervisor_restarts == 1 and r.server.stats.restarts == 2  # both workers started again
+    finally:
+        r.stop()
 
 
 def test_a_stuck_lookup_does_not_stop_the_worker(tmp_path: Path) -> None:
@@ -319,9 +384,12 @@ def test_a_worker_stuck_before_its_first_store_read_is_replaced(tmp_path: Path,
     store.block = threading.Event()  # the warm-up read hangs (10 s) as on an inherited lock
     r = Running(tmp_path, store, "workers", workers=1)
     try:
+        wait_for(lambda: r.server.pids[0], 5, "the supervisor to fork a worker")
         first = r.server.pids[0]
         wait_for(lambda: r.server.stats.restarts >= 1, 10, "the stuck worker to be killed and forked again")
         assert not r.server.stats.view[smw.READY] and first not in r.server.pids
+        # twice in a row: that supervisor's image may hold the lock, so the daemon forks a new supervisor
+        wait_for(lambda: r.server.supervisor_restarts >= 1, 10, "the supervisor to be replaced")
         store.block = None
         wait_for(lambda: r.server.stats.view[smw.READY] == 1, 10, "a worker that read the store")
         assert r.postmap("ann@example.org").stdout.strip() == LMTP
