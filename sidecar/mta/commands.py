@@ -161,9 +161,10 @@ def doveadm_reload(doveadm_bin: str, dovecot_config: PathLike, *, timeout: float
     doveadm(doveadm_bin, dovecot_config, "reload", timeout=timeout)
 
 
-def proxy_kick(doveadm_bin: str, dovecot_config: PathLike, login: str, *, timeout: float = 10.0) -> None:
-    """Disconnect the proxied sessions of one login (they reconnect, now to wherever auth sends them)."""
-    doveadm(doveadm_bin, dovecot_config, "proxy", "kick", login, timeout=timeout)
+def proxy_kick(doveadm_bin: str, dovecot_config: PathLike, login: str, *logins: str, timeout: float = 10.0) -> None:
+    """Disconnect the proxied sessions of these logins (they reconnect, now to wherever auth sends them); one
+    doveadm run for all of them (its KICK takes a list of users)."""
+    doveadm(doveadm_bin, dovecot_config, "proxy", "kick", login, *logins, timeout=timeout)
 
 
 def auth_cache_flush(doveadm_bin: str, dovecot_config: PathLike, *users: str, timeout: float = 10.0) -> None:

@@ -109,6 +109,20 @@ def test_every_node_flushes_and_a_flush_clears_no_route_cache(
     assert request.kind == "flush" and request.logins == ("Alice", A)
 
 
+def test_the_flush_requests_found_together_are_one_doveadm_run(store: Store, tmp_path: Path) -> None:
+    # a bulk migration leaves several flush requests per tick: one doveadm run (about 10 ms of CPU each) for all
+    kicks = [store.request_kick(f"u{i}@example.org", [f"u{i}@example.org", f"U{i}"], kind="flush") for i in range(3)]
+    done = cutover.carry_out(cfg(tmp_path), kicks)
+    assert set(done) == {k.id for k in kicks}
+    assert flushed(tmp_path / "doveadm.log") == [sorted([f"u{i}@example.org" for i in range(3)]
+                                                        + [f"u{i}" for i in range(3)])]  # fmt: skip
+
+
+def test_a_failed_flush_confirms_none_of_the_requests(store: Store, tmp_path: Path) -> None:
+    kicks = [store.request_kick(f"u{i}@example.org", [f"u{i}@example.org"], kind="flush") for i in range(2)]
+    assert cutover.carry_out(cfg(tmp_path, doveadm=str(tmp_path / "no-such-doveadm")), kicks) == {}
+
+
 def test_a_node_that_does_not_confirm_is_named_not_waited_for_forever(store: Store, tmp_path: Path) -> None:
     store.node_heartbeat("silent")
     _local, acks, missing = flush_everywhere(cfg(tmp_path), store, A, [A], wait=0.2)
@@ -131,6 +145,9 @@ def test_runner_flushes_after_the_switch_to_migrated(store: Store, tmp_path: Pat
     store.import_users([ImportedUser(login="asmith", address=A, addresses=("a.smith@example.org",))])
     default_hooks(c, store).after_migrated(A, ["alice"])
     assert flushed(tmp_path / "doveadm.log") == [sorted(["a.smith@example.org", A, "alice", "asmith"])]
+    # the proxied sessions of every login it was used with: one `doveadm proxy kick` for all of them
+    runs = [line.split() for line in (tmp_path / "doveadm.log").read_text().splitlines()]
+    assert [r for r in runs if r[:2] == ["proxy", "kick"]] == [["proxy", "kick", "alice", A]]
     (request,) = store.pending_kicks("n1", 0)
     assert request.kind == "flush" and set(request.logins) == {"a.smith@example.org", A, "alice", "asmith"}
 

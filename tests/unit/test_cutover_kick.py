@@ -17,6 +17,7 @@ import pytest
 from sidecar import config
 from sidecar.migration import cutover
 from sidecar.migration.cutover import Session, kick_sessions, login_processes, parse_who
+from sidecar.store.base import Kick
 
 # `doveadm -f tab who -1` of Dovecot 2.4.1 (Debian 13) with two proxied IMAP sessions and a local one
 WHO_24 = (
@@ -79,6 +80,8 @@ def running(pid):  # not exited, not a zombie waiting to be reaped
     except OSError:
         return False
 alive = [row for row in table if running(row[2])]
+with open({table!r} + ".calls", "a") as calls:
+    calls.write(" ".join(args) + "\\n")
 if args[:2] == ["proxy", "kick"]:
     print("1 connections kicked")  # Dovecot 2.4.1: and nothing ends
 elif args == ["proxy", "list"]:
@@ -131,6 +134,54 @@ def test_kick_ends_the_accounts_login_process_only(tmp_path: Path, login_process
     assert done == f"no proxied session left (1 login process(es) ended: {mine.pid})"
     assert mine.wait(5) == -signal.SIGTERM
     assert other.poll() is None  # bob's session goes on
+
+
+def test_with_no_proxied_session_open_one_listing_is_all(
+    tmp_path: Path, login_process: list[subprocess.Popen[bytes]]
+) -> None:
+    _mine, other = login_process
+    cfg = node(tmp_path, [("bob@example.test", other.pid)])  # someone else's session only
+    assert kick_sessions(cfg, ("alice@example.test", "alice")) == "no proxied session open"
+    # no `proxy kick` (each doveadm run costs ~10 ms of CPU, twice per node and cutover), no process ended
+    assert (tmp_path / "sessions.tsv.calls").read_text().splitlines() == ["proxy list"]
+    assert other.poll() is None
+
+
+def test_an_open_session_is_still_kicked_and_checked(tmp_path: Path, login_process: list[subprocess.Popen[bytes]],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    mine, _ = login_process
+    cfg = node(tmp_path, [("alice@example.test", mine.pid)])
+    monkeypatch.setattr(cutover, "_gone", lambda pids: [p.wait(5) for p in login_process if p.pid in pids])
+    kick_sessions(cfg, ("alice@example.test", "EXAMPLE\\alice"))
+    calls = (tmp_path / "sessions.tsv.calls").read_text().splitlines()
+    # every spelling in one doveadm run
+    assert calls[:3] == ["proxy list", "proxy kick alice@example.test EXAMPLE\\alice", "proxy list"], calls
+    assert kick_sessions(cfg, ("alice@example.test",)) == "no proxied session open"  # ended: nothing to kick
+    assert mine.wait(5) == -signal.SIGTERM
+
+
+def test_one_listing_serves_every_kick_of_a_tick(tmp_path: Path, login_process: list[subprocess.Popen[bytes]],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    mine, _ = login_process
+    cfg = node(tmp_path, [("alice@example.test", mine.pid)])
+    monkeypatch.setattr(cutover, "clear_route_cache", lambda cfg, addresses: "route cache cleared")
+    monkeypatch.setattr(cutover, "_gone", lambda pids: [p.wait(5) for p in login_process if p.pid in pids])
+    kicks = [Kick(i, f"{u}@example.test", (f"{u}@example.test",), 0.0) for i, u in enumerate(("bob", "alice", "carol"))]
+    done = cutover.carry_out(cfg, kicks)
+    assert done == {0: "route cache cleared; no proxied session open",
+                    1: f"route cache cleared; no proxied session left (1 login process(es) ended: {mine.pid})",
+                    2: "route cache cleared; no proxied session open"}  # fmt: skip
+    calls = (tmp_path / "sessions.tsv.calls").read_text().splitlines()
+    # one listing for the three requests; alice's session alone is kicked (then checked, as 2.4 needs)
+    assert calls[:3] == ["proxy list", "proxy kick alice@example.test", "proxy list"], calls
+    assert not [c for c in calls if "bob" in c or "carol" in c], calls
+
+
+def test_a_failed_listing_confirms_no_kick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config.from_dict({"target": {"mail_root": str(tmp_path / "mail"), "doveadm": str(tmp_path / "nothing")}})
+    monkeypatch.setattr(cutover, "clear_route_cache", lambda cfg, addresses: "route cache cleared")
+    # no doveadm at all: logged, nothing confirmed (the NodeAgent tries again)
+    assert cutover.carry_out(cfg, [Kick(1, "a@example.test", ("a@example.test",), 0.0)]) == {}
 
 
 def test_kick_is_not_confirmed_while_a_shared_process_proxies_the_account(
