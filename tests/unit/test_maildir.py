@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar.migration.copier import maildir
-from sidecar.migration.copier.maildir import MaildirAccount, MaildirError, MaildirFolder
+from sidecar.migration.copier.maildir import UIDLIST, MaildirAccount, MaildirError, MaildirFolder
 from sidecar.wire.fetchparse import Body
 
 WHEN = dt.datetime(2023, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))
@@ -202,6 +204,76 @@ def test_failed_syncfs_makes_nothing_visible(tmp_path: Path, monkeypatch: pytest
     f.abort()
     assert len(os.listdir(f.path / "cur")) == 1 and not os.listdir(f.path / "tmp")
     assert sorted(MaildirFolder(f.path).open().records) == [1]
+
+
+def test_a_background_commit_overlaps_the_next_batch_and_keeps_the_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", True)
+    f = folder(tmp_path)
+    events = record_syncs(monkeypatch, f)
+    disk = threading.Event()
+    real_syncfs = maildir._syncfs
+
+    def slow_syncfs(fd: int) -> None:  # the disk takes its time: the caller goes on meanwhile
+        assert disk.wait(10)
+        real_syncfs(fd)
+
+    monkeypatch.setattr(maildir, "_syncfs", slow_syncfs)
+    for uid in (1, 2):
+        f.stage(uid, MSG, ["\\Seen", "$Work"], WHEN)
+    f.commit(background=True)
+    f.stage(3, MSG, [], WHEN)  # the next batch arrives while the first waits on the disk
+    with pytest.raises(MaildirError, match="UID 2 is not above"):
+        f.stage(2, MSG, [], WHEN)  # the batch in flight counts for the UID order
+    assert events == [] and f.records == {} and f.last_uid == 0  # nothing durable yet: a mark now names nothing
+    assert not os.listdir(f.path / "cur") and not (f.path / UIDLIST).exists()
+    disk.set()
+    f.commit()  # waits for the first batch, then commits the second
+    assert [e.split()[0] for e in events] == ["syncfs", "rename", "rename", "syncfs", "rename"]
+    assert sorted(f.records) == [1, 2, 3]
+    g = MaildirFolder(f.path).open()
+    assert sorted(g.records) == [1, 2, 3] and g.flags(1) == {"\\Seen", "$Work"}
+    assert g.file_path(3).read_bytes() == MSG
+
+
+def test_a_failed_background_commit_is_raised_by_the_next_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", True)
+    f = folder(tmp_path)
+    f.stage(1, MSG, [], None)
+    f.commit()
+    record_syncs(monkeypatch, f, syncfs_error=5)
+    f.stage(2, MSG, [], None)
+    f.commit(background=True)
+    f.stage(3, MSG, [], None)
+    with pytest.raises(OSError, match="syncfs failed"):
+        f.commit()
+    assert sorted(f.records) == [1]  # the failed batch never joined the records: no mark can name it
+    f.abort()
+    assert len(os.listdir(f.path / "cur")) == 1 and not os.listdir(f.path / "tmp")
+    assert sorted(MaildirFolder(f.path).open().records) == [1]
+
+
+def test_abort_waits_for_the_batch_in_flight(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "USE_SYNCFS", True)
+    f = folder(tmp_path)
+    started = threading.Event()
+    real_syncfs = maildir._syncfs
+
+    def slow_syncfs(fd: int) -> None:
+        started.set()
+        time.sleep(0.2)
+        real_syncfs(fd)
+
+    monkeypatch.setattr(maildir, "_syncfs", slow_syncfs)
+    f.stage(1, MSG, [], None)
+    f.commit(background=True)
+    f.stage(2, MSG, [], None)
+    assert started.wait(5)
+    f.abort()  # the first batch completes (it was durable before its renames); the second is dropped
+    assert sorted(MaildirFolder(f.path).open().records) == [1] and not os.listdir(f.path / "tmp")
 
 
 @pytest.mark.skipif(not maildir.USE_SYNCFS, reason="no syncfs here")

@@ -405,6 +405,8 @@ def _copy_folder(
             _fetch_new(ctx, folder, plan, last, fres, set_mark)
         except BaseException:
             folder.abort()  # nothing staged becomes visible; committed batches stay (resume point)
+            with contextlib.suppress(Exception):  # the batch that was in flight may have become durable meanwhile
+                set_mark()
             raise
     fres.messages = len(folder.records)
     return fres, folder
@@ -427,7 +429,9 @@ def _fetch_new(
         batch_bytes += size
         ctx.counted(size)
         if folder.pending >= opts.batch_messages or batch_bytes >= opts.batch_bytes:
-            folder.commit()
+            # this batch goes to the disk on a thread of its own while the next one arrives; the commit waits
+            # for the previous batch first, so the mark names that one, never a batch still in flight
+            folder.commit(background=True)
             set_mark()
             ctx.save_progress()
             batch_bytes = 0

@@ -307,6 +307,17 @@ class _Staged:
     synced: Future[None] | None = None  # the background fsync (and close) of the tmp file; None: syncfs covers it
 
 
+@dataclasses.dataclass
+class _Commit:
+    """One batch's commit: what it makes visible, and (background) the thread doing it and how that ended."""
+
+    staged: list[_Staged]
+    records: list[Record]  # the batch's records, ascending UIDs: added to MaildirFolder.records once durable
+    next_uid: int
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+
 def flags_to_letters(flags: Iterable[str], keyword_letter: dict[str, str]) -> str:
     """Maildir info letters for IMAP flags (\\Recent and unknown system flags dropped)."""
     out = set()
@@ -336,6 +347,8 @@ class MaildirFolder:
         self.orphans_removed = 0
         self._staged: list[_Staged] = []
         self._sync_fd: int | None = None  # the folder, opened before the batch's first write: syncfs at commit
+        self._inflight: _Commit | None = None  # a batch being committed in the background
+        self._failed: list[_Staged] = []  # a batch whose commit failed: abort() removes its files from tmp/
         self._dirty = False
         self._keywords_dirty = False
         self._cur_dirty = False
@@ -487,6 +500,7 @@ class MaildirFolder:
     # --- changes -----------------------------------------------------------------------------------------
     def reset(self, uidvalidity: int, next_uid: int = 1) -> None:
         """Empty the folder (new legacy UIDVALIDITY): messages, uidlist, keywords, Dovecot indexes."""
+        self.flush()
         self._close_sync_fd()
         with contextlib.suppress(OSError):
             self._wait_synced()  # no background fsync left on a file removed below
@@ -542,7 +556,7 @@ class MaildirFolder:
     ) -> int:
         """Write one message into tmp/ (a spooled Body is moved); visible after commit(). Returns its size."""
         # the staged UIDs ascend (each was checked here), so the last one is the highest: no scan per message
-        if uid <= (self._staged[-1].uid if self._staged else self.last_uid):
+        if uid <= (self._staged[-1].uid if self._staged else max(self.last_uid, self._inflight_last)):
             raise MaildirError(f"{self.path}: UID {uid} is not above the last UID")
         tmp, base, size, synced = self._write_tmp(body, internaldate)
         self._staged.append(_Staged(uid, tmp, base, self._letters(flags), pop3_uidl, synced=synced))
@@ -640,6 +654,7 @@ class MaildirFolder:
 
         uidvalidity is used only when the folder has no uidlist yet (a folder new on the target).
         """
+        self.flush()
         if not self._staged:
             return []
         self._wait_synced()
@@ -713,73 +728,145 @@ class MaildirFolder:
     def pending(self) -> int:
         return len(self._staged)
 
-    def commit(self) -> None:
-        """Make everything staged and changed durable and visible (see module doc for the order)."""
-        self._wait_synced()
+    @property
+    def _inflight_last(self) -> int:
+        job = self._inflight
+        return job.records[-1].uid if job is not None and job.records else 0
+
+    def commit(self, *, background: bool = False) -> None:
+        """Make everything staged and changed durable and visible (see module doc for the order).
+
+        background: the part that waits on the disk (the batch's syncfs or fsyncs, the renames, the fsync of
+        cur/, dovecot-keywords and dovecot-uidlist, in that order) runs on a thread of its own while the caller
+        stages the next batch; nothing else of the folder's state is shared with that thread. At most one batch
+        is in flight: the next commit(), flush() or abort() waits for it first and raises its error. `records`
+        (and `last_uid`) take a batch in only once it is durable, so a watermark recorded after commit() or
+        flush() returned never names a message still in flight.
+        """
+        self.flush()
+        staged, self._staged = self._staged, []
+        fd, self._sync_fd = self._sync_fd, None
         cur = f"{self.path}/cur/"
-        for s in self._staged:
-            name = f"{s.base}:2,{s.letters}"
-            os.rename(s.tmp, cur + name)
-            self.records[s.uid] = Record(s.uid, s.base, name, "cur", s.letters, s.pop3_uidl)
-            self.next_uid = max(self.next_uid, s.uid + 1)
-            self._dirty = True
-        if self._staged or self._cur_dirty:
-            _fsync_dir(self.path / "cur")
-        self._staged = []
-        self._cur_dirty = False
-        if self._keywords_dirty:
-            self._write_keywords()
-        if self._dirty or not (self.path / UIDLIST).exists():
-            self._write_uidlist()
-            self._dirty = False
+        renames: list[tuple[str, str]] = []
+        job = _Commit(staged, [], self.next_uid)
+        for st in staged:
+            name = f"{st.base}:2,{st.letters}"
+            renames.append((st.tmp, cur + name))
+            job.records.append(Record(st.uid, st.base, name, "cur", st.letters, st.pop3_uidl))
+            job.next_uid = max(job.next_uid, st.uid + 1)
+        fsync_cur = bool(staged) or self._cur_dirty
+        keywords = self._keywords_bytes() if self._keywords_dirty else None
+        uidlist = None
+        if self._dirty or staged or not (self.path / UIDLIST).exists():
+            try:
+                uidlist = self._uidlist_bytes(job.records, job.next_uid)
+            except BaseException:
+                self._failed += staged
+                if fd is not None:
+                    os.close(fd)
+                raise
+        self._dirty = self._keywords_dirty = self._cur_dirty = False
+
+        def work() -> None:
+            try:
+                self._wait_synced_for(staged, fd)  # every file on disk before the first rename
+                for src, dst in renames:
+                    os.rename(src, dst)
+                if fsync_cur:
+                    _fsync_dir(self.path / "cur")
+                if keywords is not None:
+                    self._write_keywords_bytes(keywords)
+                if uidlist is not None:
+                    write_file_atomic(self.path / UIDLIST, uidlist, self.owner)
+            except BaseException as e:
+                job.error = e
+
+        self._inflight = job
+        if background:
+            job.thread = threading.Thread(target=work, name=f"commit {self.path.name}", daemon=True)
+            job.thread.start()
+        else:
+            work()
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the batch committing in the background (if any): its records join `records`, or its error is
+        raised (the folder is then to be aborted: abort() removes that batch's files from tmp/)."""
+        job, self._inflight = self._inflight, None
+        if job is None:
+            return
+        if job.thread is not None:
+            job.thread.join()
+        if job.error is not None:
+            self._failed += job.staged
+            self._dirty = self._keywords_dirty = self._cur_dirty = True  # whatever it did, write it all again
+            raise job.error
+        for r in job.records:
+            self.records[r.uid] = r
+        self.next_uid = max(self.next_uid, job.next_uid)
+
+    def _keywords_bytes(self) -> bytes:
+        lines = "".join(f"{i} {k}\n" for k, i in sorted(self.keywords.items(), key=lambda kv: kv[1]))
+        return lines.encode("utf-8", "surrogateescape")
 
     def _write_keywords(self) -> None:
-        lines = "".join(f"{i} {k}\n" for k, i in sorted(self.keywords.items(), key=lambda kv: kv[1]))
+        self._write_keywords_bytes(self._keywords_bytes())
+        self._keywords_dirty = False
+
+    def _write_keywords_bytes(self, data: bytes) -> None:
         path = self.path / KEYWORDS
         try:
             old_mtime: int | None = int(path.stat().st_mtime)
         except FileNotFoundError:
             old_mtime = None
-        write_file_atomic(path, lines.encode("utf-8", "surrogateescape"), self.owner)
+        write_file_atomic(path, data, self.owner)
         # Dovecot re-reads dovecot-keywords only when its mtime (whole seconds) changed: a process that read
         # it earlier in the same second would map the new letters to "unknown-N". Make the mtime grow.
         if old_mtime is not None and int(path.stat().st_mtime) <= old_mtime:
             os.utime(path, (old_mtime + 1, old_mtime + 1))
-        self._keywords_dirty = False
 
     def _write_uidlist(self) -> None:
+        write_file_atomic(self.path / UIDLIST, self._uidlist_bytes(), self.owner)
+
+    def _uidlist_bytes(self, extra: list[Record] | None = None, next_uid: int = 0) -> bytes:
+        """dovecot-uidlist for `records` plus `extra` (a batch being committed: UIDs above all of them)."""
         if not self.uidvalidity:
             raise MaildirError(f"{self.path}: no UIDVALIDITY set")
-        next_uid = max(self.next_uid, self.last_uid + 1)
+        extra = extra or []
+        last = extra[-1].uid if extra else self.last_uid
+        next_uid = max(self.next_uid, next_uid, last + 1)
         head = " ".join(["3", f"V{self.uidvalidity}", f"N{next_uid}", *self.header_ext])
         out = [head]
-        for uid in sorted(self.records):
-            r = self.records[uid]
-            fields = [str(uid)]
+        for r in itertools.chain((self.records[uid] for uid in sorted(self.records)), extra):
+            fields = [str(r.uid)]
             if r.pop3_uidl:
                 fields.append(f"P{r.pop3_uidl}")
             if r.pop3_order is not None:
                 fields.append(f"O{r.pop3_order}")
             fields.extend(r.ext)
             out.append(" ".join(fields) + " :" + r.base)
-        write_file_atomic(
-            self.path / UIDLIST, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"), self.owner
-        )
+        return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
     def _wait_synced(self) -> None:
         """Every staged file is on disk (its fsync, or the batch's syncfs, done); the first error is raised."""
+        fd, self._sync_fd = self._sync_fd, None
+        self._wait_synced_for(self._staged, fd)
+
+    @staticmethod
+    def _wait_synced_for(staged: list[_Staged], fd: int | None) -> None:
+        """These staged files are on disk: their own fsyncs done, and a syncfs on fd (closed here) when there is
+        one; the first error is raised."""
         errors = []
-        for s in self._staged:
-            if s.synced is not None:
+        for st in staged:
+            if st.synced is not None:
                 try:
-                    s.synced.result()
+                    st.synced.result()
                 except OSError as e:
                     errors.append(e)
-                s.synced = None
-        fd, self._sync_fd = self._sync_fd, None
+                st.synced = None
         if fd is not None:
             try:
-                if self._staged:
+                if staged:
                     _syncfs(fd)
             except OSError as e:
                 errors.append(e)
@@ -794,14 +881,18 @@ class MaildirFolder:
             os.close(fd)
 
     def abort(self) -> None:
-        """Drop what was staged and not committed."""
+        """Drop what was staged and not committed (a batch in flight is waited for first; one that failed is
+        dropped too)."""
+        with contextlib.suppress(Exception):
+            self.flush()
         self._close_sync_fd()  # nothing to make durable
         with contextlib.suppress(OSError):
             self._wait_synced()
-        for s in self._staged:
+        for st in self._failed + self._staged:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(s.tmp)
+                os.unlink(st.tmp)
         self._staged = []
+        self._failed = []
 
 
 class MaildirAccount:
