@@ -101,10 +101,8 @@ def one_run(users: int, messages: int) -> dict[str, Any]:
                 "logins_s": t1 - t0, "copy_phase_s": t2 - t1, "retried": len(retried),
                 "retried_first": retried[0] if retried else ""}  # fmt: skip
     finally:
-        from sidecar.lab import launcher as lab_launcher
-
         with contextlib.suppress(Exception):
-            lab_launcher.lab_down(lab)
+            launcher.lab_down(lab)
         shutil.rmtree(lab, ignore_errors=True)
 
 
