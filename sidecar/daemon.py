@@ -163,6 +163,7 @@ class Daemon:
         self.hasher: concurrent.futures.ThreadPoolExecutor | None = None
         self.verifier: Any = None
         self.limiter: Any = None
+        self.aliases: Any = None
 
     async def start(self) -> None:
         from sidecar.auth.policy import AuthPolicy, CredentialCache
@@ -247,6 +248,11 @@ class Daemon:
 
         self.agent.start()
         log.info("node %s: heartbeat and cutover kicks on", self.agent.node)
+        from sidecar.mta.aliasmap import Keeper
+
+        self.aliases = Keeper(cfg, self.store)
+        if await asyncio.to_thread(self.aliases.start):
+            log.info("alias map %s kept from the store", self.aliases.map.spec if self.aliases.map else "")
         if cfg.limits.copy_concurrency > 0:
             self.runner.start()
             log.info("job runner: %d concurrent copies, owner %s", cfg.limits.copy_concurrency, self.runner.owner)
@@ -298,6 +304,8 @@ class Daemon:
             await asyncio.to_thread(self.runner.stop)
         if self.agent is not None:
             await asyncio.to_thread(self.agent.stop)
+        if self.aliases is not None:
+            await asyncio.to_thread(self.aliases.stop)
         for server in self.servers:
             server.close()
         for server in self.servers:

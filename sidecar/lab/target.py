@@ -21,7 +21,7 @@ from sidecar import config
 from sidecar.lab import proc, tlsgen
 from sidecar.lab.legacy import make_traversable
 from sidecar.lab.proc import LabError
-from sidecar.mta import render
+from sidecar.mta import aliasmap, render
 
 DOVECOT = "target-dovecot"
 POSTFIX = "target-postfix"
@@ -267,6 +267,7 @@ def _start_target(
         "maillog_file": str(logs[POSTFIX]),
         "maillog_file_prefixes": f"/var, /dev/stdout, {logs_dir}",
         "syslog_name": f"postfix-{host}",
+        "alias_maps": aliasmap.default_spec(render.default_map_type(), str(tdir / "aliases")),
     }
     pf_vars |= dict(postfix_overrides or {})
     legacy_ns = None

@@ -144,6 +144,10 @@ def postconf(config_dir: PathLike, *args: str, timeout: float = 60.0, check: boo
     return run(postfix_argv(config_dir, "postconf", *args), timeout=timeout, check=check)
 
 
+def postmap(config_dir: PathLike, *args: str, timeout: float = 60.0) -> None:
+    run(postfix_argv(config_dir, "postmap", *args), timeout=timeout)
+
+
 def postfix_reload(config_dir: PathLike, *, timeout: float = 120.0) -> None:
     run(postfix_argv(config_dir, "postfix", "reload"), timeout=timeout)
 

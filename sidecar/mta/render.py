@@ -15,6 +15,7 @@ rename). A failed validation leaves the live configuration untouched and raises 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 import jinja2
 
 from sidecar.config import Config, sqlite_path
-from sidecar.mta import commands
+from sidecar.mta import aliasmap, commands
 from sidecar.mta.commands import run_tty as run_tty  # moved to mta/commands.py; importable here too
 
 # The repository (or installed share directory) that holds postfix/ and dovecot/.
@@ -153,6 +154,15 @@ def render_postfix(
     for dest, text in texts.items():
         write_atomic(config_dir / dest, text)
     save_variables(config_dir, variables)
+    spec = str(variables.get("alias_maps") or "")
+    if spec and not variables.get("autoport_finalized"):
+        # an empty alias map until the sidecar's first write: Postfix's cleanup cannot open a missing one
+        try:
+            amap = aliasmap.AliasMap(spec, str(config_dir))
+            if not amap.path.exists():
+                amap.write(aliasmap.map_text([])[0])
+        except aliasmap.AliasMapError as e:
+            raise RenderError(f"alias_maps: {e}") from None
     return warnings
 
 
@@ -281,7 +291,13 @@ def allow_cleartext(disable_plaintext_auth: object) -> str:
 VARIABLES_FILE = ".autoport-render.json"
 # Variables added to the templates after a configuration may have been rendered and recorded: their values
 # for such a record are what the templates did before (finalize renders a recorded configuration again).
-ADDED_POSTFIX_VARIABLES = {"smtpd_sasl_auth_enable": "no", "smtps_listen": "", "message_size_limit": "10240000"}
+# alias_maps: empty for a configuration rendered before the alias map file (its aliases stay on the socketmap)
+ADDED_POSTFIX_VARIABLES = {
+    "smtpd_sasl_auth_enable": "no",
+    "smtps_listen": "",
+    "message_size_limit": "10240000",
+    "alias_maps": "",
+}
 ADDED_DOVECOT_VARIABLES = {
     "namespace_prefix": "",
     "namespace_separator": "/",
@@ -431,6 +447,16 @@ def checkpassword_command(auth_socket: str) -> str:
     return cmd
 
 
+@functools.cache
+def default_map_type() -> str:
+    """Postfix's default_database_type (hash on Debian; lmdb where Berkeley DB is gone); hash if it cannot say."""
+    try:
+        value = commands.run(["postconf", "-d", "-h", "default_database_type"], timeout=30).out.strip()
+    except (commands.CommandNotRun, commands.CommandFailed):
+        return "hash"
+    return value if value in aliasmap.INDEXED else "hash"
+
+
 def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str]:
     """Production variables for postfix/*.j2 from the autoport configuration (Debian paths)."""
     level, wrapper = legacy_smtp_tls(cfg)
@@ -471,6 +497,8 @@ def postfix_vars(cfg: Config, *, myhostname: str = "localhost") -> dict[str, str
         "legacy_tls_wrappermode": wrapper,
         "legacy_tls_ca_file": lg.ca_file,
         "legacy_tls_server_name": lg.tls_server_name,
+        # aliases: a map file the sidecar writes from the store (sidecar/mta/aliasmap.py), Postfix's default type
+        "alias_maps": aliasmap.default_spec(default_map_type()),
         # `autoport finalize` (sidecar/ops/finalize.py) renders again with "yes" here and writes these two maps
         "autoport_finalized": "",
         "final_mailbox_maps": f"texthash:{cfg.target.postfix_config or '/etc/postfix'}/autoport-mailboxes",

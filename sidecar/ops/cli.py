@@ -660,6 +660,8 @@ def cmd_alias(args: argparse.Namespace) -> int:
                 print(f"autoport: no alias {address}", file=sys.stderr)
                 return 1
             print(f"{address} removed")
+        elif args.action == "sync":
+            pass  # the map is written below
         elif args.action == "list":
             rows = store.aliases()
             if args.json:
@@ -686,6 +688,14 @@ def cmd_alias(args: argparse.Namespace) -> int:
                 return 1
             done = ops.import_aliases(cfg, store, entries)
             print(f"imported {len(done)} alias(es)")
+        if args.action != "list":
+            from sidecar.mta import aliasmap
+
+            written, line = aliasmap.sync_now(cfg, store)
+            if args.action == "sync" and not written:
+                print(f"autoport: {line}", file=sys.stderr)
+                return 1
+            print(line)
     except ops.OpsError as e:
         return _ops_error(e)
     finally:
@@ -727,7 +737,8 @@ def _add_ops_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     s.set_defaults(func=cmd_import_hashes)
 
     s = sub.add_parser("alias", help="aliases served to Postfix (virtual_alias_maps)")
-    s.add_argument("action", choices=["add", "remove", "list", "import"])
+    s.add_argument("action", choices=["add", "remove", "list", "import", "sync"],
+                   help="sync: write this host's alias map from the store now")  # fmt: skip
     s.add_argument("alias", nargs="?", metavar="ALIAS|FILE")
     s.add_argument("targets", nargs="*", metavar="TARGET[,TARGET...]")
     s.add_argument("--replace", action="store_true", help="alias add: the targets given replace the old ones")

@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from sidecar.config import Config, unix_path
 from sidecar.mta import commands
@@ -212,6 +213,34 @@ def check_postfix(cfg: Config, finalized: bool) -> Iterator[Finding]:
             yield _bad("postfix", f"{name} = {value.strip() or '(empty)'} does not name {want}", fix)
     if not bad:
         yield _ok("postfix", f"{pf_dir}/main.cf routes through {sm} and logs through {cfg.sockets.milter}")
+    yield from check_alias_map(cfg, sm)
+
+
+def check_alias_map(cfg: Config, sm: str) -> Iterator[Finding]:
+    """Postfix's virtual_alias_maps: the file map the sidecar keeps (sidecar/mta/aliasmap.py)."""
+    from sidecar.mta import aliasmap
+
+    pf_dir = cfg.target.postfix_config or "/etc/postfix"
+    fix = "render main.cf again (postfix/main.cf.j2 alias_maps; Ansible postfix role) and `postfix reload`"
+    rc, out = _cmd(commands.postfix_argv(pf_dir, "postconf", "-h", "virtual_alias_maps"))
+    if rc != 0:
+        return
+    if f"socketmap:{sm}:virtual" in out:
+        yield _bad("aliases", "virtual_alias_maps is the sidecar's socketmap: while the sidecar restarts, cleanup "
+                   "refuses mail and Postfix's verification probes (an address probed then gets 450 for ~17 min)",
+                   fix)  # fmt: skip
+        return
+    amap = aliasmap.AliasMap.from_postfix(cfg)
+    if amap is None:
+        yield _bad("aliases", f"virtual_alias_maps = {out.strip() or '(empty)'} names no map autoport writes: "
+                   "`autoport alias` and imported extra addresses do not reach Postfix", fix)  # fmt: skip
+        return
+    suffix = aliasmap.INDEXED.get(amap.type, "")
+    if not Path(f"{amap.path}{suffix}").is_file():
+        yield _bad("aliases", f"{amap.path}{suffix} is missing: Postfix's cleanup cannot open {amap.spec}",
+                   "autoport alias sync (as the sidecar's user)")  # fmt: skip
+        return
+    yield _ok("aliases", f"virtual_alias_maps = {amap.spec} (written by the sidecar from the store)")
 
 
 def check_dovecot(cfg: Config, finalized: bool) -> Iterator[Finding]:

@@ -94,6 +94,9 @@ def cmd_import_users(args: argparse.Namespace) -> int:
         print(f"imported {count} user(s) with {extras} extra address(es)")
         names = before | {n for u in users for n in account_names(store, u.address, (u.login, *u.addresses))}
         flush_auth_caches(cfg, store, f"import-users ({count} user(s))", sorted(names))
+        from sidecar.mta import aliasmap  # extra addresses route through Postfix's alias map
+
+        print(aliasmap.sync_now(cfg, store)[1])
     except Conflict as e:
         print(f"autoport: {args.file}: {e}: nothing imported", file=sys.stderr)
         return 1

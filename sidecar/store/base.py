@@ -368,6 +368,15 @@ class Store(abc.ABC):
     def aliases(self) -> list[Alias]:
         """All aliases, ordered by alias."""
 
+    def alias_entries(self) -> list[tuple[str, str]]:
+        """What Postfix's alias map holds (sidecar.mta.aliasmap), ordered: each alias (lower case) -> its targets,
+        comma separated; each extra address of an imported user that is no alias -> the account's address."""
+        out = {a.alias.lower(): ", ".join(a.targets) for a in self.aliases()}
+        for u in self.imported_users():
+            for x in u.addresses:
+                out.setdefault(x.lower(), u.address)
+        return sorted(out.items())
+
     # --- the login map (schema v5) -------------------------------------------------------------------------
     @abc.abstractmethod
     def import_users(self, users: list[ImportedUser]) -> int:

@@ -651,6 +651,18 @@ class SqlStore(Store):
             ).fetchall()
         return [_alias(r) for r in rows]
 
+    def alias_entries(self) -> list[tuple[str, str]]:
+        # two queries whatever the number of imported users (the base class reads each user's addresses apart)
+        with self._read() as cur:
+            aliases = cur.execute("SELECT alias, targets FROM aliases").fetchall()
+            extra = cur.execute(
+                "SELECT x.address, u.address FROM imported_addresses x JOIN imported_users u ON u.login = x.login"
+            ).fetchall()
+        out = {str(a).lower(): ", ".join(x for x in str(t).split(",") if x) for a, t in aliases}
+        for address, owner in extra:
+            out.setdefault(str(address).lower(), str(owner))
+        return sorted(out.items())
+
     # --- the login map (schema v5) -------------------------------------------------------------------------
     def import_users(self, users: list[ImportedUser]) -> int:
         now = self._clock()

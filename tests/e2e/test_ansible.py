@@ -315,6 +315,7 @@ def test_deployed_files_equal_render(deployed: Deployment) -> None:
     pf = render.postfix_vars(cfg) | {
         "queue_directory": str(queue),
         "data_directory": str(deployed.prefix / "var/lib/postfix"),
+        "alias_maps": f"hash:{deployed.prefix}/var/lib/autoport-postfix/aliases",
         **deployed.postfix_overrides,
     }
     for dest, src in render.POSTFIX_TEMPLATES.items():
@@ -353,6 +354,10 @@ def test_files_owners_and_modes(deployed: Deployment) -> None:
     assert owner(p / "etc/dovecot/dovecot-sql.conf.ext")[1:] == ("dovecot", 0o640)
     assert owner(p / "var/lib/postfix")[:2] == ("postfix", "postfix")
     assert owner(p / "var/vmail") == ("vmail", "vmail", 0o770)
+    # the alias map: the sidecar's to rewrite, Postfix's to read (written once by the role, before any start)
+    assert owner(p / "var/lib/autoport-postfix") == ("autoport", "autoport", 0o755)
+    assert owner(p / "var/lib/autoport-postfix/aliases.db")[2] == 0o644
+    assert (p / "var/lib/autoport-postfix/aliases").read_text().startswith("# autoport: generated")
     members = {g.gr_name for g in grp.getgrall() if "autoport" in g.gr_mem}
     assert {"dovecot", "postfix", "postdrop", "vmail"} <= members
 
