@@ -32,6 +32,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -475,6 +476,10 @@ def running(deployed: Deployment) -> Iterator[Running]:
         shutil.rmtree(notify_dir, ignore_errors=True)
         for name, pid in run.pids.items():
             assert not proc.pid_alive(pid), f"{name} ({pid}) still running"
+            # the group got SIGTERM with its leader: a child (the milter, a socketmap worker) may take a moment
+            end = time.monotonic() + 10
+            while proc.group_members(pid) and time.monotonic() < end:
+                time.sleep(0.05)
             assert not proc.group_members(pid), f"processes of {name} ({pid}) still running"
 
 
