@@ -115,3 +115,24 @@ def test_alias_added_with_the_cli_delivers_to_a_migrated_mailbox(lab: dict[str, 
     assert replies[alias][0] == 250, replies
     assert data is not None and data[0] == 250, data
     wait_for(lambda: target_count(lab, address, mid) == 1, 60, f"{mid} in {address}'s target INBOX")
+
+
+def test_alias_with_an_address_extension_reaches_a_legacy_mailbox(lab: dict[str, Any], store: Store) -> None:
+    """sales+tag@ where sales@ is an alias of an account still on the legacy server: delivered to that account's
+    legacy mailbox. Postfix appends an unmatched extension to alias targets by default
+    (propagate_unmatched_extensions); the legacy server need not know user+tag (the lab's answers 550), so
+    main.cf keeps the extension off the targets, as the socketmap's answers did."""
+    from harness.e2e_mail import legacy_count
+
+    user = lab["users"][2]
+    address = user["address"]
+    assert store.state_of(address) is None  # still on the legacy server
+    alias = f"sales-{os.getpid()}@{address.rpartition('@')[2]}"
+    p = autoport(lab, "alias", "add", alias, address)
+    assert p.returncode == 0, p.stderr
+    tagged = alias.replace("@", "+quote@")
+    mid = message_id()
+    replies, data = send(lab["target"]["host"], lab["target"]["smtp"], [tagged], mid)
+    assert replies[tagged][0] == 250, replies
+    assert data is not None and data[0] == 250, data
+    wait_for(lambda: legacy_count(lab, address, mid) == 1, 60, f"{mid} in {address}'s legacy INBOX")
