@@ -12,7 +12,7 @@ tests/e2e/test_conservation.py: 6+ minutes of 450 for one address). A file map n
 accepts, and a routing lookup that fails later (the socketmap's transport map in qmgr) defers the probe, which the
 verify service records and probes again after address_verify_negative_refresh_time.
 
-Every node's sidecar writes its own map from the shared store (NodeAgent looks every few seconds), and the CLI
+Every node's sidecar writes its own map from the shared store (Keeper, every 5 s when it differs), and the CLI
 writes it at once after a change, so `autoport alias add` is in effect when it returns. The map is replaced, never
 edited in place: the text and the indexed file are built in a temporary directory beside it and renamed over the
 old ones (the indexed file first, so Postfix never sees an index older than its source). Postfix's daemons notice

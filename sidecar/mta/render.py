@@ -451,7 +451,7 @@ def checkpassword_command(auth_socket: str) -> str:
 def default_map_type() -> str:
     """Postfix's default_database_type (hash on Debian; lmdb where Berkeley DB is gone); hash if it cannot say."""
     try:
-        value = commands.run(["postconf", "-d", "-h", "default_database_type"], timeout=30).out.strip()
+        value = commands.postconf("", "-d", "-h", "default_database_type", timeout=30).out.strip()
     except (commands.CommandNotRun, commands.CommandFailed):
         return "hash"
     return value if value in aliasmap.INDEXED else "hash"
