@@ -36,6 +36,8 @@ def _postfix_vars(work: Path, cfg: config.Config) -> dict[str, str]:
     return render.postfix_vars(cfg, myhostname="mx.example.test") | {
         "queue_directory": str(work / "queue"),
         "data_directory": str(data),
+        # render_postfix creates the alias map when it is missing: in the test's directory, not the host's
+        "alias_maps": f"hash:{work}/aliases/aliases",
     }
 
 
