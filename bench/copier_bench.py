@@ -25,11 +25,19 @@ No copy is deleted before the end of the bench: on ext4, creating files right af
 much kernel time (ext4_create -> find_inode_bit -> recently_deleted skips inodes freed in the last minutes, one
 inode-table lookup each: 45% of a copier run's samples in `perf record`), and it would fall on whichever tool ran
 next (the bench used to delete dsync's copy before our next round).
+
+--fresh-fs KIND gives every copy (ours and dsync's, every round) a file system of its own, made on a loop device
+(an image file in the bench's directory), mounted where the copy goes and unmounted after its check: `ext4`
+(mkfs.ext4's defaults: with a journal, as Debian installs a mail spool) or `ext4-nojournal`. Every tool then
+starts on the same empty file system, whatever the host's file system went through before (a test suite's
+deletions, earlier benches), and the journal's cost can be seen: each fsync on a journaled ext4 is a journal
+commit. The loop device's writes still reach the disk through the image file. Needs root and loop devices.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +118,54 @@ def run_measured(
         "stdout": out,
         "stderr": err,
     }
+
+
+FRESH_FS = {"ext4": [], "ext4-nojournal": ["-O", "^has_journal"]}  # mkfs.ext4 options
+
+
+def fresh_fs(
+    kind: str, mountpoint: Path, image: Path, owner: pwd.struct_passwd, size: str = "3G"
+) -> contextlib.AbstractContextManager[None]:
+    """A new, empty file system of this kind on `mountpoint` for the duration (or nothing: kind "")."""
+    if not kind:
+        return contextlib.nullcontext()
+    return _fresh_fs(FRESH_FS[kind], mountpoint, image, owner, size)
+
+
+@contextlib.contextmanager
+def _fresh_fs(options: list[str], mountpoint: Path, image: Path, owner: pwd.struct_passwd, size: str) -> Iterator[None]:
+    """A new, empty ext4 mounted on `mountpoint` (an empty directory) for the duration; the image is removed
+    after. Inode tables are written at mkfs time (no lazy init running in the background during the copy)."""
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", *options, str(image)],
+                   check=True)  # fmt: skip
+    subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+    try:
+        shutil.rmtree(mountpoint / "lost+found")
+        os.chown(mountpoint, owner.pw_uid, owner.pw_gid)
+        yield
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+        image.unlink()
+
+
+def fsync_cost(directory: Path, files: int = 1000, size: int = 42_000) -> float:
+    """Milliseconds to create, write and fsync one file of `size` bytes here (the reference mailbox's mean
+    message size): what dsync pays per message on top of the copy (mail_fsync=optimized), and ours per batch."""
+    probe = directory / "fsync-probe"
+    probe.mkdir()
+    body = b"x" * size
+    t0 = time.monotonic()
+    for i in range(files):
+        fd = os.open(probe / str(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    ms = (time.monotonic() - t0) * 1000 / files
+    shutil.rmtree(probe)
+    return ms
 
 
 def target_conf(root: Path, host: str, srv: legacy.LegacyServer) -> Path:
@@ -185,6 +242,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--keep", action="store_true", help="keep the lab directory")
+    ap.add_argument(
+        "--fresh-fs",
+        choices=sorted(FRESH_FS),
+        default="",
+        metavar="KIND",
+        help="give every copy a new file system of this kind on a loop device: " + ", ".join(FRESH_FS),
+    )
     ap.add_argument("--profile", type=Path, help="also run our copier under cProfile, stats to this file")
     ap.add_argument(
         "--baseline",
@@ -236,6 +300,12 @@ def main() -> int:
         dovecot_pid = read_pidfile(tdir / "run" / "master.pid")
         wait_port(host, int(conf.read_text().split("port = ")[1].split()[0]))
 
+        probe_dir = root / "probe"
+        probe_dir.mkdir()
+        with fresh_fs(args.fresh_fs, probe_dir, root / "copy.img", vmail):
+            fs_line = (f"target file system: {args.fresh_fs or 'the host file system of ' + str(root)}; "
+                       f"one 42 KB file written and fsynced there: {fsync_cost(probe_dir):.3f} ms")  # fmt: skip
+
         copiers: list[tuple[str, Path, int]] = []
         for n, checkout in enumerate(args.baseline, start=1):
             label = "baseline copier" if len(args.baseline) == 1 else f"baseline{n} copier"
@@ -247,30 +317,27 @@ def main() -> int:
                 home = root / f"{label.split()[0]}-{conns}-{rnd}" / "home"
                 home.parent.mkdir(mode=0o755)
                 os.chown(home.parent, vmail.pw_uid, vmail.pw_gid)
-                r = run_measured(
-                    [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
-                     "--pop3-port", str(srv.pop3), "--user", u.login, "--home", str(home),
-                     *(["--connections", str(conns)] if conns > 1 else [])],
-                    stdin=u.password + "\n",
-                    env={**os.environ, "PYTHONPATH": str(checkout)},
-                    cwd=checkout,
-                )  # fmt: skip
+                with fresh_fs(args.fresh_fs, home.parent, root / "copy.img", vmail):
+                    r = copy_ours(checkout, conns, home, host, srv, u.login, u.password)
+                    if r["rc"] == 0:
+                        ours = json.loads(r["stdout"])
+                        assert ours["messages_copied"] == visible, ours["messages_copied"]
+                        assert count_maildir(home / "Maildir") == legacy_counts
                 if r["rc"] != 0:
                     raise SystemExit(f"{label} failed: {r['stderr'][-2000:]}")
-                ours = json.loads(r["stdout"])
-                assert ours["messages_copied"] == visible, ours["messages_copied"]
-                assert count_maildir(home / "Maildir") == legacy_counts
                 results.append({"tool": label, "round": rnd, **{k: r[k] for k in METRICS}})
 
             # dsync
-            r = run_measured(["doveadm", "-c", str(conf), "backup", "-R", "-u", u.address, "imapc:"])
-            if r["rc"] != 0:
-                raise SystemExit(f"dsync failed: {r['stderr'][-2000:]}")
-            dhome = tdir / "vmail" / srv.domain / u.address.split("@")[0] / "Maildir"
-            dcounts = count_maildir(dhome)
-            assert {k: v[0] for k, v in dcounts.items()} == {k: v[0] for k, v in legacy_counts.items()}, dcounts
+            with fresh_fs(args.fresh_fs, tdir / "vmail", root / "copy.img", vmail):
+                r = run_measured(["doveadm", "-c", str(conf), "backup", "-R", "-u", u.address, "imapc:"])
+                if r["rc"] != 0:
+                    raise SystemExit(f"dsync failed: {r['stderr'][-2000:]}")
+                dhome = tdir / "vmail" / srv.domain / u.address.split("@")[0] / "Maildir"
+                dcounts = count_maildir(dhome)
+                assert {k: v[0] for k, v in dcounts.items()} == {k: v[0] for k, v in legacy_counts.items()}, dcounts
+                if not args.fresh_fs:
+                    dhome.parent.rename(tdir / f"dsync-round-{rnd}")  # out of the way, not deleted (module doc)
             results.append({"tool": "dsync (doveadm backup -R imapc:)", "round": rnd, **{k: r[k] for k in METRICS}})
-            dhome.parent.rename(tdir / f"dsync-round-{rnd}")  # out of the way, not deleted (see the module doc)
 
         if args.profile:
             home = root / "profiled" / "home"
@@ -289,6 +356,7 @@ def main() -> int:
         print()
         print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, "
               f"{_cpu_model()}, Python {platform.python_version()}, {_dovecot_version()}")  # fmt: skip
+        print(fs_line)
         print()
         for label, checkout, _conns in copiers:
             print(f"{label}: {checkout} ({_git_head(checkout)})")
@@ -311,6 +379,20 @@ def main() -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+def copy_ours(
+    checkout: Path, conns: int, home: Path, host: str, srv: legacy.LegacyServer, login: str, password: str
+) -> dict[str, Any]:
+    """One run of a checkout's copier (the password on stdin), measured."""
+    return run_measured(
+        [sys.executable, "-m", "sidecar.migration.copier", "--host", host, "--imap-port", str(srv.imap),
+         "--pop3-port", str(srv.pop3), "--user", login, "--home", str(home),
+         *(["--connections", str(conns)] if conns > 1 else [])],
+        stdin=password + "\n",
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        cwd=checkout,
+    )  # fmt: skip
 
 
 def _cpu_model() -> str:
