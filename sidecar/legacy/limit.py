@@ -5,8 +5,9 @@
         ...; limiter.throttle(len(data))   # bytes read by the copier (limits.legacy_bytes_per_second)
 
 Copies ("imap", "pop3", "sieve") never hold more than legacy_connections - legacy_login_connections, so that
-many stay free for password checks; checks may use any free connection. Connections kept ready for checks
-take only the reserved share. More: docs/modules.md, sidecar/legacy/limit.py.
+many stay free for password checks; checks may use any free connection, and while a check waits for one no
+copy takes a connection that comes free (a user waiting to log in goes before a copy that can wait).
+Connections kept ready for checks take only the reserved share. More: docs/modules.md, sidecar/legacy/limit.py.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class LegacyLimiter:
         self.clock, self.local_hour = clock, local_hour
         self._cond = threading.Condition()
         self._in_use = dict.fromkeys(KINDS, 0)
+        self._logins_waiting = 0  # checks waiting for a place: copies wait behind them
         self.peak = 0
         self.busy = dict.fromkeys(KINDS, 0)  # acquisitions that gave up (LegacyBusy)
         self._closed = False
@@ -119,7 +121,7 @@ class LegacyLimiter:
         if kind == "login":  # a ready (idle) one only within the reserved share
             return not ready or self._in_use["login"] < self.reserved
         copies = used - self._in_use["login"]
-        return copies < self.total - self.reserved
+        return copies < self.total - self.reserved and not self._logins_waiting
 
     def acquire(self, kind: str, timeout: float | None = None, *, ready: bool = False) -> Permit:
         """A place for one connection of `kind`, waiting up to `timeout` seconds (default LOGIN_WAIT for
@@ -129,18 +131,31 @@ class LegacyLimiter:
         if timeout is None:
             timeout = LOGIN_WAIT if kind == "login" else COPY_WAIT
         deadline = time.monotonic() + timeout
+        check = kind == "login" and not ready
         with self._cond:
-            while not self._fits(kind, ready):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    self.busy[kind] += 1
-                    share = "" if kind == "login" else f" ({self.total - self.reserved} for copies)"
-                    raise LegacyBusy(f"all {self.total} connections toward the legacy server this node may open "
-                                     f"are in use{share}: limits.legacy_connections")  # fmt: skip
-                self._cond.wait(left)
+            if not self._fits(kind, ready) and check:
+                self._logins_waiting += 1
+                try:
+                    self._wait(kind, ready, deadline)
+                finally:
+                    self._logins_waiting -= 1
+                    self._cond.notify_all()  # a copy waiting behind this check may fit now
+            else:
+                self._wait(kind, ready, deadline)
             self._in_use[kind] += 1
             self.peak = max(self.peak, sum(self._in_use.values()))
         return Permit(self, kind, ready)
+
+    def _wait(self, kind: str, ready: bool, deadline: float) -> None:
+        """Under the lock: until a place fits, or LegacyBusy at the deadline."""
+        while not self._fits(kind, ready):
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                self.busy[kind] += 1
+                share = "" if kind == "login" else f" ({self.total - self.reserved} for copies)"
+                raise LegacyBusy(f"all {self.total} connections toward the legacy server this node may open "
+                                 f"are in use{share}: limits.legacy_connections")  # fmt: skip
+            self._cond.wait(left)
 
     def _release(self, permit: Permit) -> None:
         with self._cond:

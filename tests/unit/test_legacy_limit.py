@@ -57,6 +57,47 @@ def test_the_login_share_defaults_to_half_and_a_waiting_copy_gets_the_next_free_
     assert got and got[0] - freed < 1.0
 
 
+def test_a_waiting_check_goes_before_a_waiting_copy() -> None:
+    """Both wait for the same full cap; the place that comes free goes to the check, and the copy waits on
+    (it gets the next one, once no check waits)."""
+    lim = LegacyLimiter(4, 2)
+    copies = [lim.acquire("imap", 0), lim.acquire("imap", 0)]
+    logins = [lim.acquire("login", 0), lim.acquire("login", 0)]
+    order: list[str] = []
+    done = threading.Event()
+
+    def take(kind: str, wait: float) -> None:
+        permit = lim.acquire(kind, wait)
+        order.append(kind)
+        if kind == "login":
+            done.wait(5)
+        permit.release()
+
+    copy = threading.Thread(target=take, args=("imap", 10))
+    copy.start()
+    time.sleep(0.1)  # the copy waits first
+    check = threading.Thread(target=take, args=("login", 10))
+    check.start()
+    time.sleep(0.1)
+    copies[0].release()  # one place, within the copies' share: without the priority the copy would take it
+    time.sleep(0.3)
+    assert order == ["login"]
+    done.set()
+    copy.join(5), check.join(5)
+    assert order == ["login", "imap"]
+    copies[1].release(), logins[0].release(), logins[1].release()
+
+
+def test_a_check_that_gives_up_lets_the_copies_go_on() -> None:
+    lim = LegacyLimiter(2, 1)
+    held = [lim.acquire("imap", 0), lim.acquire("login", 0)]
+    with pytest.raises(LegacyBusy):
+        lim.acquire("login", 0.2)
+    held[0].release()
+    assert lim.acquire("imap", 0)  # no check waits any more
+    held[1].release()
+
+
 def test_ready_connections_take_only_the_login_share() -> None:
     lim = LegacyLimiter(4, 2)
     ready = [lim.acquire("login", 0, ready=True) for _ in range(2)]
