@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/storm_bench.py [--users 200] [--concurrency 50] [--messages 2]
         [--migrate-timeout 900] [--cli-accounts 10000] [--cli-runs 3] [--baseline DIR] [--keep] [--json FILE]
+        [--debian13]
 
 One lab (sidecar.lab.launcher, dovecot profile, SQLite store, default settings, --messages small messages per
 legacy mailbox). None of its --users accounts has ever logged in since the switch (none is in the store). The
 bench logs every one of them in once on the target's IMAP port from --concurrency client threads at once: TCP
 connect, greeting, `LOGIN`, `LOGOUT`. Each is a first login: sql -> sql deny -> checkpassword shim -> sidecar
 (legacy check, store writes, copy queued, argon2 hash after the answer) -> Dovecot proxies the session to the
-legacy server.
+legacy server. With --debian13 the target's Postfix and Dovecot (2.4) run from the Debian 13 root
+(sidecar.lab.debroot, built once per machine: `make debroot`), and the sidecar's answer comes through
+Dovecot 2.4's Lua passdb inside the auth process: no checkpassword shim is started per login.
 
 Measured:
 - first-login LOGIN latency (LOGIN sent -> tagged answer) p50/p95/max, whole session p50/p95, failures by kind,
@@ -54,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from benchlib import Conn, LoginFailed, loadavg, quote, summary  # noqa: E402
 
 from sidecar import config as config_mod  # noqa: E402
-from sidecar.lab import launcher, proc  # noqa: E402
+from sidecar.lab import debroot, launcher, proc  # noqa: E402
 from sidecar.states import State  # noqa: E402
 from sidecar.store import open_store  # noqa: E402
 from sidecar.store.base import MessageRecord  # noqa: E402
@@ -286,9 +289,9 @@ def sidecar_outcomes(text: str) -> dict[str, int]:
 # --- the storm ----------------------------------------------------------------------------------------------
 
 
-def storm(args: argparse.Namespace, lab_dir: Path, result: dict[str, Any]) -> None:
+def storm(args: argparse.Namespace, lab_dir: Path, result: dict[str, Any], sysroot: Path | None) -> None:
     t = time.monotonic()
-    info = launcher.lab_up(lab_dir, users=args.users, messages_per_user=args.messages, seed=args.seed)
+    info = launcher.lab_up(lab_dir, users=args.users, messages_per_user=args.messages, seed=args.seed, sysroot=sysroot)
     result["lab_up_s"] = time.monotonic() - t
     lg, tg = info["legacy"], info["target"]
     users = list(info["users"])
@@ -524,7 +527,8 @@ def report(r: dict[str, Any], argv: list[str]) -> str:
         f"Machine: {platform.machine()}, nproc {os.cpu_count()}, Python {platform.python_version()}; load average "
         f"{r['load_before']} before the lab, {r['load_start']} at the storm's start, {r['load_storm_end']} at its "
         f"end, {r['load_end']} at the end of the copy phase",
-        f"Lab: {r['users']} users, --messages {r['messages']}, up in {r['lab_up_s']:.1f} s; limits {r['limits']}",
+        f"Lab: {r['users']} users, --messages {r['messages']}, target stack on the {r['target']}, "
+        f"up in {r['lab_up_s']:.1f} s; limits {r['limits']}",
         "",
         f"Storm: {r['logins']} first logins at concurrency {r['concurrency']} in {r['storm_s']:.1f} s: "
         f"**{r['logins_per_s']:.1f} logins/s**, {r['ok']} ok, failures: {r['failures'] or 0}",
@@ -621,11 +625,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write every sample to this file")
     ap.add_argument("--keep", action="store_true", help="keep the lab directory (logs) afterwards")
+    ap.add_argument(
+        "--debian13", action="store_true", help="the target's Postfix and Dovecot 2.4 from the Debian 13 root"
+    )
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (Dovecot instances, vmail ownership)", file=sys.stderr)
         return 2
-    lab_dir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+    sysroot = None
+    parent = Path("/tmp")
+    if args.debian13:
+        try:
+            sysroot = debroot.ensure()
+        except (debroot.DebrootError, OSError) as e:
+            print(
+                f"--debian13 needs the Debian 13 root at {debroot.DEFAULT_ROOT} (`make debroot`): {e}", file=sys.stderr
+            )
+            return 2
+        parent = debroot.lab_parent(sysroot)  # the chrooted services see the lab at the same path
+        parent.mkdir(mode=0o755, exist_ok=True)
+    lab_dir = Path(tempfile.mkdtemp(prefix="sb-", dir=parent))
     os.chmod(lab_dir, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
     result: dict[str, Any] = {
         "load_before": loadavg(),
@@ -633,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "messages": args.messages,
         "migrate_timeout": args.migrate_timeout,
+        "target": "Debian 13 root" if sysroot else "host",
     }
     try:
         if args.cli_only:
@@ -641,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
                            '[legacy]\nhost = "127.0.0.1"\n')  # fmt: skip
             result["cli"] = cli_bench(args, lab_dir, cfg)
         else:
-            storm(args, lab_dir, result)
+            storm(args, lab_dir, result, sysroot)
     finally:
         launcher.lab_down(lab_dir)
         if args.keep:
