@@ -1,7 +1,7 @@
 """Per-account cost of migrating small mailboxes (run by hand, not a test): the sidecar's CPU, and that of the
 commands it runs (doveadm, postqueue, sendmail), per account, side by side with another checkout.
 
-    .venv/bin/python bench/account_bench.py [--users 200] [--messages 2] [--rounds 2] [--baseline DIR]
+    .venv/bin/python bench/account_bench.py [--users 200] [--messages 2] [--rounds 2] [--baseline DIR] [--debian13]
 
 Each round starts one lab per version (dovecot profile, SQLite store, default limits, the lab's 1 s cutover
 grace) with --users legacy accounts of --messages small messages, logs every user in once over IMAP from 10
@@ -13,7 +13,11 @@ every doveadm, postqueue and sendmail it ran), per account; and the copy phase's
 last account migrated). Dovecot's and Postfix's daemons are not counted.
 
 --baseline DIR runs the same with the `sidecar` package of another checkout (PYTHONPATH=DIR, so the lab's
-sidecar runs that code), alternating which version goes first in each round. Needs root, like the lab.
+sidecar runs that code), alternating which version goes first in each round. --debian13 also runs each
+checkout with a lab whose target Postfix and Dovecot (2.4) run from the Debian 13 root (`make debroot`): the
+commands the sidecar runs (doveadm) then run there, in the lab through a chroot wrapper (about 2 ms of CPU
+each, counted too).
+Needs root, like the lab.
 """
 
 from __future__ import annotations
@@ -43,13 +47,19 @@ def cpu(pid: int) -> list[float]:
     return [int(x) / CLK for x in fields[11:15]]
 
 
-def one_run(users: int, messages: int) -> dict[str, Any]:
+def one_run(users: int, messages: int, debian13: bool) -> dict[str, Any]:
     """In this process (PYTHONPATH chooses the version): one lab, every user logs in once, all migrate."""
-    from sidecar.lab import launcher
+    from sidecar.lab import debroot, launcher
 
-    lab = Path(tempfile.mkdtemp(prefix="autoport-account-bench-"))
+    sysroot = debroot.ensure() if debian13 else None
+    parent = None
+    if sysroot is not None:
+        parent = debroot.lab_parent(sysroot)  # the chrooted services see the lab at the same path
+        parent.mkdir(mode=0o755, exist_ok=True)
+    lab = Path(tempfile.mkdtemp(prefix="ab-", dir=parent))
+    os.chmod(lab, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
     try:
-        info = launcher.lab_up(lab, users=users, messages_per_user=messages)
+        info = launcher.lab_up(lab, users=users, messages_per_user=messages, sysroot=sysroot)
         pid = json.loads((lab / "lab-state.json").read_text())["pids"]["sidecar"]
         host, port = info["target"]["host"], info["target"]["imap"]
         todo = list(info["users"])
@@ -106,14 +116,14 @@ def one_run(users: int, messages: int) -> dict[str, Any]:
         shutil.rmtree(lab, ignore_errors=True)
 
 
-def run_version(path: Path | None, users: int, messages: int) -> dict[str, Any]:
+def run_version(path: Path | None, users: int, messages: int, debian13: bool) -> dict[str, Any]:
     env = dict(os.environ)
     if path is not None:
         env["PYTHONPATH"] = str(path)
     else:
         env.pop("PYTHONPATH", None)
-    p = subprocess.run([sys.executable, __file__, "--one", str(users), str(messages)], env=env, cwd=REPO,
-                       capture_output=True, text=True, check=False)  # fmt: skip
+    argv = [sys.executable, __file__, "--one", str(users), str(messages), str(int(debian13))]
+    p = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise SystemExit(f"run failed ({path or 'this checkout'}):\n{p.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
@@ -126,14 +136,19 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--baseline", type=Path, help="another checkout's root, run side by side")
-    ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--debian13", action="store_true", help="also this checkout with the target on Dovecot 2.4")
+    ap.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_run(*args.one)))
+        users, messages, debian13 = args.one
+        print(json.dumps(one_run(users, messages, bool(debian13))))
         return
-    versions: list[tuple[str, Path | None]] = [("this checkout", None)]
+    checkouts: list[tuple[str, Path | None]] = [("this checkout", None)]
     if args.baseline:
-        versions.append((f"baseline {args.baseline}", args.baseline.resolve()))
+        checkouts.append((f"baseline {args.baseline}", args.baseline.resolve()))
+    versions = [(name, path, False) for name, path in checkouts]
+    if args.debian13:  # every checkout on both targets
+        versions += [(f"{name}, target on Debian 13 (Dovecot 2.4)", path, True) for name, path in checkouts]
     head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"], capture_output=True,
                           text=True, check=False).stdout.strip()  # fmt: skip
     print(f"machine: {os.uname().machine}, nproc {os.cpu_count()}, Python {sys.version.split()[0]}; "
@@ -146,8 +161,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in range(args.rounds):
         order = versions if r % 2 == 0 else list(reversed(versions))
-        for name, path in order:
-            m = run_version(path, args.users, args.messages)
+        for name, path, debian13 in order:
+            m = run_version(path, args.users, args.messages, debian13)
             own = m["own_user"] + m["own_sys"]
             kids = m["children_user"] + m["children_sys"]
             print(f"| {name} | {r + 1} | {own:.1f} ({m['own_user']:.1f}+{m['own_sys']:.1f}) | {kids:.1f} "

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.config import Config
+from sidecar.mta import commands
 from sidecar.store.base import Kick, Store, StoreError
 
 log = logging.getLogger("sidecar.migration.cutover")
@@ -52,7 +53,8 @@ class KickTimeout(Exception):
 
 
 def _doveadm(cfg: Config) -> list[str]:
-    return [cfg.target.doveadm] + (["-c", cfg.target.dovecot_config] if cfg.target.dovecot_config else [])
+    """doveadm reading the running Dovecot's configuration (its config socket: no doveconf run per command)."""
+    return commands.doveadm_argv(cfg.target.doveadm, cfg.target.dovecot_config, running=True)
 
 
 def proxied_logins(cfg: Config) -> collections.Counter[str]:
@@ -196,8 +198,8 @@ def kick_sessions(cfg: Config, logins: tuple[str, ...], *, open_now: int | None 
     toward legacy and is retried.
 
     The list comes first: with no proxied session of these logins open (most accounts of a bulk migration),
-    that one ``doveadm proxy list`` is all; each doveadm run costs about 8 ms of CPU (doveadm, the doveconf it
-    runs to read the configuration, doveadm again), and a cutover asks every node twice. ``proxy kick`` and
+    that one ``doveadm proxy list`` is all; each doveadm run costs 4-5 ms of CPU on 2.3 and 10-15 ms on 2.4
+    even with the running instance's config socket (_doveadm), and a cutover asks every node twice. ``proxy kick`` and
     ``proxy list`` see the same sessions (both walk the login processes' established and pending proxies, over
     Dovecot's ipc socket), so nothing the kick could close is missed. open_now: that count, from a listing the
     caller made after the request (carry_out: one listing for every request of a tick).
@@ -285,8 +287,6 @@ def flush_groups(names: list[str] | tuple[str, ...], limit: int = FLUSH_LINE_BYT
 def flush_auth_cache(cfg: Config, names: list[str] | tuple[str, ...]) -> str:
     """Forget these login names in this node's Dovecot auth cache (``doveadm auth cache flush``, in groups that
     fit one line; no names: every entry); raises OSError when doveadm fails."""
-    from sidecar.mta import commands
-
     groups = flush_groups(names) if names else [[]]  # no name at all: the whole cache
     for group in groups:
         try:

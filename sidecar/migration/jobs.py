@@ -183,7 +183,7 @@ def default_hooks(cfg: Config, store: Store, *, poke: Callable[[], None] | None 
         except StoreError as e:
             log.warning("%s: auth cache flush on every node not requested: %s", address, e)
         doveadm, conf = cfg.target.doveadm, cfg.target.dovecot_config
-        # proxied sessions of this user reconnect, now to the local mailbox (one doveadm run, ~8 ms of CPU)
+        # proxied sessions of this user reconnect, now to the local mailbox (one doveadm run)
         with contextlib.suppress(commands.CommandError):
             commands.proxy_kick(doveadm, conf, *sorted(set(logins) | {address}))
         # warm Dovecot's index so the first local login does not pay for it

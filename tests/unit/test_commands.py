@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from sidecar.mta import commands
@@ -51,3 +54,60 @@ def test_run_tty_gives_the_output_a_terminal_sees() -> None:
 def test_password_schemes_refuses_an_empty_list() -> None:
     with pytest.raises(commands.CommandFailed):
         commands.password_schemes("true", None)
+
+
+def _fake_dovecot(tmp: Path, base_dir: str | None) -> tuple[str, Path]:
+    """doveadm and doveconf scripts side by side; doveconf prints `base_dir = BASE_DIR` (or fails) and counts its
+    runs in a file."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    runs = tmp / "doveconf-runs"
+    answer = f'echo "base_dir = {base_dir}"' if base_dir else "echo 'doveconf: Fatal: broken' >&2; exit 89"
+    (bin_dir / "doveconf").write_text(f'#!/bin/sh\necho "$*" >> {runs}\n{answer}\n')
+    (bin_dir / "doveadm").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("doveconf", "doveadm"):
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir / "doveadm"), runs
+
+
+def test_doveadm_reads_the_running_instances_config_socket(tmp_path: Path) -> None:
+    base = tmp_path / "run"
+    base.mkdir()
+    doveadm, runs = _fake_dovecot(tmp_path, str(base))
+    conf = str(tmp_path / "dovecot.conf")
+    # no socket yet (Dovecot not running): the file, as before
+    assert commands.doveadm_argv(doveadm, conf, "proxy", "list", running=True) == [doveadm, "-c", conf, "proxy", "list"]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(base / "config"))
+        assert commands.doveadm_argv(doveadm, conf, "who", running=True) == [doveadm, "-c", str(base / "config"), "who"]
+        # the commands that do not need the running Dovecot keep the file
+        assert commands.doveadm_argv(doveadm, conf, "pw", "-l") == [doveadm, "-c", conf, "pw", "-l"]
+    # doveconf (the one beside this doveadm) was asked once, for this file
+    assert runs.read_text().splitlines() == [f"-c {conf} base_dir"]
+    # a plain file where the socket should be is not a socket
+    (base / "config").unlink()
+    (base / "config").write_text("")
+    assert commands.doveadm_argv(doveadm, conf, "who", running=True)[2] == conf
+    # the default instance: no -c at all (doveadm tries its socket itself), and doveconf is not asked
+    assert commands.doveadm_argv(doveadm, "", "who", running=True) == [doveadm, "who"]
+    assert len(runs.read_text().splitlines()) == 1
+
+
+def test_a_doveconf_that_cannot_tell_keeps_the_file_and_is_asked_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doveadm, runs = _fake_dovecot(tmp_path, None)
+    conf = str(tmp_path / "other.conf")
+    assert commands.doveadm_argv(doveadm, conf, "who", running=True) == [doveadm, "-c", conf, "who"]
+    assert commands.doveadm_argv(doveadm, conf, "who", running=True) == [doveadm, "-c", conf, "who"]
+    assert len(runs.read_text().splitlines()) == 1  # not once per command
+    monkeypatch.setattr(commands, "BASE_DIR_RETRY", 0.0)
+    commands._base_dirs.clear()
+    commands.doveadm_argv(doveadm, conf, "who", running=True)
+    commands.doveadm_argv(doveadm, conf, "who", running=True)
+    assert len(runs.read_text().splitlines()) == 3  # asked again once the retry time has passed
+
+
+def test_doveconf_beside_doveadm() -> None:
+    assert commands.doveconf_beside("doveadm") == "doveconf"
+    assert commands.doveconf_beside("/nonexistent/bin/doveadm") == "doveconf"
