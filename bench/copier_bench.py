@@ -342,12 +342,13 @@ def main() -> int:
         if args.profile:
             home = root / "profiled" / "home"
             home.parent.mkdir(mode=0o755)
-            r = run_measured(
-                [sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "sidecar.migration.copier",
-                 "--host", host,
-                 "--imap-port", str(srv.imap), "--user", u.login, "--home", str(home)],
-                stdin=u.password + "\n",
-            )  # fmt: skip
+            with fresh_fs(args.fresh_fs, home.parent, root / "copy.img", vmail):  # the same file system as the copies
+                r = run_measured(
+                    [sys.executable, "-m", "cProfile", "-o", str(args.profile), "-m", "sidecar.migration.copier",
+                     "--host", host,
+                     "--imap-port", str(srv.imap), "--user", u.login, "--home", str(home)],
+                    stdin=u.password + "\n",
+                )  # fmt: skip
             print(f"profiled run: wall {r['wall']:.2f}s cpu {r['cpu']:.2f}s, stats in {args.profile}")
         if shutil.which("imapsync"):
             print("imapsync is on PATH but not wired into this benchmark")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from sidecar.wire import fetchparse
 from sidecar.wire.fetchparse import (
+    Body,
     FetchParseError,
     FetchParser,
     FetchResponse,
@@ -258,3 +263,30 @@ def test_fast_path_taken_for_our_item_order(monkeypatch: pytest.MonkeyPatch) -> 
     for name in ("double space in flags", "bracket in a flag", "8-bit flag", "another item order"):
         feed_all(FetchParser(), FAST_SAME[name] + b"A1 OK\r\n", 4096)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("counter", ["simd", "bytes"])
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=300) | st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"x", b"\n\r"])).map(b"".join),
+    cuts=st.lists(st.integers(min_value=0, max_value=300), max_size=8),
+)
+def test_w_size_is_exact_for_any_line_endings_and_chunking(counter: str, body: bytes, cuts: list[int]) -> None:
+    """vsize (Maildir W=) = the size with every bare LF counted as CRLF, however the body arrives in chunks
+    (a CR at the end of one chunk and its LF at the start of the next), with the SIMD counter and without."""
+    count = fetchparse.count_in if counter == "simd" else fetchparse._count_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fetchparse, "count_in", count)
+        b = Body(len(body), 1 << 20, None)
+        edges = sorted({0, len(body), *(c for c in cuts if c <= len(body))})
+        buf = bytearray(b"j\r\n\n") + bytearray(body) + bytearray(b"\n\r\nt")  # counted within start:end only
+        for lo, hi in itertools.pairwise(edges):
+            b.write(buf, 4 + lo, 4 + hi)
+    assert b.size == len(body)
+    assert b.vsize == len(body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+    assert b.data() == body
+
+
+def test_the_simd_counter_is_in_use() -> None:
+    """stringzilla is a dependency (pyproject.toml): the copier's counts must not fall back silently."""
+    assert fetchparse.count_in is not fetchparse._count_bytes
