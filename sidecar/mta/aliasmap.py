@@ -105,6 +105,12 @@ class AliasMap:
         except (OSError, commands.CommandNotRun, commands.CommandFailed) as e:
             log.warning("cannot ask Postfix for virtual_alias_maps (%s): the alias map is not kept", e)
             return None
+        return cls.from_value(value, pf)
+
+    @classmethod
+    def from_value(cls, value: str, postfix_config: str = "") -> AliasMap | None:
+        """The first map of a virtual_alias_maps value that is one of ours; None (logged) otherwise."""
+        pf = postfix_config
         for spec in value.replace(",", " ").split():
             if spec.partition(":")[0] not in TYPES:
                 continue

@@ -230,7 +230,7 @@ def check_alias_map(cfg: Config, sm: str) -> Iterator[Finding]:
                    "refuses mail and Postfix's verification probes (an address probed then gets 450 for ~17 min)",
                    fix)  # fmt: skip
         return
-    amap = aliasmap.AliasMap.from_postfix(cfg)
+    amap = aliasmap.AliasMap.from_value(out, cfg.target.postfix_config)
     if amap is None:
         yield _bad("aliases", f"virtual_alias_maps = {out.strip() or '(empty)'} names no map autoport writes: "
                    "`autoport alias` and imported extra addresses do not reach Postfix", fix)  # fmt: skip
