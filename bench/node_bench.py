@@ -1,6 +1,7 @@
 """How many accounts and GB one node moves per hour in bulk, with the legacy server protected.
 
     .venv/bin/python bench/node_bench.py [--users 40] [--messages 400] [--concurrency 4 8] [--rounds 1]
+        [--baseline DIR]
 
 For each `limits.copy_concurrency` value given, side by side in one run (rounds alternate the order): a fresh lab
 with the same legacy mailboxes (same seed), then `autoport migrate --all --from FILE --wait` as an administrator
@@ -8,6 +9,8 @@ runs it (legacy admin credentials, the real daemon and job runner: initial copy,
 Measured: wall time until every account is migrated, the bytes copied (the messages' sizes on the target), the
 peak number of connections toward the legacy server (all, and the sidecar's own against
 `limits.legacy_connections`), and the CPU of the sidecar (with its children) and of the legacy Dovecot.
+--baseline DIR also runs each case with the `sidecar` package of another checkout (PYTHONPATH=DIR for the lab's
+sidecar and the `autoport` commands), in the same rounds: before and after side by side.
 
 Needs root (Dovecot instances, vmail ownership). Results: results/node.md.
 """
@@ -65,10 +68,13 @@ def sidecar_own(pid: int) -> float:
     return sum(procs[p]["own"] for p in keep)
 
 
-def one(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+def one(args: argparse.Namespace, concurrency: int, checkout: Path | None = None) -> dict[str, Any]:
     lab_dir = Path(tempfile.mkdtemp(prefix="nb-", dir="/tmp"))
     os.chmod(lab_dir, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
-    r: dict[str, Any] = {"copy_concurrency": concurrency}
+    r: dict[str, Any] = {"copy_concurrency": concurrency, "version": str(checkout) if checkout else "this checkout"}
+    saved = os.environ.get("PYTHONPATH")
+    if checkout is not None:  # the lab's sidecar and the autoport commands inherit it
+        os.environ["PYTHONPATH"] = str(checkout)
     try:
         settings = {"limits": {"copy_concurrency": concurrency}}
         if args.grace is not None:
@@ -118,6 +124,10 @@ def one(args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
         r["cpu_s"] = {k: round(d[k], 2) for k in ("sidecar", "legacy dovecot", "machine")}
         r["cpu_s"]["sidecar process"] = round(own1 - own0, 2)  # the rest of "sidecar": the commands it ran
     finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
         launcher.lab_down(lab_dir)
         if args.keep:
             print(f"lab directory kept: {lab_dir}", file=sys.stderr)
@@ -132,17 +142,17 @@ def report(rows: list[dict[str, Any]], argv: list[str]) -> str:
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}.",
         "",
-        "| round | copy_concurrency | migrated | wall s | accounts/h | GB/h | messages/s | legacy peak: all / "
-        "sidecar's own (cap) | CPU s: sidecar (its commands) / legacy / machine | CPU s per GB: sidecar / legacy "
-        "| load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| version | round | copy_concurrency | migrated | wall s | accounts/h | GB/h | messages/s | "
+        "legacy peak: all / sidecar's own (cap) | CPU s: sidecar (its commands) / legacy / machine | "
+        "CPU s per GB: sidecar / legacy | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gb = r["bytes"] / 1e9
         h = r["wall_s"] / 3600
         c = r["cpu_s"]
         out.append(
-            f"| {r['round']} | {r['copy_concurrency']} | {r['migrated']} | {r['wall_s']:.1f} | "
+            f"| {r['version']} | {r['round']} | {r['copy_concurrency']} | {r['migrated']} | {r['wall_s']:.1f} | "
             f"{r['migrated'] / h:.0f} | {gb / h:.2f} | {r['messages'] / r['wall_s']:.0f} | "
             f"{r['legacy_peak_all']} / {r['legacy_peak_sidecar']} ({r['legacy_connections_cap']}) | "
             f"{c['sidecar']:.1f} ({c['sidecar'] - c['sidecar process']:.1f}) / {c['legacy dovecot']:.1f} / "
@@ -167,15 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the rows to this file")
     ap.add_argument("--keep", action="store_true", help="keep the lab directories (logs) afterwards")
+    ap.add_argument("--baseline", type=Path, help="another checkout's root, run side by side")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (Dovecot instances, vmail ownership)", file=sys.stderr)
         return 2
     rows = []
     for rnd in range(1, args.rounds + 1):
-        order = args.concurrency if rnd % 2 else list(reversed(args.concurrency))
-        for c in order:
-            row = one(args, c)
+        cases = [(c, v) for c in args.concurrency for v in (None, args.baseline.resolve() if args.baseline else None)]
+        cases = list(dict.fromkeys(cases))  # without a baseline: each concurrency once
+        for c, checkout in cases if rnd % 2 else list(reversed(cases)):
+            row = one(args, c, checkout)
             row["round"] = rnd
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
