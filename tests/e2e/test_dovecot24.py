@@ -16,6 +16,7 @@ import os
 import poplib
 import re
 import smtplib
+import stat
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from harness.waiting import wait_for
 
 from sidecar import config
 from sidecar.lab import debroot, launcher
+from sidecar.mta import commands
 from sidecar.states import State
 from sidecar.store import open_store
 from sidecar.store.base import Store
@@ -136,6 +138,23 @@ def test_the_stack_runs_dovecot_24_and_postfix_310(lab: dict[str, Any], root: Pa
     )
     assert "dovecot_config_version = 2.4.0" in out.stdout
     assert out.stderr.strip() == "", out.stderr
+
+
+def test_doveadm_reads_the_running_instances_config_socket(lab: dict[str, Any]) -> None:
+    """On 2.4 too the sidecar's doveadm runs name the running Dovecot's config socket (found with the doveconf
+    beside the configured doveadm), and doveadm answers through it as through the file."""
+    conf_file = config.load(lab["config"]).target.dovecot_config
+    doveadm = str(Path(lab["dir"]) / "target" / "bin" / "doveadm")  # the root's, as first on the sidecar's PATH
+    conf = commands.running_config(doveadm, conf_file)
+    assert conf is not None and conf.endswith("/config") and stat.S_ISSOCK(os.stat(conf).st_mode)
+    user = lab["users"][0]["address"]
+    for command in (["proxy", "list"], ["who"]):
+        via_socket = commands.doveadm(doveadm, conf_file, *command, running=True, timeout=30)
+        via_file = commands.doveadm(doveadm, conf_file, *command, timeout=30)
+        # (the header: a session of an earlier test may end between the two runs)
+        assert via_socket.out.splitlines()[:1] == via_file.out.splitlines()[:1]
+    flushed = commands.doveadm(doveadm, conf_file, "auth", "cache", "flush", user, running=True, timeout=30)
+    assert re.fullmatch(r"\d+ cache entries flushed\n", flushed.out)
 
 
 def test_doctor_recognises_the_lua_passdb(lab: dict[str, Any]) -> None:

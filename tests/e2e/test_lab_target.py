@@ -13,6 +13,7 @@ import re
 import shutil
 import smtplib
 import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from harness.target_helpers import dovecot_hash, lab_dir, running_target
 
 from sidecar.lab import proc, target
-from sidecar.mta import render
+from sidecar.mta import commands, render
 
 pytestmark = pytest.mark.e2e
 
@@ -151,6 +152,20 @@ def test_doveadm_works_against_the_instance(stack: target.TargetStack) -> None:
     subprocess.run(
         ["doveadm", "-c", str(stack.dovecot_config), "proxy", "list"], capture_output=True, check=True, timeout=30
     )
+
+
+def test_doveadm_reads_the_running_instances_config_socket(stack: target.TargetStack) -> None:
+    """The sidecar's doveadm runs name the running Dovecot's config socket (no doveconf run per command), and
+    doveadm answers through it as through the file."""
+    conf = commands.running_config("doveadm", stack.dovecot_config)
+    assert conf is not None and conf.endswith("/config") and stat.S_ISSOCK(os.stat(conf).st_mode)
+    for command in (["proxy", "list"], ["user", "-f", "home", ALICE]):
+        via_socket = commands.doveadm("doveadm", stack.dovecot_config, *command, running=True, timeout=30)
+        via_file = commands.doveadm("doveadm", stack.dovecot_config, *command, timeout=30)
+        assert via_socket.out.splitlines()[:1] == via_file.out.splitlines()[:1]  # a session may end meanwhile
+    flushed = commands.doveadm("doveadm", stack.dovecot_config, "auth", "cache", "flush", ALICE, running=True,
+                               timeout=30)  # fmt: skip
+    assert re.fullmatch(r"\d+ cache entries flushed\n", flushed.out)
 
 
 def test_postfix_routes_through_the_socketmap(stack: target.TargetStack) -> None:
