@@ -54,6 +54,7 @@ def one_run(users: int, messages: int, debian13: bool) -> dict[str, Any]:
     sysroot = debroot.ensure() if debian13 else None
     parent = None
     if sysroot is not None:
+        # not debroot.new_lab_dir: this runs with a --baseline checkout's sidecar too, which may predate it
         parent = debroot.lab_parent(sysroot)  # the chrooted services see the lab at the same path
         parent.mkdir(mode=0o755, exist_ok=True)
     lab = Path(tempfile.mkdtemp(prefix="ab-", dir=parent))

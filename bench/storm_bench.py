@@ -633,7 +633,6 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (Dovecot instances, vmail ownership)", file=sys.stderr)
         return 2
     sysroot = None
-    parent = Path("/tmp")
     if args.debian13:
         try:
             sysroot = debroot.ensure()
@@ -642,10 +641,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--debian13 needs the Debian 13 root at {debroot.DEFAULT_ROOT} (`make debroot`): {e}", file=sys.stderr
             )
             return 2
-        parent = debroot.lab_parent(sysroot)  # the chrooted services see the lab at the same path
-        parent.mkdir(mode=0o755, exist_ok=True)
-    lab_dir = Path(tempfile.mkdtemp(prefix="sb-", dir=parent))
-    os.chmod(lab_dir, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
+        lab_dir = debroot.new_lab_dir(sysroot, "sb-")
+    else:
+        lab_dir = Path(tempfile.mkdtemp(prefix="sb-", dir="/tmp"))
+        os.chmod(lab_dir, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
     result: dict[str, Any] = {
         "load_before": loadavg(),
         "users": args.users,

@@ -249,6 +249,16 @@ def lab_parent(root: Path = DEFAULT_ROOT) -> Path:
     return root / LAB_PARENT
 
 
+def new_lab_dir(root: Path, prefix: str) -> Path:
+    """A fresh lab directory inside the root (the chrooted services see it at the same path), traversable by the
+    mail daemons' users. Keep the prefix short: the lab's UNIX socket paths must fit."""
+    parent = lab_parent(root)
+    parent.mkdir(mode=0o755, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(d, 0o755)  # noqa: S103 - the mail daemons' users reach sockets inside
+    return d
+
+
 def tool_version(root: Path, *argv: str) -> str:
     """The first line a command prints inside the root (e.g. `dovecot --version`)."""
     p = subprocess.run(["chroot", str(root), *argv], capture_output=True, text=True, timeout=60, check=False)

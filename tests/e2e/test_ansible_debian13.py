@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness.debian13 import lab_dir_in, remove_lab, root_or_skip
+from harness.debian13 import remove_lab, root_or_skip
 
 from sidecar import config
-from sidecar.lab import tlsgen
+from sidecar.lab import debroot, tlsgen
 from sidecar.mta import render
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,7 @@ def _playbook(root: Path, work: Path) -> str:
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[dict[str, Any]]:
     root = root_or_skip()
-    work = lab_dir_in(root, "ans13-")
+    work = debroot.new_lab_dir(root, "ans13-")
     try:
         for name in SNAPSHOT:
             shutil.copytree(REPO / name, work / "repo" / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from harness.debian13 import lab_dir_in, remove_lab, root_or_skip
+from harness.debian13 import remove_lab, root_or_skip
 from harness.waiting import wait_for
 
 from sidecar import config
@@ -46,7 +46,7 @@ def root() -> Path:
 
 @pytest.fixture(scope="module")
 def lab(root: Path) -> Iterator[dict[str, Any]]:
-    d = lab_dir_in(root, "d24-")
+    d = debroot.new_lab_dir(root, "d24-")
     try:
         # a longer cutover window: the held-mail test sends while the account is in cutover
         yield launcher.lab_up(d, users=6, sysroot=root, settings={"limits": {"cutover_grace": 6.0}})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,6 @@ def root_or_skip() -> Path:
         pytest.skip(f"Dovecot 2.4 tests need a Debian 13 root at {debroot.DEFAULT_ROOT}: {e}")
     except OSError as e:
         pytest.skip(f"Dovecot 2.4 tests need a Debian 13 root at {debroot.DEFAULT_ROOT}: {e}")
-
-
-def lab_dir_in(root: Path, prefix: str) -> Path:
-    """A fresh lab directory inside the root (the chrooted services see it at the same path)."""
-    parent = debroot.lab_parent(root)
-    parent.mkdir(mode=0o755, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    os.chmod(d, 0o755)
-    return d
 
 
 def remove_lab(d: Path) -> None:

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness.debian13 import lab_dir_in, root_or_skip
+from harness.debian13 import root_or_skip
 
 from sidecar import config
 from sidecar.lab import debroot, tlsgen
@@ -118,7 +118,7 @@ def test_pgsql_parameters_block() -> None:
 @pytest.mark.parametrize("url", ["sqlite:///STATE", "postgresql://autoport@127.0.0.1:5432/autoport"])
 def test_24_set_passes_the_debian13_doveconf(url: str) -> None:
     root = root_or_skip()
-    work = lab_dir_in(root, "r24-")
+    work = debroot.new_lab_dir(root, "r24-")
     old_path = os.environ["PATH"]
     try:
         bin_dir = debroot.write_wrappers(root, work / "bin")
